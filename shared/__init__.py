@@ -1,0 +1,1 @@
+"""clipmesh: long-video generation across many GPU workers (the package both daemons import)."""
