@@ -1,0 +1,350 @@
+"""The coordinator's logic: jobs, placement, render plans, rendezvous, progress, stitching.
+
+Knows nothing of gRPC (the servicers in service.py only translate). Runs on one
+asyncio loop, so the state below needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipmesh import presets
+from clipmesh.plan import split_clips
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .hub import ProgressHub
+from .stitcher import FramePart, stitch
+from .store import FINAL_STATES, Store, now_ts
+from .validate import validate_request
+
+log = logging.getLogger("clipmesh.coordinator")
+
+DEFAULT_STRATEGY = "exact"
+STATE_NAMES = {v: k for k, v in pb.JobState.items()}
+
+
+@dataclass
+class WorkerSession:
+    """A live Attach stream: what we know of the worker and its outgoing queue."""
+
+    info: pb.WorkerInfo
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # CoordinatorMessage, None closes
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def send(self, **kind) -> None:
+        self.outbox.put_nowait(pb.CoordinatorMessage(**kind))
+
+
+@dataclass
+class ActiveJob:
+    """Book-keeping of a placed job until every member reported its result."""
+
+    plan: pb.RenderPlan
+    members: list[str]                          # worker ids in rank order
+    pending: set[str]                           # members that have not reported yet
+    parts: list[FramePart] = field(default_factory=list)
+
+
+class CoordinatorCore:
+    def __init__(self, data_dir: Path, heartbeat_timeout: float = 15.0, collective_timeout: int = 120):
+        self.data_dir = Path(data_dir)
+        (self.data_dir / "videos").mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.data_dir / "clipmesh.db")
+        self.hub = ProgressHub()
+        self.heartbeat_timeout = heartbeat_timeout
+        self.collective_timeout = collective_timeout
+        self.sessions: dict[str, WorkerSession] = {}
+        self.active: dict[str, ActiveJob] = {}
+        self._recover()
+
+    def _recover(self) -> None:
+        """After a restart no worker is attached: nothing can still be running."""
+        for info in self.store.list_workers():
+            if info.state != pb.LOST:
+                info.state = pb.LOST
+                info.current_job_id = ""
+                self.store.save_worker(info)
+        for job in self.store.jobs_in_state(pb.RUNNING):
+            job.state = pb.QUEUED
+            del job.worker_ids[:]
+            job.ClearField("started_at")
+            self.store.save_job(job)
+            self.store.append_event(pb.JobEvent(job_id=job.id, state=pb.StateChange(
+                state=pb.QUEUED, detail="coordinator restarted; job re-queued")))
+
+    # -- events -------------------------------------------------------------
+    async def _emit(self, job_id: str, **kind) -> None:
+        self.store.append_event(pb.JobEvent(job_id=job_id, **kind))
+        await self.hub.notify(job_id)
+
+    async def _set_state(self, job: pb.Job, state: int, detail: str = "", error: str = "") -> None:
+        job.state = state
+        if error:
+            job.error = error
+        if state == pb.RUNNING:
+            job.started_at.CopyFrom(now_ts())
+        if state in FINAL_STATES:
+            job.finished_at.CopyFrom(now_ts())
+        self.store.save_job(job)
+        await self._emit(job.id, state=pb.StateChange(state=state, detail=detail or error))
+
+    # -- client API ---------------------------------------------------------
+    def model_info(self, name: str) -> pb.ModelInfo | None:
+        """Limits of a model: from a worker that serves it, else from the built-in presets."""
+        for info in self.store.list_workers():
+            if info.model.name == name:
+                return info.model
+        if name in presets.PRESETS:
+            return pb.ModelInfo(**presets.model_limits(name))
+        return None
+
+    async def submit(self, req: pb.SubmitJobRequest) -> pb.Job:
+        known = set(presets.PRESETS) | {w.model.name for w in self.store.list_workers()}
+        validate_request(req, self.model_info(req.model), sorted(known))
+        job = self.store.create_job(req)
+        await self._emit(job.id, state=pb.StateChange(state=pb.QUEUED, detail="accepted"))
+        log.info("job %s queued: %d frames %dx%d, %d steps", job.id, req.num_frames, req.width, req.height,
+                 req.num_inference_steps)
+        await self.schedule()
+        return self.get_job(job.id)
+
+    def get_job(self, job_id: str) -> pb.Job:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
+    def list_jobs(self, limit: int) -> list[pb.Job]:
+        return self.store.list_jobs(limit if limit > 0 else 100)
+
+    def list_workers(self) -> list[pb.WorkerInfo]:
+        return self.store.list_workers()
+
+    async def watch(self, job_id: str) -> AsyncIterator[pb.JobEvent]:
+        """Replays the job's events, then follows live; ends once the job is final."""
+        self.get_job(job_id)
+        seq = 0
+        while True:
+            for event in self.store.events_after(job_id, seq):
+                seq = event.seq
+                yield event
+            if self.get_job(job_id).state in FINAL_STATES and not self.store.events_after(job_id, seq):
+                return
+            await self.hub.wait(job_id, timeout=1.0)
+
+    async def cancel(self, job_id: str) -> pb.Job:
+        job = self.get_job(job_id)
+        if job.state in FINAL_STATES:
+            raise FailedPrecondition(f"job {job_id} is already {STATE_NAMES[job.state]}")
+        if job_id in self.active:
+            self._broadcast_cancel(job_id)
+        await self._set_state(job, pb.CANCELLED, detail="cancelled by client")
+        self._drop_frames(job_id)
+        return job
+
+    def video_path(self, job_id: str) -> Path:
+        job = self.get_job(job_id)
+        if job.state != pb.SUCCEEDED:
+            raise FailedPrecondition(f"job {job_id} is {STATE_NAMES[job.state]}, the video exists once SUCCEEDED")
+        return self.data_dir / "videos" / f"{job_id}.mp4"
+
+    # -- placement ----------------------------------------------------------
+    async def schedule(self) -> None:
+        """Places queued jobs FIFO. A job that cannot be placed blocks later jobs of the same
+        model (no starvation), not jobs of other models."""
+        blocked: set[str] = set()
+        for job in self.store.jobs_in_state(pb.QUEUED):
+            req = job.request
+            if req.model in blocked:
+                continue
+            idle = sorted(wid for wid, s in self.sessions.items()
+                          if s.info.state == pb.IDLE and s.info.model.name == req.model)
+            model = self.model_info(req.model)
+            latent = (req.num_frames - 1) // model.temporal_stride + 1
+            wanted = req.num_workers or min(len(idle), latent)
+            if wanted == 0 or len(idle) < wanted:
+                blocked.add(req.model)
+                continue
+            await self._place(job, idle[:wanted], latent, model)
+
+    async def _place(self, job: pb.Job, members: list[str], latent: int, model: pb.ModelInfo) -> None:
+        strategy = job.request.strategy or DEFAULT_STRATEGY
+        plan = pb.RenderPlan(
+            request=job.request, strategy=strategy, world_size=len(members), num_latent_frames=latent,
+            clips=[pb.ClipRange(start=s, end=e) for s, e in split_clips(latent, len(members))],
+            start_step=0, decode_rank=0, group_name=f"clipmesh-{job.id}",
+            timeout_seconds=self.collective_timeout,
+        )
+        self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members))
+        job.strategy = strategy
+        job.worker_ids[:] = members
+        await self._set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({strategy})")
+        for rank, wid in enumerate(members):
+            session = self.sessions[wid]
+            session.info.state = pb.BUSY
+            session.info.current_job_id = job.id
+            self.store.save_worker(session.info)
+            session.send(assignment=pb.Assignment(job_id=job.id, plan=plan, rank=rank))
+
+    # -- workers ------------------------------------------------------------
+    async def attach(self, reg: pb.Register) -> WorkerSession:
+        if not reg.worker_id:
+            raise InvalidArgument("register.worker_id", "must not be empty")
+        if reg.worker_id in self.sessions:
+            raise AlreadyExists(f"worker {reg.worker_id!r} is already attached")
+        info = pb.WorkerInfo(id=reg.worker_id, state=pb.IDLE, host=reg.host, device=reg.device,
+                             memory_bytes=reg.memory_bytes, threads=reg.threads, model=reg.model,
+                             speed=reg.speed, last_heartbeat=now_ts())
+        session = WorkerSession(info=info)
+        self.sessions[reg.worker_id] = session
+        self.store.save_worker(info)
+        session.send(registered=pb.Registered(heartbeat_seconds=max(self.heartbeat_timeout / 4, 0.2)))
+        log.info("worker %s attached (%s, %s, model %s)", info.id, info.host, info.device, info.model.name)
+        await self.schedule()
+        return session
+
+    async def detach(self, worker_id: str, reason: str) -> None:
+        """The worker's stream ended or it missed heartbeats: it is lost, and so is its job."""
+        session = self.sessions.pop(worker_id, None)
+        if session is None:
+            return
+        session.outbox.put_nowait(None)
+        session.info.state = pb.LOST
+        job_id, session.info.current_job_id = session.info.current_job_id, ""
+        self.store.save_worker(session.info)
+        log.warning("worker %s lost: %s", worker_id, reason)
+        if job_id in self.active:
+            self.active[job_id].pending.discard(worker_id)
+            await self._fail(job_id, f"worker {worker_id} lost: {reason}")
+            await self._maybe_finish(job_id)
+
+    async def on_message(self, worker_id: str, msg: pb.WorkerMessage) -> None:
+        session = self.sessions.get(worker_id)
+        if session is None:
+            return
+        session.last_seen = time.monotonic()
+        kind = msg.WhichOneof("kind")
+        if kind == "heartbeat":
+            session.info.last_heartbeat.CopyFrom(now_ts())
+            self.store.save_worker(session.info)
+        elif kind == "store_ready":
+            await self._on_store_ready(worker_id, msg.store_ready)
+        elif kind == "progress":
+            if self._is_member(msg.progress.worker_id or worker_id, session.info.current_job_id):
+                progress = pb.StepProgress()
+                progress.CopyFrom(msg.progress)
+                progress.worker_id = worker_id
+                await self._emit(session.info.current_job_id, step=progress)
+        elif kind == "log":
+            if session.info.current_job_id:
+                entry = pb.LogMessage()
+                entry.CopyFrom(msg.log)
+                entry.worker_id = worker_id
+                await self._emit(session.info.current_job_id, log=entry)
+        elif kind == "result":
+            await self._on_result(worker_id, msg.result)
+
+    def _is_member(self, worker_id: str, job_id: str) -> bool:
+        return job_id in self.active and worker_id in self.active[job_id].members
+
+    async def _on_store_ready(self, worker_id: str, ready: pb.StoreReady) -> None:
+        active = self.active.get(ready.job_id)
+        if active is None or active.members[0] != worker_id:
+            return
+        host = self.sessions[worker_id].info.host
+        for wid in active.members:
+            if wid in self.sessions:
+                self.sessions[wid].send(rendezvous=pb.Rendezvous(job_id=ready.job_id, host=host, port=ready.port))
+
+    async def _on_result(self, worker_id: str, result: pb.JobResult) -> None:
+        session = self.sessions[worker_id]
+        if session.info.current_job_id == result.job_id:
+            session.info.state = pb.IDLE
+            session.info.current_job_id = ""
+            self.store.save_worker(session.info)
+        active = self.active.get(result.job_id)
+        if active is not None and worker_id in active.pending:
+            active.pending.discard(worker_id)
+            if not result.ok and not result.cancelled:
+                await self._fail(result.job_id, f"worker {worker_id}: {result.error}")
+            await self._maybe_finish(result.job_id)
+        await self.schedule()
+
+    async def _fail(self, job_id: str, error: str) -> None:
+        """Marks the job FAILED (first error wins) and tells the other members to stop."""
+        job = self.get_job(job_id)
+        if job.state not in FINAL_STATES:
+            await self._set_state(job, pb.FAILED, error=error)
+        self._broadcast_cancel(job_id)
+
+    def _broadcast_cancel(self, job_id: str) -> None:
+        for wid in self.active[job_id].pending:
+            if wid in self.sessions:
+                self.sessions[wid].send(cancel=pb.Cancel(job_id=job_id))
+
+    async def _maybe_finish(self, job_id: str) -> None:
+        active = self.active[job_id]
+        if active.pending:
+            return
+        del self.active[job_id]
+        job = self.get_job(job_id)
+        if job.state == pb.RUNNING:
+            req = job.request
+            out = self.data_dir / "videos" / f"{job_id}.mp4"
+            try:
+                size, sha = await asyncio.to_thread(stitch, active.parts, req.num_frames, out, req.fps)
+            except Exception as exc:  # a stitch failure fails the job, never the coordinator
+                log.exception("stitching job %s failed", job_id)
+                await self._set_state(job, pb.FAILED, error=f"stitching failed: {exc}")
+            else:
+                job.video_size, job.video_sha256 = size, sha
+                await self._set_state(job, pb.SUCCEEDED, detail=f"video {size} bytes")
+        self._drop_frames(job_id)
+        await self.schedule()
+
+    def _drop_frames(self, job_id: str) -> None:
+        if job_id not in self.active:
+            shutil.rmtree(self.data_dir / "jobs" / job_id, ignore_errors=True)
+
+    async def check_heartbeats(self) -> None:
+        deadline = time.monotonic() - self.heartbeat_timeout
+        for wid, session in list(self.sessions.items()):
+            if session.last_seen < deadline:
+                await self.detach(wid, f"no heartbeat for {self.heartbeat_timeout:g}s")
+
+    # -- frames -------------------------------------------------------------
+    async def receive_frames(self, header: pb.FrameHeader, chunks: AsyncIterator[bytes]) -> int:
+        active = self.active.get(header.job_id)
+        if active is None or header.worker_id not in active.members:
+            raise FailedPrecondition(f"job {header.job_id!r} is not running on worker {header.worker_id!r}")
+        req = active.plan.request
+        if (header.height, header.width) != (req.height, req.width):
+            raise InvalidArgument("header.height/width", f"must be {req.height}x{req.width}")
+        if header.first_frame < 0 or header.num_frames < 1 or header.first_frame + header.num_frames > req.num_frames:
+            raise InvalidArgument("header.first_frame/num_frames", f"must lie within [0, {req.num_frames})")
+        expected = header.num_frames * header.height * header.width * 3
+        folder = self.data_dir / "jobs" / header.job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"frames-{header.first_frame:06d}.rgb"
+        received = 0
+        with open(path, "wb") as f:
+            async for data in chunks:
+                received += len(data)
+                if received > expected:
+                    break
+                f.write(data)
+        if received != expected:
+            path.unlink(missing_ok=True)
+            raise InvalidArgument("data", f"expected {expected} bytes of RGB24, got {received}")
+        active.parts.append(FramePart(header.first_frame, header.num_frames, header.height, header.width, path))
+        await self._emit(header.job_id, frames=pb.FramesReceived(
+            worker_id=header.worker_id, first_frame=header.first_frame, num_frames=header.num_frames))
+        return header.num_frames

@@ -1,0 +1,78 @@
+"""`clipmesh coordinator`: the gRPC daemon around CoordinatorCore."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clipmesh.auth import TokenAuthInterceptor
+from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
+
+from .core import CoordinatorCore
+from .service import CoordinatorService, WorkerGatewayService
+
+log = logging.getLogger("clipmesh.coordinator")
+
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+async def serve(listen: str, data_dir: Path, token: str = "", heartbeat_timeout: float = 15.0,
+                collective_timeout: int = 120, port_file: Path | None = None) -> None:
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(
+        interceptors=[TokenAuthInterceptor(token)] if token else [],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    core = CoordinatorCore(data_dir, heartbeat_timeout=heartbeat_timeout, collective_timeout=collective_timeout)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(core), server)
+    pb_grpc.add_WorkerGatewayServicer_to_server(WorkerGatewayService(core), server)
+    reflection.enable_server_reflection([
+        pb.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+        pb.DESCRIPTOR.services_by_name["WorkerGateway"].full_name,
+        health.SERVICE_NAME, reflection.SERVICE_NAME,
+    ], server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise SystemExit(f"clipmesh coordinator: cannot listen on {listen}")
+    await server.start()
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    host = listen.rsplit(":", 1)[0]
+    log.info("coordinator listening on %s:%d, data in %s", host, port, data_dir)
+    if port_file:
+        # Written after start so a reader of the file can connect at once.
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def heartbeat_monitor():
+        while True:
+            await asyncio.sleep(min(1.0, heartbeat_timeout / 4))
+            await core.check_heartbeats()
+
+    monitor = asyncio.create_task(heartbeat_monitor())
+    await stop.wait()
+    log.info("coordinator stopping")
+    monitor.cancel()
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=2.0)
+    core.store.close()
+
+
+async def _set_health(servicer, status) -> None:
+    for service in ("", "clipmesh.v1.Coordinator", "clipmesh.v1.WorkerGateway"):
+        await servicer.set(service, status)

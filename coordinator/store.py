@@ -1,0 +1,99 @@
+"""SQLite store for jobs, their events and the worker registry (one file, WAL).
+
+Rows hold serialized protobuf messages: the .proto stays the single source of
+truth for what a job or an event is; columns exist only for what we query on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+FINAL_STATES = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    ord INTEGER NOT NULL,          -- FIFO order of submission
+    state INTEGER NOT NULL,
+    job BLOB NOT NULL              -- clipmesh.v1.Job
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, ord);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event BLOB NOT NULL,           -- clipmesh.v1.JobEvent
+    PRIMARY KEY (job_id, seq)
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    info BLOB NOT NULL             -- clipmesh.v1.WorkerInfo
+);
+"""
+
+
+def now_ts() -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+class Store:
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- jobs -------------------------------------------------------------
+    def create_job(self, request: pb.SubmitJobRequest) -> pb.Job:
+        job = pb.Job(id=uuid.uuid4().hex[:12], state=pb.QUEUED, request=request, created_at=now_ts())
+        (ord_,) = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM jobs").fetchone()
+        self._db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?)", (job.id, ord_, job.state, job.SerializeToString()))
+        return job
+
+    def save_job(self, job: pb.Job) -> None:
+        self._db.execute("UPDATE jobs SET state = ?, job = ? WHERE id = ?", (job.state, job.SerializeToString(), job.id))
+
+    def get_job(self, job_id: str) -> pb.Job | None:
+        row = self._db.execute("SELECT job FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return pb.Job.FromString(row[0]) if row else None
+
+    def list_jobs(self, limit: int) -> list[pb.Job]:
+        rows = self._db.execute("SELECT job FROM jobs ORDER BY ord DESC LIMIT ?", (limit,))
+        return [pb.Job.FromString(r[0]) for r in rows]
+
+    def jobs_in_state(self, state: int) -> list[pb.Job]:
+        rows = self._db.execute("SELECT job FROM jobs WHERE state = ? ORDER BY ord", (state,))
+        return [pb.Job.FromString(r[0]) for r in rows]
+
+    # -- events -----------------------------------------------------------
+    def append_event(self, event: pb.JobEvent) -> pb.JobEvent:
+        """Assigns the next sequence number of the job and stores the event."""
+        (seq,) = self._db.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (event.job_id,)
+        ).fetchone()
+        event.seq = seq
+        event.time.CopyFrom(now_ts())
+        self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (event.job_id, seq, event.SerializeToString()))
+        return event
+
+    def events_after(self, job_id: str, seq: int) -> list[pb.JobEvent]:
+        rows = self._db.execute("SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, seq))
+        return [pb.JobEvent.FromString(r[0]) for r in rows]
+
+    # -- workers ----------------------------------------------------------
+    def save_worker(self, info: pb.WorkerInfo) -> None:
+        self._db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?)", (info.id, info.SerializeToString()))
+
+    def list_workers(self) -> list[pb.WorkerInfo]:
+        return [pb.WorkerInfo.FromString(r[0]) for r in self._db.execute("SELECT info FROM workers ORDER BY id")]

@@ -1,0 +1,55 @@
+"""Validation of SubmitJobRequest before anything is accepted.
+
+Each failure names the field and the allowed range, and becomes INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+
+from clipmesh.plan import num_latent_frames
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+from .errors import InvalidArgument
+
+MAX_PROMPT_CHARS = 2000
+MAX_STEPS = 200
+MAX_GUIDANCE = 50.0
+MAX_FPS = 120.0
+MAX_WORKERS = 256
+
+
+def _in_range(field: str, value: float, low: float, high: float) -> None:
+    if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
+        raise InvalidArgument(field, f"must be in [{low:g}, {high:g}], got {value:g}")
+
+
+def validate_request(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models: list[str]) -> int:
+    """Raises InvalidArgument for the first bad field; returns the number of latent frames."""
+    if not req.prompt.strip():
+        raise InvalidArgument("prompt", "must not be empty")
+    for field in ("prompt", "negative_prompt"):
+        if len(getattr(req, field)) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(field, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(getattr(req, field))}")
+    if model is None:
+        raise InvalidArgument("model", f"unknown model {req.model!r}; known: {', '.join(sorted(known_models)) or 'none'}")
+    if req.strategy and req.strategy not in model.strategies:
+        raise InvalidArgument("strategy", f"unknown strategy {req.strategy!r} for {model.name}; allowed: {', '.join(model.strategies)}")
+
+    stride = model.temporal_stride
+    if req.num_frames < 1 or req.num_frames > model.max_frames or (req.num_frames - 1) % stride:
+        raise InvalidArgument("num_frames", f"must be {stride}*k+1 in [1, {model.max_frames}], got {req.num_frames}")
+    for field in ("height", "width"):
+        value, mult = getattr(req, field), model.spatial_multiple
+        if value < mult or value > model.max_side or value % mult:
+            raise InvalidArgument(field, f"must be a multiple of {mult} in [{mult}, {model.max_side}], got {value}")
+    _in_range("num_inference_steps", req.num_inference_steps, 1, MAX_STEPS)
+    _in_range("guidance_scale", req.guidance_scale, 0.0, MAX_GUIDANCE)
+    _in_range("fps", req.fps, 1.0, MAX_FPS)
+    if req.seed < 0:
+        raise InvalidArgument("seed", f"must be >= 0, got {req.seed}")
+
+    latent = num_latent_frames(req.num_frames, stride)
+    # Every worker must own at least one latent frame.
+    _in_range("num_workers", req.num_workers, 0, min(latent, MAX_WORKERS))
+    return latent

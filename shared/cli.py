@@ -1,0 +1,154 @@
+"""`clipmesh`: one CLI for the coordinator, the workers and their clients."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from clipmesh.client import DEFAULT_ADDRESS, REQUEST_DEFAULTS
+
+
+def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
+    d = REQUEST_DEFAULTS
+    p.add_argument("prompt")
+    p.add_argument("--negative-prompt", default=d["negative_prompt"])
+    p.add_argument("--frames", type=int, default=d["num_frames"], help="output frames (4k+1 for Wan)")
+    p.add_argument("--height", type=int, default=d["height"])
+    p.add_argument("--width", type=int, default=d["width"])
+    p.add_argument("--steps", type=int, default=d["num_inference_steps"])
+    p.add_argument("--guidance", type=float, default=d["guidance_scale"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--model", default=d["model"], help="preset (tiny-wan, bench-wan) or a local diffusers folder")
+    p.add_argument("--strategy", default=d["strategy"], help="exact (default: the planner chooses)")
+    p.add_argument(workers_flag, dest="workers", type=int, default=2 if workers_flag == "--workers" else 0)
+    p.add_argument("--fps", type=float, default=d["fps"])
+
+
+def _request_fields(args) -> dict:
+    return dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
+                num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, model=args.model,
+                strategy=args.strategy, num_workers=args.workers, fps=args.fps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipmesh", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("coordinator", help="run the coordinator daemon")
+    p.add_argument("--listen", default="0.0.0.0:50051")
+    p.add_argument("--data", type=Path, required=True, help="folder for the SQLite store and videos")
+    p.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds before a silent worker is lost")
+    p.add_argument("--collective-timeout", type=int, default=120, help="seconds a worker waits in a collective")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+
+    p = sub.add_parser("worker", help="run a worker daemon")
+    p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
+    p.add_argument("--model", default="tiny-wan")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--advertise-host", default="127.0.0.1", help="address peers use to reach this worker")
+    p.add_argument("--name", default="", help="worker id (default: host-device-pid)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+
+    p = sub.add_parser("submit", help="submit a job and print its id")
+    _add_request_args(p, "--num-workers")
+    p.add_argument("--watch", action="store_true", help="follow progress until the job ends")
+
+    for name, text in (("watch", "follow a job's progress"), ("cancel", "cancel a job")):
+        sub.add_parser(name, help=text).add_argument("job_id")
+    p = sub.add_parser("fetch", help="download a finished job's video")
+    p.add_argument("job_id")
+    p.add_argument("--output", type=Path, required=True)
+    p = sub.add_parser("jobs", help="list jobs")
+    p.add_argument("--limit", type=int, default=20)
+    sub.add_parser("workers", help="list workers")
+
+    p = sub.add_parser("generate", help="render on this machine: a coordinator and local workers, then stop")
+    _add_request_args(p, "--workers")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--keep-data", type=Path, help="keep the coordinator's data folder here")
+
+    for sp in sub.choices.values():
+        sp.add_argument("--address", default=os.environ.get("CLIPMESH_COORDINATOR", DEFAULT_ADDRESS),
+                        help="coordinator address (client commands)")
+        sp.add_argument("--token", default=os.environ.get("CLIPMESH_TOKEN", ""), help="shared auth token")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return _run(args) or 0
+    except KeyboardInterrupt:
+        print("clipmesh: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        import grpc
+
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+            print(f"clipmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+        if isinstance(exc, (TimeoutError, FileNotFoundError, ValueError)):
+            print(f"clipmesh: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args) -> int | None:
+    from clipmesh import progress
+    from clipmesh.client import Client
+    from clipmesh.v1 import clipmesh_pb2 as pb
+
+    if args.command == "coordinator":
+        import uvloop
+
+        from clipmesh.coordinator.server import serve
+
+        uvloop.run(serve(args.listen, args.data, token=args.token, heartbeat_timeout=args.heartbeat_timeout,
+                         collective_timeout=args.collective_timeout, port_file=args.port_file))
+        return 0
+    if args.command == "worker":
+        from clipmesh.worker.daemon import main as worker_main
+
+        worker_main(args)
+        return 0
+    if args.command == "generate":
+        from clipmesh.local import generate
+
+        return generate(args.prompt, _request_fields(args), args.output, keep_data=args.keep_data)
+
+    with Client(args.address, args.token) as client:
+        if args.command == "submit":
+            job = client.submit(args.prompt, **_request_fields(args))
+            print(job.id)
+            if args.watch:
+                state = progress.follow(client.watch(job.id))
+                return 0 if state == pb.SUCCEEDED else 1
+        elif args.command == "watch":
+            state = progress.follow(client.watch(args.job_id))
+            return 0 if state == pb.SUCCEEDED else 1
+        elif args.command == "cancel":
+            print(progress.STATE_NAMES[client.cancel(args.job_id).state])
+        elif args.command == "fetch":
+            size = client.fetch(args.job_id, args.output)
+            print(f"{args.output} ({size} bytes)")
+        elif args.command == "jobs":
+            for job in client.jobs(args.limit):
+                r = job.request
+                print(f"{job.id}  {progress.STATE_NAMES[job.state]:<9}  {r.num_frames:>4}f {r.width}x{r.height}  "
+                      f"{job.strategy or '-':<6} {','.join(job.worker_ids) or '-'}  {r.prompt[:40]!r}"
+                      + (f"  error: {job.error}" if job.error else ""))
+        elif args.command == "workers":
+            for w in client.workers():
+                print(f"{w.id}  {pb.WorkerState.Name(w.state):<5}  {w.host:<15} {w.device:<7} "
+                      f"{w.model.name}  {w.speed:.0f} tok/s  {w.current_job_id or '-'}")
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""`clipmesh generate`: the embedded default. Starts a coordinator and K local workers,
+renders one job with progress, writes the video, and stops everything again.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from clipmesh import progress
+from clipmesh.client import Client
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+START_TIMEOUT = 600.0  # seconds for workers to load the model and attach
+
+
+class LocalCluster:
+    """A coordinator and `num_workers` worker processes on this machine; stopped on exit, also on Ctrl-C."""
+
+    def __init__(self, model: str, num_workers: int, data_dir: Path):
+        self.model, self.num_workers, self.data_dir = model, num_workers, data_dir
+        self.token = secrets.token_hex(16)  # via the environment: never visible in `ps`
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def _spawn(self, name: str, *args: str) -> None:
+        log = open(self.data_dir / f"{name}.log", "wb")
+        env = {**os.environ, "CLIPMESH_TOKEN": self.token}
+        proc = subprocess.Popen([sys.executable, "-m", "clipmesh.cli", *args], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, env=env)
+        self.procs.append((name, proc))
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        port_file = self.data_dir / "coordinator.port"
+        self._spawn("coordinator", "coordinator", "--listen", "127.0.0.1:0", "--data", str(self.data_dir),
+                    "--port-file", str(port_file))
+        self._wait(lambda: port_file.exists(), 60, "the coordinator to listen")
+        self.address = f"127.0.0.1:{port_file.read_text()}"
+        threads = max(1, (os.cpu_count() or 1) // self.num_workers)
+        for i in range(self.num_workers):
+            self._spawn(f"worker-{i}", "worker", "--coordinator", self.address, "--model", self.model,
+                        "--name", f"local-{i}", "--threads", str(threads), "--advertise-host", "127.0.0.1")
+        self.client = Client(self.address, self.token)
+        self._wait(lambda: sum(w.state == pb.IDLE for w in self.client.workers()) >= self.num_workers,
+                   START_TIMEOUT, f"{self.num_workers} workers to load {self.model} and attach")
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, proc in self.procs:
+                if proc.poll() is not None:
+                    tail = (self.data_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} while waiting for {what}:\n{tail}")
+            try:
+                if ready():
+                    return
+            except Exception:  # the coordinator may not answer yet
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM everything, then SIGKILL what is still alive: no process is left behind."""
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self, "client"):
+            self.client.close()
+        self.stop()
+
+
+def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = None) -> int:
+    from clipmesh import presets
+
+    num_workers = fields["num_workers"]
+    t0 = time.monotonic()
+    # Build a preset once here rather than racing to build it in every worker.
+    print(f"preparing model {fields['model']} ...", file=sys.stderr)
+    presets.model_folder(fields["model"])
+    data_dir = Path(keep_data) if keep_data else Path(tempfile.mkdtemp(prefix="clipmesh-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with LocalCluster(fields["model"], num_workers, data_dir) as cluster:
+            print(f"coordinator {cluster.address}, {num_workers} workers ready", file=sys.stderr)
+            job = cluster.client.submit(prompt, **fields)
+            state = progress.follow(cluster.client.watch(job.id), world_size=num_workers)
+            job = cluster.client.get(job.id)
+            if state != pb.SUCCEEDED:
+                print(f"clipmesh: job {job.id} {progress.STATE_NAMES[job.state]}: {job.error}", file=sys.stderr)
+                return 1
+            size = cluster.client.fetch(job.id, output)
+        print(f"wrote {output} ({fields['num_frames']} frames {fields['width']}x{fields['height']}, {size} bytes) "
+              f"in {time.monotonic() - t0:.1f}s")
+        return 0
+    finally:
+        if not keep_data:
+            shutil.rmtree(data_dir, ignore_errors=True)

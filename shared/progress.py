@@ -1,0 +1,70 @@
+"""Per-worker progress bars (step i/T) and an overall bar, fed by JobEvents.
+
+Rich bars on a terminal; one plain line per event otherwise (logs, CI, pipes).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+STATE_NAMES = {v: k for k, v in pb.JobState.items()}
+
+
+def describe(event: pb.JobEvent) -> str:
+    kind = event.WhichOneof("kind")
+    if kind == "state":
+        detail = f" ({event.state.detail})" if event.state.detail else ""
+        return f"job {event.job_id}: {STATE_NAMES[event.state.state]}{detail}"
+    if kind == "step":
+        s = event.step
+        return (f"[rank {s.rank} {s.worker_id}] step {s.step}/{s.total_steps} "
+                f"latent [{s.latent_start},{s.latent_end}) {s.seconds:.2f}s")
+    if kind == "frames":
+        f = event.frames
+        return f"frames {f.first_frame}..{f.first_frame + f.num_frames - 1} received from {f.worker_id}"
+    level = pb.LogMessage.Level.Name(event.log.level)
+    return f"{level} {event.log.worker_id}: {event.log.text}"
+
+
+def follow(events: Iterable[pb.JobEvent], world_size: int = 0, stream=None) -> pb.JobState:
+    """Consumes a WatchJob stream, shows progress, returns the last state seen."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        return _follow_rich(events, world_size, stream)
+    state = pb.QUEUED
+    for event in events:
+        print(describe(event), file=stream, flush=True)
+        if event.WhichOneof("kind") == "state":
+            state = event.state.state
+    return state
+
+
+def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, stream) -> pb.JobState:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(file=stream)
+    bars: dict[int, int] = {}
+    state = pb.QUEUED
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        overall = progress.add_task("overall", total=None)
+        for event in events:
+            kind = event.WhichOneof("kind")
+            if kind == "step":
+                s = event.step
+                if s.rank not in bars:
+                    bars[s.rank] = progress.add_task(f"rank {s.rank} {s.worker_id} [{s.latent_start},{s.latent_end})",
+                                                     total=s.total_steps)
+                progress.update(bars[s.rank], completed=s.step)
+                world = max(world_size, len(bars))
+                progress.update(overall, total=world * s.total_steps,
+                                completed=sum(progress.tasks[t].completed for t in bars.values()))
+            else:
+                progress.console.print(describe(event))
+                if kind == "state":
+                    state = event.state.state
+    return state

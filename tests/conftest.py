@@ -1,0 +1,94 @@
+"""Shared fixtures: real coordinator daemons on free loopback ports, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipmesh import presets
+from clipmesh.client import Client
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+TOKEN = "test-token"
+
+
+class Daemons:
+    """Starts `clipmesh coordinator` / `clipmesh worker` as real processes; kills them at teardown."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")
+        env = {**os.environ, "CLIPMESH_TOKEN": TOKEN}
+        proc = subprocess.Popen([sys.executable, "-m", "clipmesh.cli", *args], stdout=log, stderr=log, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def coordinator(self, *extra: str) -> str:
+        port_file = self.tmp / "port"
+        port_file.unlink(missing_ok=True)
+        self.coordinator_proc = self.spawn("coordinator", "coordinator", "--listen", "127.0.0.1:0", "--data",
+                                           str(self.tmp / "data"), "--port-file", str(port_file), *extra)
+        wait_until(port_file.exists, 30, "coordinator port file")
+        self.address = f"127.0.0.1:{port_file.read_text()}"
+        return self.address
+
+    def worker(self, name: str, model: str = "tiny-wan", threads: int = 1) -> subprocess.Popen:
+        return self.spawn(name, "worker", "--coordinator", self.address, "--model", model, "--name", name,
+                          "--threads", str(threads))
+
+    def client(self) -> Client:
+        return Client(self.address, TOKEN)
+
+    def wait_idle(self, client: Client, names: set[str], timeout: float = 120) -> None:
+        wait_until(lambda: names <= {w.id for w in client.workers() if w.state == pb.IDLE}, timeout,
+                   f"workers {sorted(names)} idle", self)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.tmp.glob("*.log"))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_until(ready, timeout: float, what: str, daemons: Daemons | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{daemons.logs() if daemons else ''}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_folder() -> Path:
+    """Builds the tiny preset once per test session (cached on disk across sessions)."""
+    return presets.model_folder("tiny-wan")
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    d = Daemons(tmp_path)
+    yield d
+    d.stop()
