@@ -1,0 +1,172 @@
+"""The oracle: clip-parallel `exact` rendering equals vanilla diffusers WanPipeline.
+
+N real processes (gloo over loopback) each denoise their clip of the tiny-wan preset; the
+gathered latents must match `WanPipeline.__call__` on the whole video from the same noise.
+17 frames -> 5 latent frames: 2 ranks split 3+2, 3 ranks 2+2+1 (uneven both times).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import traceback
+from unittest import mock
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clipmesh.plan import num_latent_frames, split_clips
+from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.worker.noise import initial_noise
+
+FRAMES, SIDE, STEPS, GUIDANCE, SEED = 17, 64, 3, 5.0, 1234
+LATENT = num_latent_frames(FRAMES, 4)
+TOL = 1e-5
+
+
+def _plan(world_size: int, name: str = "equiv") -> pb.RenderPlan:
+    req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
+                              height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
+                              model="tiny-wan", strategy="exact", num_workers=world_size)
+    clips = [pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)]
+    return pb.RenderPlan(request=req, strategy="exact", world_size=world_size, num_latent_frames=LATENT,
+                         clips=clips, start_step=0, decode_rank=0, group_name=f"{name}-{world_size}",
+                         timeout_seconds=60)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # a private cache: the test also exercises building the preset from scratch
+    from clipmesh.presets import model_folder
+    with mock.patch.dict(os.environ, {"CLIPMESH_CACHE": str(tmp_path_factory.mktemp("cache"))}):
+        return model_folder("tiny-wan")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    from clipmesh.worker.adapters.wan import load_wan
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run with 1 thread; same reduction order, and spares the CPU
+    yield load_wan(folder, "cpu", torch.float32)
+    torch.set_num_threads(threads)
+
+
+def _vanilla(pipe) -> torch.Tensor:
+    from clipmesh.worker.adapters.wan import encode_prompt
+    req = _plan(1).request
+    cond, uncond = encode_prompt(pipe, req.prompt, req.negative_prompt, req.guidance_scale, "cpu")
+    noise = initial_noise(SEED, 0, LATENT, 16, SIDE // 8, SIDE // 8)
+    return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
+                num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent").frames
+
+
+@pytest.fixture(scope="module")
+def reference(pipe):
+    return _vanilla(pipe)
+
+
+def _rank_main(rank, world_size, folder, stop_after, port_q, result_q):
+    """One worker process: load, join the mesh (rank 0 hosts the store), denoise its clip."""
+    torch.set_num_threads(1)
+    try:
+        from clipmesh.worker.adapters.wan import load_wan
+        from clipmesh.worker.mesh import Mesh, host_store
+        from clipmesh.worker.render import Cancelled, denoise
+
+        pipe, plan, store = load_wan(folder, "cpu", torch.float32), _plan(world_size), None
+        if rank == 0:
+            store, port = host_store("127.0.0.1", timeout_s=60)
+            for _ in range(world_size - 1):
+                port_q.put(port)
+        else:
+            port = port_q.get(timeout=60)
+        steps = []
+        mesh = Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store)
+        try:
+            # stop_after: this rank alone asks to stop once it has done that many steps
+            latents = denoise(pipe, plan, rank, mesh, on_step=lambda s, total, sec: steps.append(s),
+                              should_stop=lambda: stop_after is not None and len(steps) >= stop_after)
+            result_q.put((rank, "ok", latents.numpy(), steps))
+        except Cancelled:
+            result_q.put((rank, "cancelled", None, steps))
+        finally:
+            mesh.close()
+    except BaseException:
+        result_q.put((rank, traceback.format_exc(), None, None))
+
+
+def _run_ranks(world_size, folder, stop_after=None):
+    ctx = mp.get_context("spawn")
+    port_q, result_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, str(folder), stop_after if r == world_size - 1 else None,
+                                                  port_q, result_q), daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, status, latents, steps = result_q.get(timeout=150)
+            results[rank] = (status, latents, steps)
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for rank, (status, _, _) in results.items():
+        assert status in ("ok", "cancelled"), f"rank {rank} failed:\n{status}"
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_exact_matches_vanilla(world_size, folder, reference):
+    results = _run_ranks(world_size, folder)
+    for rank, (status, latents, steps) in sorted(results.items()):
+        assert status == "ok" and steps == list(range(1, STEPS + 1))
+        diff = (torch.from_numpy(latents) - reference).abs().max().item()
+        print(f"world_size={world_size} rank={rank} clips={split_clips(LATENT, world_size)} max|diff|={diff:.3e}")
+        assert diff <= TOL, f"rank {rank}: max abs diff {diff} > {TOL}"
+
+
+def test_cancel_on_one_rank_stops_all_at_same_step(folder):
+    results = _run_ranks(2, folder, stop_after=1)
+    assert [results[r][0] for r in (0, 1)] == ["cancelled", "cancelled"]
+    assert [results[r][2] for r in (0, 1)] == [[1], [1]]  # both stopped at the same boundary
+
+
+def test_install_remove_restores_vanilla(pipe, reference):
+    from clipmesh.worker.adapters.wan import self_attentions
+    from clipmesh.worker.mesh import Mesh, host_store
+    from clipmesh.worker.render import Cancelled, denoise
+
+    attns = self_attentions(pipe.transformer)
+    stock = [a.processor for a in attns]
+    store, port = host_store("127.0.0.1", timeout_s=30)
+    with Mesh.open("127.0.0.1", port, 0, 1, "restore", timeout_s=30, store=store) as mesh:
+        denoise(pipe, _plan(1), 0, mesh)
+        with pytest.raises(Cancelled):  # removal must also happen when the loop is interrupted
+            denoise(pipe, _plan(1), 0, mesh, should_stop=lambda: True)
+    assert [a.processor for a in attns] == stock
+    assert not pipe.transformer.rope._forward_hooks
+    assert torch.equal(_vanilla(pipe), reference)
+
+
+def test_plan_math_and_noise_independent_of_split():
+    assert LATENT == 5
+    assert split_clips(5, 2) == [(0, 3), (3, 5)]
+    assert split_clips(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    whole = initial_noise(SEED, 0, 5, 16, 4, 4)
+    assert torch.equal(whole, torch.cat([initial_noise(SEED, 0, 2, 16, 4, 4), initial_noise(SEED, 2, 5, 16, 4, 4)], 2))
+    assert not torch.equal(whole[:, :, 0], whole[:, :, 1])
+    assert not torch.equal(whole, initial_noise(SEED + 1, 0, 5, 16, 4, 4))
+
+
+def test_model_limits_without_torch(folder):
+    code = ("import sys, clipmesh.presets as p; "
+            "print(p.model_limits('tiny-wan'), p.model_limits(sys.argv[1])); assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True).stdout
+    assert "'spatial_multiple': 16" in out and "'temporal_stride': 4" in out

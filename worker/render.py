@@ -1,0 +1,91 @@
+"""The denoising loop, driven by a RenderPlan: one rank's share of a job.
+
+Why our own loop instead of WanPipeline.__call__: each rank holds only its clip of latent
+frames, must start from split-independent noise, must check for cancellation at the same
+step on every rank, and reports per-step progress. The loop is otherwise step for step
+WanPipeline's (two transformer calls for CFG, UniPC step), which the equivalence test checks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from clipmesh.worker.adapters.wan import decode, encode_prompt
+from clipmesh.worker.noise import initial_noise
+from clipmesh.worker.strategies import get_strategy
+
+
+class Cancelled(Exception):
+    """The job was cancelled; every rank raises it at the same step boundary."""
+
+
+def plan_clips(plan) -> list[tuple[int, int]]:
+    """clips[rank] = (start, end); checked to tile [0, num_latent_frames) in rank order."""
+    clips, edge = [(c.start, c.end) for c in plan.clips], 0
+    for start, end in clips:
+        if start != edge or end <= start:
+            break
+        edge = end
+    else:
+        if len(clips) == plan.world_size and edge == plan.num_latent_frames:
+            return clips
+    raise ValueError(f"plan clips {clips} do not tile [0, {plan.num_latent_frames}) over {plan.world_size} ranks")
+
+
+@torch.no_grad()
+def denoise(pipe, plan, rank: int, mesh, on_step: Callable[[int, int, float], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Run this rank's clip through steps [plan.start_step, steps); return the whole video's
+    latents [1, C, num_latent_frames, h, w] (gathered, identical on every rank).
+
+    `latents`: this rank's clip to resume from at start_step (default: the initial noise).
+    """
+    req, clips = plan.request, plan_clips(plan)
+    if mesh.world_size != plan.world_size or mesh.rank != rank:
+        raise ValueError(f"mesh is rank {mesh.rank}/{mesh.world_size}, plan says {rank}/{plan.world_size}")
+    transformer, device = pipe.transformer, pipe.transformer.device
+    start, end = clips[rank]
+
+    cond, uncond = encode_prompt(pipe, req.prompt, req.negative_prompt, req.guidance_scale, device)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # per job: schedulers keep state
+    scheduler.set_timesteps(req.num_inference_steps, device=device)
+    scheduler.set_begin_index(plan.start_step)
+    timesteps = scheduler.timesteps
+    if latents is None:
+        latents = initial_noise(req.seed, start, end, transformer.config.in_channels,
+                                req.height // pipe.vae_scale_factor_spatial, req.width // pipe.vae_scale_factor_spatial,
+                                torch.float32, device)
+
+    with get_strategy(plan.strategy).install(pipe, mesh, clips, rank):
+        for i in range(plan.start_step, len(timesteps)):
+            # collective at every boundary: one rank's cancel stops all ranks here, none hangs
+            if mesh.any(bool(should_stop and should_stop())):
+                raise Cancelled(f"cancelled before step {i + 1}")
+            began = time.perf_counter()
+            t = timesteps[i]
+            x, timestep = latents.to(transformer.dtype), t.expand(latents.shape[0])
+            pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+            if uncond is not None:
+                pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
+                                     return_dict=False)[0]
+                pred = pred_u + req.guidance_scale * (pred - pred_u)
+            # UniPC is elementwise over the latents, so stepping each clip alone is exact
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+            if on_step:
+                on_step(i + 1, len(timesteps), time.perf_counter() - began)
+
+    return mesh.all_gather_uneven(latents, [e - s for s, e in clips], dim=2)
+
+
+def render(pipe, plan, rank: int, mesh, on_step: Callable[[int, int, float], None],
+           should_stop: Callable[[], bool]) -> np.ndarray | None:
+    """Denoise this rank's clip; the decode rank returns the video as uint8 [N, H, W, 3], others None."""
+    full = denoise(pipe, plan, rank, mesh, on_step, should_stop)
+    if rank != plan.decode_rank:
+        return None
+    with torch.no_grad():
+        return decode(pipe, full)
