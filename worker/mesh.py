@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+DEFAULT_TIMEOUT_S = 300
 
 
 def host_store(advertise_host: str, timeout_s: float = 300) -> tuple[dist.TCPStore, int]:
@@ -28,8 +29,13 @@ def host_store(advertise_host: str, timeout_s: float = 300) -> tuple[dist.TCPSto
     client dials, which also proves the advertised address is reachable from here.
     """
     store = dist.TCPStore(advertise_host, 0, world_size=None, is_master=True,
-                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+                          timeout=_timeout(timeout_s), wait_for_workers=False)
     return store, store.port
+
+
+def _timeout(seconds: float) -> datetime.timedelta:
+    # a plan's unset timeout_seconds is 0: fall back rather than time out at once
+    return datetime.timedelta(seconds=seconds if seconds and seconds > 0 else DEFAULT_TIMEOUT_S)
 
 
 def _interface_for(ip: str) -> str | None:
@@ -71,7 +77,7 @@ class Mesh:
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         if dist.is_initialized():
             raise RuntimeError("a Mesh is already open in this process; close() it first")
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = _timeout(timeout_s)
         if store is None:
             store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
         if backend == "gloo" and local_host and "GLOO_SOCKET_IFNAME" not in os.environ:

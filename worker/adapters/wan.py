@@ -5,6 +5,8 @@ forward hooks) so the stock model is never edited and can serve many jobs.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
@@ -61,6 +63,27 @@ def model_info(pipe: WanPipeline, name: str) -> clipmesh_pb2.ModelInfo:
     else:
         limits = limits_from_configs(dict(pipe.transformer.config), dict(pipe.vae.config))
     return clipmesh_pb2.ModelInfo(name=name, **limits)
+
+
+@torch.no_grad()
+def measure_speed(pipe: WanPipeline, device: torch.device | str, frames: int = 4, side: int = 16) -> float:
+    """Transformer tokens per second on a small input (one warm-up call, then one timed call),
+    a relative speed the coordinator can use to rank workers. Stock processors, no mesh."""
+    t = pipe.transformer
+    _, p_h, p_w = t.config.patch_size
+    x = torch.randn(1, t.config.in_channels, frames, side, side, device=device, dtype=t.dtype)
+    text = torch.zeros(1, MAX_SEQUENCE_LENGTH, t.config.text_dim, device=device, dtype=t.dtype)
+    step = torch.tensor([500], device=device)
+    seconds = 0.0
+    for _ in range(2):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        t(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+    return frames * (side // p_h) * (side // p_w) / max(seconds, 1e-9)
 
 
 @torch.no_grad()
