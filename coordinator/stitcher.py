@@ -1,14 +1,22 @@
-"""Stitches the frames workers uploaded into one H.264 MP4 (imageio-ffmpeg)."""
+"""Stitches the frames workers uploaded into one H.264 MP4.
+
+ffmpeg comes from imageio-ffmpeg (a binary inside the wheel, so no system ffmpeg is
+needed). We pipe the raw RGB24 parts straight into it ourselves: the parts are
+already raw video, and imageio's writer spawns ffmpeg with a preexec_fn, which is
+unsafe in a process with gRPC threads (ffmpeg died with a broken pipe there).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio.v2 as imageio
-import numpy as np
+import imageio_ffmpeg
+
+COPY_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -32,22 +40,29 @@ def stitch(parts: list[FramePart], num_frames: int, out_path: Path, fps: float) 
         expected += part.num_frames
     if expected != num_frames:
         raise ValueError(f"received {expected} frames, expected {num_frames}")
+    height, width = parts[0].height, parts[0].width
 
-    tmp = out_path.with_name(out_path.name + ".partial")
-    # macro_block_size=1: our sizes are already even; imageio would otherwise resize to multiples of 16.
-    writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                pixelformat="yuv420p", macro_block_size=1, quality=8)
+    tmp = out_path.with_name(out_path.stem + ".partial" + out_path.suffix)  # ffmpeg picks the container by suffix
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{fps:g}", "-i", "-",
+           "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-movflags", "+faststart", str(tmp)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for part in parts:
-            frames = np.fromfile(part.path, dtype=np.uint8).reshape(part.num_frames, part.height, part.width, 3)
-            for frame in frames:
-                writer.append_data(frame)
-    finally:
-        writer.close()
+            with open(part.path, "rb") as f:
+                while block := f.read(COPY_BLOCK):
+                    proc.stdin.write(block)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # ffmpeg exited early; its stderr below says why
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.wait() != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"ffmpeg exited with {proc.returncode}: {err.strip()[-500:]}")
     os.replace(tmp, out_path)  # a reader never sees a half-written video
 
     digest = hashlib.sha256()
     with open(out_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(COPY_BLOCK), b""):
             digest.update(block)
     return out_path.stat().st_size, digest.hexdigest()

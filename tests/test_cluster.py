@@ -1,0 +1,133 @@
+"""End to end through real daemons: one coordinator and three worker processes on loopback,
+real gloo process groups, real uploads and ffmpeg encodes."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import imageio.v3 as iio
+import pytest
+
+from clipmesh.v1 import clipmesh_pb2 as pb
+from conftest import Daemons
+
+WORKERS = {"w0", "w1", "w2"}
+SMALL = dict(num_frames=9, height=32, width=48, num_inference_steps=3, fps=8.0)  # 3 latent frames
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_wan_folder):
+    d = Daemons(tmp_path_factory.mktemp("cluster"))
+    d.coordinator("--heartbeat-timeout", "5", "--collective-timeout", "30")
+    pids = {name: d.worker(name).pid for name in sorted(WORKERS)}
+    with d.client() as client:
+        d.wait_idle(client, WORKERS, timeout=180)
+    d.pids = pids
+    yield d
+    d.stop()
+
+
+def run_job(client, prompt: str, **fields) -> pb.Job:
+    job = client.submit(prompt, **{**SMALL, **fields})
+    for _ in client.watch(job.id):
+        pass
+    return client.get(job.id)
+
+
+def test_watch_reports_every_step_of_every_worker_and_replays(cluster):
+    with cluster.client() as client:
+        job = client.submit("a red kite over a beach", num_workers=2, **SMALL)
+        live: list[pb.JobEvent] = []
+        watcher = threading.Thread(target=lambda: live.extend(cluster.client().watch(job.id)))
+        watcher.start()
+        watcher.join(timeout=120)
+        assert not watcher.is_alive(), "WatchJob did not end when the job finished"
+        job = client.get(job.id)
+        assert job.state == pb.SUCCEEDED, job.error + cluster.logs()
+
+        seqs = [e.seq for e in live]
+        assert seqs == sorted(set(seqs)) and seqs[0] == 1  # strictly increasing from 1, nothing skipped
+        assert seqs == list(range(1, len(seqs) + 1))
+        steps = {(e.step.worker_id, e.step.step) for e in live if e.HasField("step")}
+        assert steps == {(w, s) for w in job.worker_ids for s in range(1, 4)}
+        ranges = {e.step.rank: (e.step.latent_start, e.step.latent_end) for e in live if e.HasField("step")}
+        assert ranges == {0: (0, 2), 1: (2, 3)}  # uneven split: 3 latent frames on 2 workers
+        assert [e.state.state for e in live if e.HasField("state")] == [pb.QUEUED, pb.RUNNING, pb.SUCCEEDED]
+
+        replay = list(client.watch(job.id))  # after completion: the same events, then the stream ends
+        assert [e.SerializeToString() for e in replay] == [e.SerializeToString() for e in live]
+
+
+def test_video_has_every_frame_and_fetch_matches_sha(cluster, tmp_path):
+    with cluster.client() as client:
+        job = run_job(client, "a lighthouse", num_workers=3)
+        assert job.state == pb.SUCCEEDED, job.error + cluster.logs()
+        assert len(job.worker_ids) == 3
+        out = tmp_path / "v.mp4"
+        assert client.fetch(job.id, out) == job.video_size
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == job.video_sha256
+        frames = iio.imread(out)
+        assert frames.shape == (9, 32, 48, 3)
+        assert frames.std() > 0  # a real picture, not a constant
+
+
+def test_jobs_in_a_row_reuse_the_same_worker_daemons(cluster):
+    with cluster.client() as client:
+        first = run_job(client, "first", num_workers=2, seed=1)
+        second = run_job(client, "second", num_workers=2, seed=2)
+        assert first.state == second.state == pb.SUCCEEDED, first.error + second.error
+        assert first.video_sha256 != second.video_sha256
+        assert all(p.poll() is None for p in cluster.procs), "a daemon exited between jobs"
+
+
+def test_concurrent_jobs_run_on_disjoint_workers(cluster):
+    with cluster.client() as client:
+        cluster.wait_idle(client, WORKERS)
+        a = client.submit("job a", num_workers=2, **{**SMALL, "num_inference_steps": 6})
+        b = client.submit("job b", num_workers=1, **{**SMALL, "num_inference_steps": 6})
+        for job in (a, b):
+            for _ in client.watch(job.id):
+                pass
+        a, b = client.get(a.id), client.get(b.id)
+        assert a.state == b.state == pb.SUCCEEDED, a.error + b.error
+        assert not set(a.worker_ids) & set(b.worker_ids)
+        # Both ran at the same time: each started before the other finished.
+        assert b.started_at.ToNanoseconds() < a.finished_at.ToNanoseconds()
+        assert a.started_at.ToNanoseconds() < b.finished_at.ToNanoseconds()
+
+
+def test_cancel_running_job_frees_workers(cluster):
+    with cluster.client() as client:
+        cluster.wait_idle(client, WORKERS)
+        job = client.submit("long one", num_workers=2, **{**SMALL, "num_inference_steps": 200})
+        events = client.watch(job.id)
+        for event in events:  # wait for the first step, then cancel
+            if event.HasField("step"):
+                break
+        assert client.cancel(job.id).state == pb.CANCELLED
+        events.cancel()
+        cluster.wait_idle(client, WORKERS, timeout=60)  # both members stopped at a step boundary
+        steps = [e.step.step for e in client.watch(job.id) if e.HasField("step")]
+        assert max(steps) < 200
+        assert run_job(client, "after cancel", num_workers=2).state == pb.SUCCEEDED
+
+
+def test_worker_killed_mid_job_fails_the_job_and_others_serve_on(cluster):
+    with cluster.client() as client:
+        cluster.wait_idle(client, WORKERS)
+        job = client.submit("doomed", num_workers=3, **{**SMALL, "num_inference_steps": 200})
+        for event in client.watch(job.id):
+            if event.HasField("step"):
+                break
+        victim = client.get(job.id).worker_ids[2]
+        proc = next(p for p in cluster.procs if p.pid == cluster.pids[victim])
+        proc.kill()
+        for _ in client.watch(job.id):
+            pass
+        job = client.get(job.id)
+        assert job.state == pb.FAILED and victim in job.error, job.error
+        survivors = WORKERS - {victim}
+        cluster.wait_idle(client, survivors, timeout=90)  # peers left the broken group, daemons live on
+        assert {w.id: w.state for w in client.workers()}[victim] == pb.LOST
+        assert run_job(client, "after the crash", num_workers=2).state == pb.SUCCEEDED
