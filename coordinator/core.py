@@ -98,13 +98,15 @@ class CoordinatorCore:
 
     # -- client API ---------------------------------------------------------
     def model_info(self, name: str) -> pb.ModelInfo | None:
-        """Limits of a model: from a worker that serves it, else from the built-in presets."""
+        """Limits of a model: from a worker that serves it, else from a preset or a model
+        folder readable here (configs only, no torch), else None (unknown)."""
         for info in self.store.list_workers():
             if info.model.name == name:
                 return info.model
-        if name in presets.PRESETS:
+        try:
             return pb.ModelInfo(**presets.model_limits(name))
-        return None
+        except (ValueError, OSError, KeyError):
+            return None
 
     async def submit(self, req: pb.SubmitJobRequest) -> pb.Job:
         known = set(presets.PRESETS) | {w.model.name for w in self.store.list_workers()}

@@ -50,12 +50,14 @@ class LocalCluster:
                     "--port-file", str(port_file))
         self._wait(lambda: port_file.exists(), 60, "the coordinator to listen")
         self.address = f"127.0.0.1:{port_file.read_text()}"
+        self.client = Client(self.address, self.token)
+
+    def start_workers(self) -> None:
         threads = max(1, (os.cpu_count() or 1) // self.num_workers)
         for i in range(self.num_workers):
             self._spawn(f"worker-{i}", "worker", "--coordinator", self.address, "--model", self.model,
                         "--name", f"local-{i}", "--threads", str(threads), "--advertise-host", "127.0.0.1")
-        self.client = Client(self.address, self.token)
-        self._wait(lambda: sum(w.state == pb.IDLE for w in self.client.workers()) >= self.num_workers,
+        self._wait(lambda: len(self.client.workers()) >= self.num_workers,
                    START_TIMEOUT, f"{self.num_workers} workers to load {self.model} and attach")
 
     def _wait(self, ready, timeout: float, what: str) -> None:
@@ -105,8 +107,11 @@ def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = N
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         with LocalCluster(fields["model"], num_workers, data_dir) as cluster:
-            print(f"coordinator {cluster.address}, {num_workers} workers ready", file=sys.stderr)
+            # Submit before starting workers: a bad request fails in a second, not after model loading.
             job = cluster.client.submit(prompt, **fields)
+            print(f"job {job.id} queued on coordinator {cluster.address}; starting {num_workers} workers",
+                  file=sys.stderr)
+            cluster.start_workers()
             state = progress.follow(cluster.client.watch(job.id), world_size=num_workers)
             job = cluster.client.get(job.id)
             if state != pb.SUCCEEDED:

@@ -1,0 +1,76 @@
+"""`clipmesh generate` end to end through the CLI: a real coordinator, real worker processes,
+a real MP4 read back; nothing left running afterwards, also after Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+
+CLI = [sys.executable, "-m", "clipmesh.cli"]
+
+
+def marked_env(tmp_path: Path) -> dict:
+    """Environment with a marker every child process inherits (coordinator, workers, ffmpeg)."""
+    return {**os.environ, "CLIPMESH_TEST_MARKER": str(tmp_path)}
+
+
+def processes_marked(tmp_path: Path) -> list[str]:
+    """Live processes (other than this one) carrying the marker: each one was left behind."""
+    marker = f"CLIPMESH_TEST_MARKER={tmp_path}".encode() + b"\0"
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+def test_generate_writes_every_frame_with_an_uneven_split(tmp_path, tiny_wan_folder):
+    out, data = tmp_path / "video.mp4", tmp_path / "data"
+    # 9 frames = 3 latent frames on 2 workers: clips of 2 and 1.
+    proc = subprocess.run([*CLI, "generate", "a fox in the snow", "--frames", "9", "--workers", "2",
+                           "--height", "32", "--width", "48", "--steps", "3", "--output", str(out),
+                           "--keep-data", str(data)], capture_output=True, text=True, timeout=300,
+                          env=marked_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    frames = iio.imread(out)
+    assert frames.shape == (9, 32, 48, 3)
+    assert f"wrote {out}" in proc.stdout
+    for rank in (0, 1):
+        assert f"[rank {rank} local-{rank}] step 3/3" in proc.stderr
+    assert processes_marked(tmp_path) == []
+
+
+def test_generate_bad_input_is_one_line_not_a_traceback(tmp_path, tiny_wan_folder):
+    proc = subprocess.run([*CLI, "generate", "x", "--frames", "10", "--workers", "2", "--output",
+                           str(tmp_path / "v.mp4"), "--keep-data", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=120, env=marked_env(tmp_path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "INVALID_ARGUMENT: num_frames: must be 4*k+1" in proc.stderr
+    assert processes_marked(tmp_path) == []
+
+
+def test_generate_ctrl_c_leaves_no_process_behind(tmp_path, tiny_wan_folder):
+    data = tmp_path / "data"
+    proc = subprocess.Popen([*CLI, "generate", "a long one", "--frames", "9", "--workers", "2", "--steps", "200",
+                             "--output", str(tmp_path / "v.mp4"), "--keep-data", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=marked_env(tmp_path))
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # wait until the workers are rendering
+        if "step 1/200" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert not (tmp_path / "v.mp4").exists()
+    assert processes_marked(tmp_path) == []
