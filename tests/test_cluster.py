@@ -4,13 +4,14 @@ real gloo process groups, real uploads and ffmpeg encodes."""
 from __future__ import annotations
 
 import hashlib
+import signal
 import threading
 
 import imageio.v3 as iio
 import pytest
 
 from clipmesh.v1 import clipmesh_pb2 as pb
-from conftest import Daemons
+from conftest import Daemons, wait_until
 
 WORKERS = {"w0", "w1", "w2"}
 SMALL = dict(num_frames=9, height=32, width=48, num_inference_steps=3, fps=8.0)  # 3 latent frames
@@ -131,3 +132,18 @@ def test_worker_killed_mid_job_fails_the_job_and_others_serve_on(cluster):
         cluster.wait_idle(client, survivors, timeout=90)  # peers left the broken group, daemons live on
         assert {w.id: w.state for w in client.workers()}[victim] == pb.LOST
         assert run_job(client, "after the crash", num_workers=2).state == pb.SUCCEEDED
+
+
+def test_silent_worker_is_marked_lost_then_reattaches(cluster):
+    """A frozen worker (SIGSTOP: its stream stays open, heartbeats stop) is lost after the
+    heartbeat timeout (5 s here); once thawed it re-dials and serves again."""
+    with cluster.client() as client:
+        name = sorted(w.id for w in client.workers() if w.state == pb.IDLE)[0]
+        proc = next(p for p in cluster.procs if p.pid == cluster.pids[name])
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: {w.id: w.state for w in client.workers()}[name] == pb.LOST, 30,
+                       f"{name} marked lost", cluster)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        cluster.wait_idle(client, {name}, timeout=60)
