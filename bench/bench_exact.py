@@ -5,7 +5,7 @@ measures `denoise` (prompt encoding, the steps, the final latent gather; model l
 decode excluded) with every rank a real process on loopback gloo, each given cpu_count // workers threads
 so all rows use the same cores.
 
-    python benchmarks/bench_exact.py --frames 129 --size 256 --steps 2 --workers 1,2
+    python bench/bench_exact.py --frames 129 --size 256 --steps 2 --workers 1,2
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def _plan(args, world_size: int) -> pb.RenderPlan:
 
 def _rank(rank, world_size, threads, folder, args, port_q, result_q):
     torch.set_num_threads(threads)
-    from clipmesh.worker.adapters.wan import load_wan
+    from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import denoise
 
-    pipe, plan, store = load_wan(folder, "cpu", torch.float32), _plan(args, world_size), None
+    model, plan, store = load_adapter(folder, "cpu", torch.float32), _plan(args, world_size), None
     if rank == 0:
         store, port = host_store("127.0.0.1", timeout_s=1800)
         for _ in range(world_size - 1):
@@ -48,7 +48,7 @@ def _rank(rank, world_size, threads, folder, args, port_q, result_q):
     with Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=1800, store=store) as mesh:
         mesh.any(False)  # everyone loaded: start the clock together
         began, steps = time.perf_counter(), []
-        denoise(pipe, plan, rank, mesh, on_step=lambda s, total, sec: steps.append(sec))
+        denoise(model, plan, rank, mesh, on_step=lambda s, total, sec: steps.append(sec))
         result_q.put((rank, time.perf_counter() - began, steps))
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     note = ("\nAll rows share this machine's cores, so they show the cost of splitting (the K/V all-gather "
             "and the per-rank overheads), not the speedup of adding machines: `exact` splits the work, it "
-            "does not shrink it. Regenerate with `python benchmarks/bench_exact.py`.\n")
+            "does not shrink it. Regenerate with `python bench/bench_exact.py`.\n")
     pathlib.Path(args.out).write_text("# exact strategy benchmark\n\n" + table + note)
 
 

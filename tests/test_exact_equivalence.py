@@ -46,37 +46,36 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(folder):
-    from clipmesh.worker.adapters.wan import load_wan
+def model(folder):
+    from clipmesh.worker.adapters import load_adapter
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks run with 1 thread; same reduction order, and spares the CPU
-    yield load_wan(folder, "cpu", torch.float32)
+    yield load_adapter(folder, "cpu", torch.float32)
     torch.set_num_threads(threads)
 
 
-def _vanilla(pipe) -> torch.Tensor:
-    from clipmesh.worker.adapters.wan import encode_prompt
+def _vanilla(model) -> torch.Tensor:
     req = _plan(1).request
-    cond, uncond = encode_prompt(pipe, req.prompt, req.negative_prompt, req.guidance_scale, "cpu")
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
     noise = initial_noise(SEED, 0, LATENT, 16, SIDE // 8, SIDE // 8)
-    return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
+    return model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
                 num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent").frames
 
 
 @pytest.fixture(scope="module")
-def reference(pipe):
-    return _vanilla(pipe)
+def reference(model):
+    return _vanilla(model)
 
 
 def _rank_main(rank, world_size, folder, stop_after, port_q, result_q):
     """One worker process: load, join the mesh (rank 0 hosts the store), denoise its clip."""
     torch.set_num_threads(1)
     try:
-        from clipmesh.worker.adapters.wan import load_wan
+        from clipmesh.worker.adapters import load_adapter
         from clipmesh.worker.mesh import Mesh, host_store
         from clipmesh.worker.render import Cancelled, denoise
 
-        pipe, plan, store = load_wan(folder, "cpu", torch.float32), _plan(world_size), None
+        model, plan, store = load_adapter(folder, "cpu", torch.float32), _plan(world_size), None
         if rank == 0:
             store, port = host_store("127.0.0.1", timeout_s=60)
             for _ in range(world_size - 1):
@@ -87,7 +86,7 @@ def _rank_main(rank, world_size, folder, stop_after, port_q, result_q):
         mesh = Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store)
         try:
             # stop_after: this rank alone asks to stop once it has done that many steps
-            latents = denoise(pipe, plan, rank, mesh, on_step=lambda s, total, sec: steps.append(s),
+            latents = denoise(model, plan, rank, mesh, on_step=lambda s, total, sec: steps.append(s),
                               should_stop=lambda: stop_after is not None and len(steps) >= stop_after)
             result_q.put((rank, "ok", latents.numpy(), steps))
         except Cancelled:
@@ -138,21 +137,20 @@ def test_cancel_on_one_rank_stops_all_at_same_step(folder):
     assert [results[r][2] for r in (0, 1)] == [[1], [1]]  # both stopped at the same boundary
 
 
-def test_install_remove_restores_vanilla(pipe, reference):
-    from clipmesh.worker.adapters.wan import self_attentions
+def test_install_remove_restores_vanilla(model, reference):
     from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import Cancelled, denoise
 
-    attns = self_attentions(pipe.transformer)
+    attns = model.self_attentions()
     stock = [a.processor for a in attns]
     store, port = host_store("127.0.0.1", timeout_s=30)
     with Mesh.open("127.0.0.1", port, 0, 1, "restore", timeout_s=30, store=store) as mesh:
-        denoise(pipe, _plan(1), 0, mesh)
+        denoise(model, _plan(1), 0, mesh)
         with pytest.raises(Cancelled):  # removal must also happen when the loop is interrupted
-            denoise(pipe, _plan(1), 0, mesh, should_stop=lambda: True)
+            denoise(model, _plan(1), 0, mesh, should_stop=lambda: True)
     assert [a.processor for a in attns] == stock
-    assert not pipe.transformer.rope._forward_hooks
-    assert torch.equal(_vanilla(pipe), reference)
+    assert not model.denoiser.rope._forward_hooks
+    assert torch.equal(_vanilla(model), reference)
 
 
 def test_plan_math_and_noise_independent_of_split():

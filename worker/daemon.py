@@ -58,16 +58,16 @@ class WorkerDaemon:
         import torch
 
         from clipmesh import presets
-        from clipmesh.worker.adapters import wan
+        from clipmesh.worker.adapters import load_adapter
 
         if self.threads:
             torch.set_num_threads(self.threads)
         folder = presets.model_folder(self.model_name)
         t0 = time.perf_counter()
-        self.pipe = wan.load_wan(folder, self.device, torch.float32)
-        self.model_info = wan.model_info(self.pipe, self.model_name)
-        self.speed = wan.measure_speed(self.pipe, self.device)
-        log.info("%s loaded %s on %s in %.1fs (%.0f tokens/s)", self.worker_id, self.model_name, self.device,
+        self.model = load_adapter(folder, self.device, torch.float32)
+        self.model_info = self.model.model_info(self.model_name)
+        self.speed = self.model.measure_speed()
+        log.info("%s loaded %s on %s in %.1fs (%.0f latent px/s)", self.worker_id, self.model_name, self.device,
                  time.perf_counter() - t0, self.speed)
 
     def _register(self) -> pb.WorkerMessage:
@@ -221,7 +221,7 @@ class WorkerDaemon:
                           timeout_s=plan.timeout_seconds, store=store, device=self.device,
                           local_host=self.advertise_host)
         try:
-            return render(self.pipe, plan, a.rank, group, on_step=on_step, should_stop=ctx.cancel.is_set)
+            return render(self.model, plan, a.rank, group, on_step=on_step, should_stop=ctx.cancel.is_set)
         finally:
             group.close()
 

@@ -14,7 +14,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from clipmesh.worker.adapters.wan import decode, encode_prompt
 from clipmesh.worker.noise import initial_noise
 from clipmesh.worker.strategies import get_strategy
 
@@ -37,7 +36,7 @@ def plan_clips(plan) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def denoise(pipe, plan, rank: int, mesh, on_step: Callable[[int, int, float], None] | None = None,
+def denoise(model, plan, rank: int, mesh, on_step: Callable[[int, int, float], None] | None = None,
             should_stop: Callable[[], bool] | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
     """Run this rank's clip through steps [plan.start_step, steps); return the whole video's
     latents [1, C, num_latent_frames, h, w] (gathered, identical on every rank).
@@ -47,45 +46,39 @@ def denoise(pipe, plan, rank: int, mesh, on_step: Callable[[int, int, float], No
     req, clips = plan.request, plan_clips(plan)
     if mesh.world_size != plan.world_size or mesh.rank != rank:
         raise ValueError(f"mesh is rank {mesh.rank}/{mesh.world_size}, plan says {rank}/{plan.world_size}")
-    transformer, device = pipe.transformer, pipe.transformer.device
     start, end = clips[rank]
 
-    cond, uncond = encode_prompt(pipe, req.prompt, req.negative_prompt, req.guidance_scale, device)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # per job: schedulers keep state
-    scheduler.set_timesteps(req.num_inference_steps, device=device)
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
+    scheduler = model.new_scheduler()
+    scheduler.set_timesteps(req.num_inference_steps, device=model.device)
     scheduler.set_begin_index(plan.start_step)
     timesteps = scheduler.timesteps
     if latents is None:
-        latents = initial_noise(req.seed, start, end, transformer.config.in_channels,
-                                req.height // pipe.vae_scale_factor_spatial, req.width // pipe.vae_scale_factor_spatial,
-                                torch.float32, device)
+        channels, h, w = model.latent_shape(req.height, req.width)
+        latents = initial_noise(req.seed, start, end, channels, h, w, torch.float32, model.device)
+        latents = latents * scheduler.init_noise_sigma
 
-    with get_strategy(plan.strategy).install(pipe, mesh, clips, rank):
+    with get_strategy(plan.strategy).install(model, mesh, clips, rank):
         for i in range(plan.start_step, len(timesteps)):
             # collective at every boundary: one rank's cancel stops all ranks here, none hangs
             if mesh.any(bool(should_stop and should_stop())):
                 raise Cancelled(f"cancelled before step {i + 1}")
             began = time.perf_counter()
             t = timesteps[i]
-            x, timestep = latents.to(transformer.dtype), t.expand(latents.shape[0])
-            pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
-            if uncond is not None:
-                pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
-                                     return_dict=False)[0]
-                pred = pred_u + req.guidance_scale * (pred - pred_u)
-            # UniPC is elementwise over the latents, so stepping each clip alone is exact
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+            pred = model.predict(latents, t, scheduler, cond, uncond, req.guidance_scale)
+            # the schedulers we use are elementwise over the latents, so stepping each clip alone is exact
+            latents = model.step(scheduler, pred, t, latents)
             if on_step:
                 on_step(i + 1, len(timesteps), time.perf_counter() - began)
 
     return mesh.all_gather_uneven(latents, [e - s for s, e in clips], dim=2)
 
 
-def render(pipe, plan, rank: int, mesh, on_step: Callable[[int, int, float], None],
+def render(model, plan, rank: int, mesh, on_step: Callable[[int, int, float], None],
            should_stop: Callable[[], bool]) -> np.ndarray | None:
     """Denoise this rank's clip; the decode rank returns the video as uint8 [N, H, W, 3], others None."""
-    full = denoise(pipe, plan, rank, mesh, on_step, should_stop)
+    full = denoise(model, plan, rank, mesh, on_step, should_stop)
     if rank != plan.decode_rank:
         return None
     with torch.no_grad():
-        return decode(pipe, full)
+        return model.decode(full)

@@ -1,0 +1,20 @@
+"""Model-family adapters: `load_adapter` picks one from the folder's model_index.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from clipmesh.worker.adapters.base import ModelAdapter
+from clipmesh.worker.adapters.wan import WanAdapter
+
+FAMILIES: dict[str, type[ModelAdapter]] = {cls.pipeline_class: cls for cls in (WanAdapter,)}
+
+
+def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelAdapter:
+    pipeline = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    if pipeline not in FAMILIES:
+        raise ValueError(f"{folder}: pipeline {pipeline!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[pipeline].load(folder, device, dtype)

@@ -5,7 +5,6 @@ forward hooks) so the stock model is never edited and can serve many jobs.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ from diffusers import AutoencoderKLWan, WanPipeline
 
 from clipmesh.presets import PRESETS, limits_from_configs
 from clipmesh.v1 import clipmesh_pb2
+from clipmesh.worker.adapters.base import ModelAdapter
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default text length
 
@@ -56,57 +56,63 @@ def install_global_rope(transformer, frame_start: int):
     return rope.register_forward_hook(hook)
 
 
-def model_info(pipe: WanPipeline, name: str) -> clipmesh_pb2.ModelInfo:
-    """What this loaded model accepts, for Register: preset data, or derived from its configs."""
-    if name in PRESETS:
-        limits = PRESETS[name]["limits"]
-    else:
-        limits = limits_from_configs(dict(pipe.transformer.config), dict(pipe.vae.config))
-    return clipmesh_pb2.ModelInfo(name=name, **limits)
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    pipeline_class = "WanPipeline"
 
+    @classmethod
+    def load(cls, folder, device, dtype) -> "WanAdapter":
+        return cls(load_wan(folder, device, dtype), device)
 
-@torch.no_grad()
-def measure_speed(pipe: WanPipeline, device: torch.device | str, frames: int = 4, side: int = 16) -> float:
-    """Transformer tokens per second on a small input (one warm-up call, then one timed call),
-    a relative speed the coordinator can use to rank workers. Stock processors, no mesh."""
-    t = pipe.transformer
-    _, p_h, p_w = t.config.patch_size
-    x = torch.randn(1, t.config.in_channels, frames, side, side, device=device, dtype=t.dtype)
-    text = torch.zeros(1, MAX_SEQUENCE_LENGTH, t.config.text_dim, device=device, dtype=t.dtype)
-    step = torch.tensor([500], device=device)
-    seconds = 0.0
-    for _ in range(2):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        t(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - began
-    return frames * (side // p_h) * (side // p_w) / max(seconds, 1e-9)
+    def model_info(self, name: str) -> clipmesh_pb2.ModelInfo:
+        """What this loaded model accepts, for Register: preset data, or derived from its configs."""
+        if name in PRESETS:
+            limits = PRESETS[name]["limits"]
+        else:
+            limits = limits_from_configs(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
+        return clipmesh_pb2.ModelInfo(name=name, **limits)
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
 
-@torch.no_grad()
-def encode_prompt(pipe: WanPipeline, prompt: str, negative_prompt: str, guidance_scale: float,
-                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond, uncond) text embeddings as WanPipeline.__call__ makes them; uncond is None without CFG."""
-    cond, uncond = pipe.encode_prompt(
-        prompt=prompt, negative_prompt=negative_prompt or None,
-        do_classifier_free_guidance=guidance_scale > 1.0,
-        max_sequence_length=MAX_SEQUENCE_LENGTH, device=device)
-    dtype = pipe.transformer.dtype
-    return cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
+    def self_attentions(self) -> list[torch.nn.Module]:
+        return self_attentions(self.pipe.transformer)
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor_spatial
+        return self.pipe.transformer.config.in_channels, height // f, width // f
 
-@torch.no_grad()
-def decode(pipe: WanPipeline, latents: torch.Tensor) -> np.ndarray:
-    """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]: WanPipeline.__call__'s post-loop steps."""
-    vae = pipe.vae
-    latents = latents.to(vae.device, vae.dtype)
-    z = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-    latents = latents / inv_std + mean
-    video = vae.decode(latents, return_dict=False)[0]
-    frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float [N, H, W, 3] in [0, 1]
-    return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str, guidance_scale: float):
+        """(cond, uncond) text embeddings as WanPipeline.__call__ makes them; uncond is None without CFG."""
+        cond, uncond = self.pipe.encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt or None,
+            do_classifier_free_guidance=guidance_scale > 1.0,
+            max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device)
+        dtype = self.pipe.transformer.dtype
+        return cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
+
+    def predict(self, latents, t, scheduler, cond, uncond, guidance_scale):
+        """WanPipeline's step body: two transformer calls (cond, uncond), then CFG."""
+        transformer = self.pipe.transformer
+        x, timestep = latents.to(transformer.dtype), t.expand(latents.shape[0])
+        pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        if uncond is not None:
+            pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0]
+            pred = pred_u + guidance_scale * (pred - pred_u)
+        return pred
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]: WanPipeline.__call__'s post-loop steps.
+        Wan's VAE is causal in time, so the whole video is decoded on one rank."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.device, vae.dtype)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents / inv_std + mean
+        video = vae.decode(latents, return_dict=False)[0]
+        frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
+        return (frames * 255.0).round().clip(0, 255).astype(np.uint8)

@@ -11,8 +11,8 @@ from __future__ import annotations
 class Strategy:
     name = ""
 
-    def install(self, pipe, mesh, clips: list[tuple[int, int]], rank: int) -> "Strategy":
-        """Patch `pipe` so its transformer, fed rank's clip clips[rank] of latent frames,
+    def install(self, model, mesh, clips: list[tuple[int, int]], rank: int) -> "Strategy":
+        """Patch `model` (a ModelAdapter) so its denoiser, fed rank's clip clips[rank] of latent frames,
         computes that clip's part of the whole-video result. Returns self."""
         raise NotImplementedError
 

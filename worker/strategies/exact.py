@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from clipmesh.worker.adapters.wan import install_global_rope, self_attentions
+from clipmesh.worker.adapters.wan import install_global_rope
 from clipmesh.worker.strategies.base import Strategy
 
 
@@ -65,13 +65,13 @@ class ExactStrategy(Strategy):
         self._saved: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list = []
 
-    def install(self, pipe, mesh, clips, rank):
-        if getattr(pipe, "transformer_2", None) is not None:
+    def install(self, model, mesh, clips, rank):
+        if getattr(model.pipe, "transformer_2", None) is not None:
             raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'exact' yet")
         lengths = [end - start for start, end in clips]
         try:
-            self._hooks.append(install_global_rope(pipe.transformer, clips[rank][0]))
-            for attn in self_attentions(pipe.transformer):
+            self._hooks.append(install_global_rope(model.denoiser, clips[rank][0]))
+            for attn in model.self_attentions():
                 stock = attn.processor
                 self._saved.append((attn, stock))
                 attn.set_processor(ExactSelfAttention(mesh, lengths, rank, getattr(stock, "_attention_backend", None)))
