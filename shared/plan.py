@@ -37,3 +37,38 @@ def frame_seed(seed: int, frame_index: int) -> int:
     so the video does not depend on the number of workers, the split, or a resume."""
     digest = hashlib.blake2b(f"clipmesh:{seed}:{frame_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def split_clips_weighted(num_latent: int, speeds: list[float], min_len: int = 1) -> list[tuple[int, int]]:
+    """Contiguous clips sized in proportion to each worker's speed (largest remainder), none
+    shorter than `min_len` (the halo: a clip must cover what its neighbours ask of it).
+
+    Equal speeds give exactly split_clips' even split, so the split is reproducible."""
+    n = len(speeds)
+    if n < 1 or any(s <= 0 for s in speeds):
+        raise ValueError(f"speeds must be positive, got {speeds}")
+    min_len = max(1, min(min_len, num_latent // n))
+    if num_latent < n:
+        raise ValueError(f"{num_latent} latent frames cannot give {n} workers a frame each")
+    if len(set(speeds)) == 1:
+        return split_clips(num_latent, n)
+    spare = num_latent - n * min_len
+    shares = [spare * s / sum(speeds) for s in speeds]
+    lengths = [min_len + int(share) for share in shares]
+    # hand the frames lost to rounding down to the largest remainders (earlier rank on ties)
+    for rank in sorted(range(n), key=lambda r: (-(shares[r] - int(shares[r])), r))[: num_latent - sum(lengths)]:
+        lengths[rank] += 1
+    clips, start = [], 0
+    for length in lengths:
+        clips.append((start, start + length))
+        start += length
+    return clips
+
+
+def global_frame_indices(num_latent: int, num_global: int) -> list[int]:
+    """G latent-frame indices spread uniformly over the whole video (the centre of each of G
+    equal segments): a pure function of (F, G), so it never depends on the number of
+    workers or the split. G >= F gives every frame once; G = 0 gives none."""
+    if num_global >= num_latent:
+        return list(range(num_latent))
+    return [int((2 * i + 1) * num_latent // (2 * num_global)) for i in range(num_global)]

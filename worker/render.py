@@ -58,13 +58,14 @@ def denoise(model, plan, rank: int, mesh, on_step: Callable[[int, int, float], N
         latents = initial_noise(req.seed, start, end, channels, h, w, torch.float32, model.device)
         latents = latents * scheduler.init_noise_sigma
 
-    with get_strategy(plan.strategy).install(model, mesh, clips, rank):
+    with get_strategy(plan.strategy).install(model, mesh, plan, rank) as strategy:
         for i in range(plan.start_step, len(timesteps)):
             # collective at every boundary: one rank's cancel stops all ranks here, none hangs
             if mesh.any(bool(should_stop and should_stop())):
                 raise Cancelled(f"cancelled before step {i + 1}")
             began = time.perf_counter()
             t = timesteps[i]
+            strategy.begin_step(float(t))
             pred = model.predict(latents, t, scheduler, cond, uncond, req.guidance_scale)
             # the schedulers we use are elementwise over the latents, so stepping each clip alone is exact
             latents = model.step(scheduler, pred, t, latents)

@@ -37,7 +37,7 @@ BUSY: WorkerState
 LOST: WorkerState
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps")
+    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class SubmitJobRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_frames: int
@@ -62,7 +63,22 @@ class SubmitJobRequest(_message.Message):
     strategy: str
     num_workers: int
     fps: float
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ...) -> None: ...
+    clip_parallel: ClipParallelOptions
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ...) -> None: ...
+
+class ClipParallelOptions(_message.Message):
+    __slots__ = ("local_halo", "global_frames", "phase_switch_t", "phase_bias", "entropy_scaling")
+    LOCAL_HALO_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SWITCH_T_FIELD_NUMBER: _ClassVar[int]
+    PHASE_BIAS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_SCALING_FIELD_NUMBER: _ClassVar[int]
+    local_halo: int
+    global_frames: int
+    phase_switch_t: float
+    phase_bias: float
+    entropy_scaling: bool
+    def __init__(self, local_halo: _Optional[int] = ..., global_frames: _Optional[int] = ..., phase_switch_t: _Optional[float] = ..., phase_bias: _Optional[float] = ..., entropy_scaling: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "state", "request", "error", "created_at", "started_at", "finished_at", "worker_ids", "video_size", "video_sha256", "strategy")
@@ -159,7 +175,7 @@ class StateChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StepProgress(_message.Message):
-    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds")
+    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +183,9 @@ class StepProgress(_message.Message):
     LATENT_START_FIELD_NUMBER: _ClassVar[int]
     LATENT_END_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COMM_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     step: int
@@ -174,7 +193,10 @@ class StepProgress(_message.Message):
     latent_start: int
     latent_end: int
     seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    bytes_sent: int
+    bytes_received: int
+    comm_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ...) -> None: ...
 
 class FramesReceived(_message.Message):
     __slots__ = ("worker_id", "first_frame", "num_frames")
@@ -239,7 +261,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies")
+    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SPATIAL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +269,8 @@ class ModelInfo(_message.Message):
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
     STRATEGIES_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_LATENT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CLIP_PARALLEL_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     spatial_multiple: int
@@ -254,7 +278,9 @@ class ModelInfo(_message.Message):
     max_frames: int
     max_side: int
     strategies: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ...) -> None: ...
+    native_latent_frames: int
+    clip_parallel_defaults: ClipParallelOptions
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("register", "heartbeat", "store_ready", "progress", "result", "log")
@@ -343,7 +369,7 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[RenderPlan, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
-    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "decode_rank", "group_name", "timeout_seconds", "backend")
+    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "decode_rank", "group_name", "timeout_seconds", "backend", "clip_parallel")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +380,7 @@ class RenderPlan(_message.Message):
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     request: SubmitJobRequest
     strategy: str
     world_size: int
@@ -364,7 +391,8 @@ class RenderPlan(_message.Message):
     group_name: str
     timeout_seconds: int
     backend: str
-    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., decode_rank: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    clip_parallel: ClipParallelOptions
+    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., decode_rank: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ...) -> None: ...
 
 class ClipRange(_message.Message):
     __slots__ = ("start", "end")

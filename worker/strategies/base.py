@@ -11,10 +11,13 @@ from __future__ import annotations
 class Strategy:
     name = ""
 
-    def install(self, model, mesh, clips: list[tuple[int, int]], rank: int) -> "Strategy":
-        """Patch `model` (a ModelAdapter) so its denoiser, fed rank's clip clips[rank] of latent frames,
-        computes that clip's part of the whole-video result. Returns self."""
+    def install(self, model, mesh, plan, rank: int) -> "Strategy":
+        """Patch `model` (a ModelAdapter) so its denoiser, fed this rank's clip
+        plan.clips[rank] of latent frames, computes that clip's part of the result. Returns self."""
         raise NotImplementedError
+
+    def begin_step(self, t: float) -> None:
+        """Called before every denoiser call of a step with its timestep (phase-dependent strategies)."""
 
     def remove(self) -> None:
         """Undo install (idempotent)."""

@@ -65,9 +65,10 @@ class ExactStrategy(Strategy):
         self._saved: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list = []
 
-    def install(self, model, mesh, clips, rank):
+    def install(self, model, mesh, plan, rank):
         if getattr(model.pipe, "transformer_2", None) is not None:
             raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'exact' yet")
+        clips = [(c.start, c.end) for c in plan.clips]
         lengths = [end - start for start, end in clips]
         try:
             self._hooks.append(install_global_rope(model.denoiser, clips[rank][0]))
