@@ -48,7 +48,7 @@ def _rank(rank, world_size, threads, folder, args, port_q, result_q):
     with Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=1800, store=store) as mesh:
         mesh.any(False)  # everyone loaded: start the clock together
         began, steps = time.perf_counter(), []
-        denoise(model, plan, rank, mesh, on_step=lambda s, total, sec: steps.append(sec))
+        denoise(model, plan, rank, mesh, on_step=lambda report: steps.append(report.seconds))
         result_q.put((rank, time.perf_counter() - began, steps))
 
 

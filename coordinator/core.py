@@ -15,18 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipmesh import presets
-from clipmesh.plan import split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .hub import ProgressHub
+from .planner import make_plan
 from .stitcher import FramePart, stitch
 from .store import FINAL_STATES, Store, now_ts
 from .validate import validate_request
 
 log = logging.getLogger("clipmesh.coordinator")
 
-DEFAULT_STRATEGY = "exact"
 STATE_NAMES = {v: k for k, v in pb.JobState.items()}
 
 
@@ -175,20 +174,14 @@ class CoordinatorCore:
             if wanted == 0 or len(idle) < wanted:
                 blocked.add(req.model)
                 continue
-            await self._place(job, idle[:wanted], latent, model)
+            await self._place(job, idle[:wanted], model)
 
-    async def _place(self, job: pb.Job, members: list[str], latent: int, model: pb.ModelInfo) -> None:
-        strategy = job.request.strategy or DEFAULT_STRATEGY
-        plan = pb.RenderPlan(
-            request=job.request, strategy=strategy, world_size=len(members), num_latent_frames=latent,
-            clips=[pb.ClipRange(start=s, end=e) for s, e in split_clips(latent, len(members))],
-            start_step=0, decode_rank=0, group_name=f"clipmesh-{job.id}",
-            timeout_seconds=self.collective_timeout,
-        )
+    async def _place(self, job: pb.Job, members: list[str], model: pb.ModelInfo) -> None:
+        plan = make_plan(job, [self.sessions[w].info for w in members], model, self.collective_timeout)
         self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members))
-        job.strategy = strategy
+        job.strategy = plan.strategy
         job.worker_ids[:] = members
-        await self._set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({strategy})")
+        await self._set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy})")
         for rank, wid in enumerate(members):
             session = self.sessions[wid]
             session.info.state = pb.BUSY

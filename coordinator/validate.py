@@ -17,6 +17,10 @@ MAX_STEPS = 200
 MAX_GUIDANCE = 50.0
 MAX_FPS = 120.0
 MAX_WORKERS = 256
+MAX_HALO = 64
+MAX_GLOBAL_FRAMES = 256
+MAX_PHASE_BIAS = 100.0
+MAX_TIMESTEP = 1000.0
 
 
 def _in_range(field: str, value: float, low: float, high: float) -> None:
@@ -48,6 +52,16 @@ def validate_request(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known
     _in_range("fps", req.fps, 1.0, MAX_FPS)
     if req.seed < 0:
         raise InvalidArgument("seed", f"must be >= 0, got {req.seed}")
+
+    options = req.clip_parallel
+    if options.HasField("local_halo"):
+        _in_range("clip_parallel.local_halo", options.local_halo, 1, MAX_HALO)
+    if options.HasField("global_frames"):
+        _in_range("clip_parallel.global_frames", options.global_frames, 0, MAX_GLOBAL_FRAMES)
+    if options.HasField("phase_switch_t"):
+        _in_range("clip_parallel.phase_switch_t", options.phase_switch_t, 0.0, MAX_TIMESTEP)
+    if options.HasField("phase_bias"):
+        _in_range("clip_parallel.phase_bias", options.phase_bias, 0.0, MAX_PHASE_BIAS)
 
     latent = num_latent_frames(req.num_frames, stride)
     # Every worker must own at least one latent frame.

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise-host", default="127.0.0.1", help="address peers use to reach this worker")
     p.add_argument("--name", default="", help="worker id (default: host-device-pid)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--speed", type=float, default=0.0,
+                   help="speed figure to report instead of measuring one (clip lengths follow it)")
 
     p = sub.add_parser("submit", help="submit a job and print its id")
     _add_request_args(p, "--num-workers")

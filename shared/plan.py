@@ -52,12 +52,17 @@ def split_clips_weighted(num_latent: int, speeds: list[float], min_len: int = 1)
         raise ValueError(f"{num_latent} latent frames cannot give {n} workers a frame each")
     if len(set(speeds)) == 1:
         return split_clips(num_latent, n)
-    spare = num_latent - n * min_len
-    shares = [spare * s / sum(speeds) for s in speeds]
-    lengths = [min_len + int(share) for share in shares]
+    shares = [num_latent * s / sum(speeds) for s in speeds]
+    lengths = [int(share) for share in shares]
     # hand the frames lost to rounding down to the largest remainders (earlier rank on ties)
-    for rank in sorted(range(n), key=lambda r: (-(shares[r] - int(shares[r])), r))[: num_latent - sum(lengths)]:
+    for rank in sorted(range(n), key=lambda r: (-(shares[r] - lengths[r]), r))[: num_latent - sum(lengths)]:
         lengths[rank] += 1
+    # lift clips below the floor with frames from the longest clips
+    for rank in range(n):
+        while lengths[rank] < min_len:
+            donor = max(range(n), key=lambda r: (lengths[r], -r))
+            lengths[donor] -= 1
+            lengths[rank] += 1
     clips, start = [], 0
     for length in lengths:
         clips.append((start, start + length))

@@ -42,9 +42,10 @@ class Daemons:
         self.address = f"127.0.0.1:{port_file.read_text()}"
         return self.address
 
-    def worker(self, name: str, model: str = "tiny-wan", threads: int = 1) -> subprocess.Popen:
+    def worker(self, name: str, model: str = "tiny-wan", threads: int = 1, speed: float = 1.0) -> subprocess.Popen:
+        # A fixed speed keeps clip splits reproducible (a measured one varies with machine load).
         return self.spawn(name, "worker", "--coordinator", self.address, "--model", model, "--name", name,
-                          "--threads", str(threads))
+                          "--threads", str(threads), "--speed", str(speed))
 
     def client(self) -> Client:
         return Client(self.address, TOKEN)

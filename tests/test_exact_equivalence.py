@@ -86,7 +86,7 @@ def _rank_main(rank, world_size, folder, stop_after, port_q, result_q):
         mesh = Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store)
         try:
             # stop_after: this rank alone asks to stop once it has done that many steps
-            latents = denoise(model, plan, rank, mesh, on_step=lambda s, total, sec: steps.append(s),
+            latents = denoise(model, plan, rank, mesh, on_step=lambda report: steps.append(report.step),
                               should_stop=lambda: stop_after is not None and len(steps) >= stop_after)
             result_q.put((rank, "ok", latents.numpy(), steps))
         except Cancelled:

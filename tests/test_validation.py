@@ -25,6 +25,10 @@ BAD_FIELDS = [
     ("seed", dict(seed=-5)),
     ("model", dict(model="no-such-model")),
     ("strategy", dict(strategy="warp-drive")),
+    ("clip_parallel.local_halo", dict(clip_parallel=pb.ClipParallelOptions(local_halo=0))),
+    ("clip_parallel.global_frames", dict(clip_parallel=pb.ClipParallelOptions(global_frames=-1))),
+    ("clip_parallel.phase_switch_t", dict(clip_parallel=pb.ClipParallelOptions(phase_switch_t=1500))),
+    ("clip_parallel.phase_bias", dict(clip_parallel=pb.ClipParallelOptions(phase_bias=float("inf")))),
     ("num_workers", dict(num_workers=-1)),
     ("num_workers", dict(num_workers=6)),         # 17 frames = 5 latent frames: at most 5 workers
 ]

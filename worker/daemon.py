@@ -39,7 +39,7 @@ class JobContext:
 
 class WorkerDaemon:
     def __init__(self, coordinator: str, model: str, device: str, advertise_host: str, name: str = "",
-                 threads: int = 0, token: str = ""):
+                 threads: int = 0, token: str = "", speed: float = 0.0):
         self.coordinator = coordinator
         self.model_name = model
         self.device = device
@@ -47,6 +47,7 @@ class WorkerDaemon:
         self.worker_id = name or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
         self.threads = threads
         self.token = token
+        self.speed = speed  # 0: measured at load
         self.jobs: dict[str, JobContext] = {}
         self._tasks: set[asyncio.Task] = set()
         self.outbox: asyncio.Queue | None = None
@@ -66,7 +67,7 @@ class WorkerDaemon:
         t0 = time.perf_counter()
         self.model = load_adapter(folder, self.device, torch.float32)
         self.model_info = self.model.model_info(self.model_name)
-        self.speed = self.model.measure_speed()
+        self.speed = self.speed or self.model.measure_speed()
         log.info("%s loaded %s on %s in %.1fs (%.0f latent px/s)", self.worker_id, self.model_name, self.device,
                  time.perf_counter() - t0, self.speed)
 
@@ -186,9 +187,9 @@ class WorkerDaemon:
                 store, port = await asyncio.to_thread(mesh.host_store, self.advertise_host, plan.timeout_seconds)
                 self._send(store_ready=pb.StoreReady(job_id=a.job_id, port=port))
             rdv = await asyncio.wait_for(ctx.rendezvous, plan.timeout_seconds)
-            frames = await asyncio.to_thread(self._render, ctx, rdv, store)
-            if frames is not None:
-                await self._upload(a.job_id, frames)
+            rendered = await asyncio.to_thread(self._render, ctx, rdv, store)
+            if rendered is not None:
+                await self._upload(a.job_id, rendered)
             result.ok = True
         except (Cancelled, asyncio.CancelledError):
             result.cancelled = True
@@ -212,10 +213,12 @@ class WorkerDaemon:
         clip = plan.clips[a.rank]
         loop_send = self._threadsafe_sender()
 
-        def on_step(step: int, total: int, seconds: float) -> None:
+        def on_step(report) -> None:
             loop_send(progress=pb.StepProgress(
-                worker_id=self.worker_id, rank=a.rank, step=step, total_steps=total,
-                latent_start=clip.start, latent_end=clip.end, seconds=seconds))
+                worker_id=self.worker_id, rank=a.rank, step=report.step, total_steps=report.total,
+                latent_start=clip.start, latent_end=clip.end, seconds=report.seconds,
+                bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
+                comm_seconds=report.comm_seconds))
 
         group = Mesh.open(rdv.host, rdv.port, a.rank, plan.world_size, plan.group_name, backend=plan.backend,
                           timeout_s=plan.timeout_seconds, store=store, device=self.device,
@@ -229,14 +232,15 @@ class WorkerDaemon:
         loop = self._loop
         return lambda **kind: loop.call_soon_threadsafe(lambda: self._send(**kind))
 
-    async def _upload(self, job_id: str, frames) -> None:
+    async def _upload(self, job_id: str, rendered) -> None:
         """Streams decoded RGB24 frames [N, H, W, 3] to the coordinator."""
-        n, h, w, _ = frames.shape
-        data = frames.tobytes()
+        n, h, w, _ = rendered.frames.shape
+        data = rendered.frames.tobytes()
 
         async def chunks():
-            yield pb.FrameChunk(header=pb.FrameHeader(job_id=job_id, worker_id=self.worker_id, first_frame=0,
-                                                      num_frames=n, height=h, width=w))
+            yield pb.FrameChunk(header=pb.FrameHeader(job_id=job_id, worker_id=self.worker_id,
+                                                      first_frame=rendered.first_frame, num_frames=n,
+                                                      height=h, width=w))
             for offset in range(0, len(data), UPLOAD_CHUNK):
                 yield pb.FrameChunk(data=data[offset:offset + UPLOAD_CHUNK])
 
@@ -263,6 +267,6 @@ def main(args) -> None:
     import uvloop
 
     daemon = WorkerDaemon(args.coordinator, args.model, args.device, args.advertise_host, args.name,
-                          args.threads, args.token)
+                          args.threads, args.token, args.speed)
 
     uvloop.run(daemon.run())

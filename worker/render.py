@@ -9,6 +9,7 @@ WanPipeline's (two transformer calls for CFG, UniPC step), which the equivalence
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,26 @@ from clipmesh.worker.strategies import get_strategy
 
 class Cancelled(Exception):
     """The job was cancelled; every rank raises it at the same step boundary."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one rank reports after each step (becomes a StepProgress event)."""
+
+    step: int                 # 1-based steps finished
+    total: int
+    seconds: float            # wall time of the step
+    bytes_sent: int = 0       # data-plane traffic of the step
+    bytes_received: int = 0
+    comm_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RenderedFrames:
+    """Decoded frames of the video starting at global frame `first_frame`."""
+
+    first_frame: int
+    frames: np.ndarray        # uint8 [N, H, W, 3]
 
 
 def plan_clips(plan) -> list[tuple[int, int]]:
@@ -36,10 +57,10 @@ def plan_clips(plan) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def denoise(model, plan, rank: int, mesh, on_step: Callable[[int, int, float], None] | None = None,
-            should_stop: Callable[[], bool] | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Run this rank's clip through steps [plan.start_step, steps); return the whole video's
-    latents [1, C, num_latent_frames, h, w] (gathered, identical on every rank).
+def denoise_clip(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Run this rank's clip through steps [plan.start_step, steps); return its latents
+    [1, C, clip frames, h, w].
 
     `latents`: this rank's clip to resume from at start_step (default: the initial noise).
     """
@@ -70,16 +91,27 @@ def denoise(model, plan, rank: int, mesh, on_step: Callable[[int, int, float], N
             # the schedulers we use are elementwise over the latents, so stepping each clip alone is exact
             latents = model.step(scheduler, pred, t, latents)
             if on_step:
-                on_step(i + 1, len(timesteps), time.perf_counter() - began)
+                on_step(StepReport(i + 1, len(timesteps), time.perf_counter() - began))
 
-    return mesh.all_gather_uneven(latents, [e - s for s, e in clips], dim=2)
+    return latents
 
 
-def render(model, plan, rank: int, mesh, on_step: Callable[[int, int, float], None],
-           should_stop: Callable[[], bool]) -> np.ndarray | None:
-    """Denoise this rank's clip; the decode rank returns the video as uint8 [N, H, W, 3], others None."""
-    full = denoise(model, plan, rank, mesh, on_step, should_stop)
-    if rank != plan.decode_rank:
-        return None
+def denoise(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """denoise_clip, then the whole video's latents [1, C, num_latent_frames, h, w] on every rank."""
+    local = denoise_clip(model, plan, rank, mesh, on_step, should_stop, latents)
+    return mesh.all_gather_uneven(local, [c.end - c.start for c in plan.clips], dim=2)
+
+
+def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None],
+           should_stop: Callable[[], bool]) -> RenderedFrames | None:
+    """Denoise this rank's clip and decode what this rank uploads (None: nothing).
+
+    A frame-wise VAE (UNet3D family) decodes each clip exactly on its own rank, in parallel;
+    a causal video VAE (Wan) needs the whole video, so the decode rank decodes it all."""
+    local = denoise_clip(model, plan, rank, mesh, on_step, should_stop)
     with torch.no_grad():
-        return model.decode(full)
+        if model.decodes_per_frame:
+            return RenderedFrames(first_frame=plan.clips[rank].start, frames=model.decode(local))
+        full = mesh.all_gather_uneven(local, [c.end - c.start for c in plan.clips], dim=2)
+        return RenderedFrames(first_frame=0, frames=model.decode(full)) if rank == plan.decode_rank else None

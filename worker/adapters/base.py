@@ -19,6 +19,7 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 class ModelAdapter:
     family = ""
     pipeline_class = ""  # model_index.json `_class_name` this adapter loads
+    decodes_per_frame = False  # True: the VAE decodes frame by frame, so each rank decodes its own clip
 
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)

@@ -1,0 +1,58 @@
+"""The planner's decisions as pure functions: strategy choice, option precedence, clip sizes."""
+
+import pytest
+
+from clipmesh.coordinator.planner import CLIP_PARALLEL_DEFAULTS, choose_strategy, make_plan, resolve_clip_parallel
+from clipmesh.plan import split_clips, split_clips_weighted
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+WAN = pb.ModelInfo(name="tiny-wan", family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
+                   max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=21)
+
+
+def request(**kw) -> pb.SubmitJobRequest:
+    return pb.SubmitJobRequest(**{"prompt": "p", "num_frames": 17, "height": 32, "width": 32,
+                                  "num_inference_steps": 2, "fps": 8, **kw})
+
+
+def test_strategy_defaults_to_clip_parallel_only_beyond_native_length():
+    assert choose_strategy(request(num_frames=81), WAN) == "exact"          # 21 latent = native
+    assert choose_strategy(request(num_frames=85), WAN) == "clip_parallel"  # 22 latent
+    assert choose_strategy(request(num_frames=85, strategy="exact"), WAN) == "exact"
+    exact_only = pb.ModelInfo(); exact_only.CopyFrom(WAN); del exact_only.strategies[1]
+    assert choose_strategy(request(num_frames=257), exact_only) == "exact"
+
+
+def test_options_precedence_request_over_model_over_family():
+    model = pb.ModelInfo(); model.CopyFrom(WAN)
+    model.clip_parallel_defaults.local_halo = 6
+    opts = resolve_clip_parallel(request(clip_parallel=pb.ClipParallelOptions(global_frames=0)), model)
+    assert (opts.local_halo, opts.global_frames) == (6, 0)  # G=0 given explicitly is kept, not defaulted
+    assert opts.phase_switch_t == CLIP_PARALLEL_DEFAULTS["wan"]["phase_switch_t"]
+    assert all(opts.HasField(f) for f in ("local_halo", "global_frames", "phase_switch_t", "phase_bias",
+                                          "entropy_scaling"))
+
+
+@pytest.mark.parametrize("latent,speeds", [(10, [1, 3]), (33, [2, 1, 1]), (7, [5, 1, 1]), (64, [1, 1, 1, 4])])
+def test_weighted_clips_tile_the_video_and_follow_speed(latent, speeds):
+    clips = split_clips_weighted(latent, speeds)
+    assert clips[0][0] == 0 and clips[-1][1] == latent
+    assert all(a[1] == b[0] for a, b in zip(clips, clips[1:]))
+    lengths = [e - s for s, e in clips]
+    for length, speed in zip(lengths, speeds):
+        assert abs(length - latent * speed / sum(speeds)) <= 1.0 + 1e-9
+
+
+def test_weighted_clips_respect_the_halo_and_equal_speeds_split_evenly():
+    assert split_clips_weighted(10, [1, 100], min_len=3) == [(0, 3), (3, 10)]
+    assert split_clips_weighted(9, [1, 1, 1, 1], min_len=8) == split_clips(9, 4)  # cannot honour 8: even split
+    assert split_clips_weighted(13, [2.0, 2.0]) == split_clips(13, 2)
+
+
+def test_make_plan_sizes_clips_by_worker_speed():
+    job = pb.Job(id="j1", request=request(num_frames=129, strategy="clip_parallel"))  # 33 latent frames
+    members = [pb.WorkerInfo(id="a", speed=100.0), pb.WorkerInfo(id="b", speed=300.0)]
+    plan = make_plan(job, members, WAN, timeout_seconds=30)
+    assert [(c.start, c.end) for c in plan.clips] == [(0, 10), (10, 33)]  # share 8.25, lifted to the halo
+    assert plan.strategy == "clip_parallel" and plan.clip_parallel.local_halo == 10
+    assert plan.group_name == "clipmesh-j1" and plan.num_latent_frames == 33 and plan.world_size == 2
