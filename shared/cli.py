@@ -22,15 +22,27 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     p.add_argument("--guidance", type=float, default=d["guidance_scale"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--model", default=d["model"], help="preset (tiny-wan, bench-wan) or a local diffusers folder")
-    p.add_argument("--strategy", default=d["strategy"], help="exact (default: the planner chooses)")
+    p.add_argument("--strategy", default=d["strategy"],
+                   help="exact or clip_parallel (default: clip_parallel beyond the model's native length)")
     p.add_argument(workers_flag, dest="workers", type=int, default=2 if workers_flag == "--workers" else 0)
     p.add_argument("--fps", type=float, default=d["fps"])
+    g = p.add_argument_group("clip_parallel (dual-scope attention; unset: the model's defaults)")
+    g.add_argument("--local-halo", type=int, help="P: latent frames seen on each side of a frame")
+    g.add_argument("--global-frames", type=int, help="G: frames spread over the video that every frame sees")
+    g.add_argument("--phase-switch-t", type=float, help="timestep at which attention turns from global to local")
+    g.add_argument("--phase-bias", type=float, help="logit bias of the active phase (10 ~ hard switch)")
+    g.add_argument("--entropy-scaling", action="store_true", default=None, help="scale logits by visible keys")
 
 
 def _request_fields(args) -> dict:
+    from clipmesh.v1 import clipmesh_pb2 as pb
+
+    options = {name: getattr(args, name) for name in ("local_halo", "global_frames", "phase_switch_t", "phase_bias",
+                                                       "entropy_scaling") if getattr(args, name) is not None}
     return dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, model=args.model,
-                strategy=args.strategy, num_workers=args.workers, fps=args.fps)
+                strategy=args.strategy, num_workers=args.workers, fps=args.fps,
+                clip_parallel=pb.ClipParallelOptions(**options))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,8 +20,10 @@ def describe(event: pb.JobEvent) -> str:
         return f"job {event.job_id}: {STATE_NAMES[event.state.state]}{detail}"
     if kind == "step":
         s = event.step
+        comm = (f", comm {s.comm_seconds:.2f}s {(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB"
+                if s.bytes_sent or s.bytes_received else "")
         return (f"[rank {s.rank} {s.worker_id}] step {s.step}/{s.total_steps} "
-                f"latent [{s.latent_start},{s.latent_end}) {s.seconds:.2f}s")
+                f"latent [{s.latent_start},{s.latent_end}) {s.seconds:.2f}s{comm}")
     if kind == "frames":
         f = event.frames
         return f"frames {f.first_frame}..{f.first_frame + f.num_frames - 1} received from {f.worker_id}"
