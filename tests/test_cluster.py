@@ -147,3 +147,15 @@ def test_silent_worker_is_marked_lost_then_reattaches(cluster):
         finally:
             proc.send_signal(signal.SIGCONT)
         cluster.wait_idle(client, {name}, timeout=60)
+
+
+@pytest.mark.parametrize("strategy", ["exact"])
+def test_video_is_identical_for_1_2_3_workers(cluster, strategy):
+    """Noise is a function of (seed, frame index) and the strategy is exact, so the split
+    must not change a single pixel."""
+    with cluster.client() as client:
+        cluster.wait_idle(client, WORKERS)
+        jobs = [run_job(client, "same video", num_workers=n, seed=7, strategy=strategy) for n in (1, 2, 3)]
+        assert [j.state for j in jobs] == [pb.SUCCEEDED] * 3, [j.error for j in jobs]
+        assert [len(j.worker_ids) for j in jobs] == [1, 2, 3]
+        assert len({j.video_sha256 for j in jobs}) == 1
