@@ -14,6 +14,8 @@ import logging
 import os
 import socket
 import struct
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -55,6 +57,22 @@ def _interface_for(ip: str) -> str | None:
     return None
 
 
+@dataclass
+class CommStats:
+    """Data-plane traffic of one rank. Bytes are *logical*: the payload this rank delivered to
+    (or got from) its peers, without the padding all_gather_uneven adds and without transport
+    overhead; an all-gather counts its own share once per peer as sent and the other ranks'
+    shares as received. Seconds are host wall time inside Mesh calls (on CUDA, where NCCL
+    calls return once enqueued, that is the time to enqueue and wait, not the transfer)."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class Mesh:
     """A job's process group: rank, world size, device, and the few collectives clipmesh needs."""
 
@@ -62,6 +80,17 @@ class Mesh:
         self.group, self.rank, self.world_size, self.device = group, rank, world_size, device
         self._store = store  # rank 0's master store must outlive the group
         self._open = True
+        self.stats = CommStats()
+
+    def take_stats(self) -> tuple[int, int, float]:
+        """(bytes_sent, bytes_received, seconds) of every Mesh call since the last take_stats; resets."""
+        s, self.stats = self.stats, CommStats()
+        return s.bytes_sent, s.bytes_received, s.seconds
+
+    def _count(self, sent: int, received: int, began: float) -> None:
+        self.stats.bytes_sent += sent
+        self.stats.bytes_received += received
+        self.stats.seconds += time.perf_counter() - began
 
     @classmethod
     def open(cls, host: str, port: int, rank: int, world_size: int, group_name: str, backend: str = "",
@@ -100,6 +129,9 @@ class Mesh:
         """
         if tensor.shape[dim] != sizes[self.rank]:
             raise ValueError(f"rank {self.rank}: size {tensor.shape[dim]} along dim {dim}, plan says {sizes[self.rank]}")
+        began = time.perf_counter()
+        # bytes of one entry along dim (from the shape: right even where this rank has none)
+        per_entry = tensor.element_size() * torch.Size(n for i, n in enumerate(tensor.shape) if i != dim % tensor.dim()).numel()
         longest = max(sizes)
         if tensor.shape[dim] < longest:
             pad_shape = list(tensor.shape)
@@ -108,14 +140,91 @@ class Mesh:
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor, group=self.group)
-        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+        out = torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+        mine = sizes[self.rank]
+        self._count(mine * per_entry * (self.world_size - 1), (sum(sizes) - mine) * per_entry, began)
+        return out
 
     def any(self, flag: bool) -> bool:
         """True on every rank if any rank says True: all ranks stop at the same step boundary,
         so no rank is left waiting in a collective its peers will never enter."""
+        began = time.perf_counter()
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        out = bool(t.item())
+        self._count(4 * (self.world_size - 1), 4 * (self.world_size - 1), began)
+        return out
+
+    def exchange_halos(self, tensor: torch.Tensor, dim: int, left: int, right: int,
+                       sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(from_left, from_right): the `left` entries along `dim` just before this rank's part
+        of the whole (concatenated in rank order) and the `right` entries just after it.
+
+        Fewer come back where the whole ends: rank 0 gets an empty from_left (0 entries along
+        `dim`), the last rank an empty from_right. A neighbour holding fewer entries than asked
+        is not an error: the rest comes from the ranks beyond it (every rank knows every
+        rank's size, so each computes what each peer needs from it). All ranks must pass the
+        same `left`, `right` and `sizes`; `sizes` (every rank's size along `dim`) saves one
+        small all-gather that learns them.
+
+        One batch of non-blocking P2P sends/receives, at most one message per ordered pair of
+        ranks: nothing waits on a peer's order of calls, so it cannot deadlock (gloo or NCCL).
+        """
+        if left < 0 or right < 0:
+            raise ValueError(f"halo sizes must be >= 0, got left={left} right={right}")
+        if sizes is None:
+            sizes = self._gather_sizes(tensor.shape[dim])
+        if len(sizes) != self.world_size or tensor.shape[dim] != sizes[self.rank]:
+            raise ValueError(f"rank {self.rank}: size {tensor.shape[dim]} along dim {dim}, sizes {sizes}")
+        began = time.perf_counter()
+        starts = [sum(sizes[:r]) for r in range(self.world_size)]
+        total = sum(sizes)
+
+        def wanted(r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+            # the global ranges rank r asks for: before its part, after its part
+            lo, hi = starts[r], starts[r] + sizes[r]
+            return (max(0, lo - left), lo), (hi, min(total, hi + right))
+
+        def overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+            return max(a[0], b[0]), min(a[1], b[1])
+
+        mine = (starts[self.rank], starts[self.rank] + sizes[self.rank])
+        before, after = wanted(self.rank)
+        ops, sent, incoming = [], 0, {"left": [], "right": []}
+        # peers nearest first; the order within a batch does not matter for correctness
+        for peer in sorted((p for p in range(self.world_size) if p != self.rank), key=lambda p: abs(p - self.rank)):
+            theirs = (starts[peer], starts[peer] + sizes[peer])
+            for want in wanted(peer):  # what `peer` needs from me
+                lo, hi = overlap(want, mine)
+                if hi > lo:
+                    part = tensor.narrow(dim, lo - mine[0], hi - lo).contiguous()
+                    ops.append(dist.P2POp(dist.isend, part, peer, group=self.group))
+                    sent += _nbytes(part)
+            for side, want in (("left", before), ("right", after)):  # what I need from `peer`
+                lo, hi = overlap(want, theirs)
+                if hi > lo:
+                    shape = list(tensor.shape)
+                    shape[dim] = hi - lo
+                    buf = tensor.new_empty(shape)
+                    ops.append(dist.P2POp(dist.irecv, buf, peer, group=self.group))
+                    incoming[side].append((lo, buf))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        halos = []
+        for side in ("left", "right"):
+            parts = [buf for _, buf in sorted(incoming[side], key=lambda item: item[0])]
+            halos.append(torch.cat(parts, dim=dim) if parts else tensor.narrow(dim, 0, 0))
+        self._count(sent, sum(_nbytes(h) for h in halos), began)
+        return halos[0], halos[1]
+
+    def _gather_sizes(self, size: int) -> list[int]:
+        began = time.perf_counter()
+        mine = torch.tensor([size], dtype=torch.int64, device=self.device)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        self._count(8 * (self.world_size - 1), 8 * (self.world_size - 1), began)
+        return [int(p.item()) for p in parts]
 
     def close(self) -> None:
         """Tear the group down; safe to call twice or after a peer died. Never raises."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from clipmesh.worker.strategies.base import Strategy
+from clipmesh.worker.strategies.clip_parallel import ClipParallelStrategy
 from clipmesh.worker.strategies.exact import ExactStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"exact": ExactStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {"exact": ExactStrategy, "clip_parallel": ClipParallelStrategy}
 
 
 def get_strategy(name: str) -> Strategy:

@@ -1,0 +1,403 @@
+"""The oracle for `clip_parallel` (Video-Infinity dual-scope attention) on Wan.
+
+1. DualScope.attend on N real gloo ranks (uneven splits, clips shorter than the halo, both
+   phases, G=0 and G>=F, entropy on/off, chunked, a rekey) equals a dense masked reference
+   written here: the full score matrix of every query token over all F frames' tokens plus
+   the G global frames' tokens, window+global mask, phase bias, one softmax.
+2. tiny-wan end to end: one worker equals the whole model run with that dense reference as its
+   self-attention (for every global RoPE policy), and 2 and 3 workers (uneven, one clip shorter
+   than the halo) equal one worker; the 3 steps straddle the phase switch (t = 999, 857 | 600).
+3. Mesh.exchange_halos (multi-hop, sizes learned or given) and take_stats byte counts.
+4. global_frame_indices: count, order, range, uniform spread, independence of the split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import traceback
+from unittest import mock
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clipmesh.plan import global_frame_indices, num_latent_frames
+from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.worker.noise import initial_noise
+
+TOL = 1e-5
+NATIVE = 4  # native frames for entropy scaling in the core cases (any value > 1/S works)
+
+
+def make_plan(clips, halo, num_global, switch=800.0, bias=10.0, entropy=False, request=None, name="cp"):
+    opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, phase_switch_t=switch,
+                                  phase_bias=bias, entropy_scaling=entropy)
+    return pb.RenderPlan(request=request, strategy="clip_parallel", world_size=len(clips),
+                         num_latent_frames=clips[-1][1], clips=[pb.ClipRange(start=s, end=e) for s, e in clips],
+                         start_step=0, decode_rank=0, group_name=f"{name}-{len(clips)}", timeout_seconds=60,
+                         clip_parallel=opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the dense reference
+# ---------------------------------------------------------------------------------------------
+
+def dense_dual_scope(q, k, v, halo, gidx, t, switch, bias, entropy, native_frames, gk_per_query=None):
+    """q, k, v [B, F, S, H, D] of the whole video -> [B, F, S, H, D], in float64.
+
+    gk_per_query [B, F, G, S, H, D]: the global keys each query frame sees (default: k[:, gidx])."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, f, s, h, d = q.shape
+    g = len(gidx)
+    gk = k[:, gidx].unsqueeze(1).expand(b, f, g, s, h, d) if gk_per_query is None else gk_per_query.double()
+    gv = v[:, gidx]                                                                # [B, G, S, H, D]
+    local = torch.einsum("bfshd,bjthd->bhfsjt", q, k).reshape(b, h, f, s, f * s)
+    glob = torch.einsum("bfshd,bfgthd->bhfsgt", q, gk).reshape(b, h, f, s, g * s)
+    frame = torch.arange(f)
+    in_window = ((frame[:, None] - frame[None, :]).abs() <= halo)                  # [F, F]; only real frames exist
+    visible = (in_window.sum(1) + g) * s                                           # tokens each query sees
+    scale = torch.full((f,), 1 / math.sqrt(d), dtype=torch.float64)
+    if entropy:
+        scale = scale * torch.log(visible.double()) / math.log(native_frames * s)
+    local_bias, global_bias = (0.0, bias) if t >= switch else (bias, 0.0)
+    local = local * scale.view(1, 1, f, 1, 1) + local_bias
+    local = local.masked_fill(~in_window.repeat_interleave(s, 1).view(1, 1, f, 1, f * s), float("-inf"))
+    glob = glob * scale.view(1, 1, f, 1, 1) + global_bias
+    p = torch.softmax(torch.cat([local, glob], dim=-1), dim=-1)                    # one softmax
+    values = torch.cat([v.reshape(b, f * s, h, d), gv.reshape(b, g * s, h, d)], dim=1)
+    return torch.einsum("bhfsk,bkhd->bfshd", p, values)
+
+
+def synthetic_rekey(gk, frames, gidx):
+    """A rekey whose result depends on the query frame and the global frame (checks the core passes both)."""
+    scale = 1 + 0.1 * frames.to(gk.dtype).view(1, -1, 1, 1, 1, 1)
+    return gk.unsqueeze(1) * scale + 0.01 * gidx.to(gk.dtype).view(1, 1, -1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 + 3: the core and the mesh on real ranks
+# ---------------------------------------------------------------------------------------------
+
+F_CORE, B, S, H, D = 7, 2, 3, 2, 8
+SPLITS = {
+    1: [[(0, 7)]],
+    2: [[(0, 2), (2, 7)], [(0, 4), (4, 7)]],
+    3: [[(0, 1), (1, 5), (5, 7)], [(0, 3), (3, 4), (4, 7)]],  # first clip < P; a middle clip < P (multi-hop)
+}
+# (halo, G, t, entropy, chunk_frames, rekey); phase switch 800
+CONFIGS = [
+    (2, 3, 900.0, False, None, False),   # global phase
+    (2, 3, 500.0, False, None, False),   # local phase
+    (3, 0, 500.0, False, 1, False),      # no global frames
+    (1, 10, 900.0, True, None, False),   # G >= F, entropy
+    (2, 3, 500.0, True, 2, True),        # entropy, chunked, per-query global keys
+    (10, 2, 900.0, False, None, False),  # window wider than the video
+]
+HALO_CASES = [(1, 1), (2, 3), (5, 5), (0, 2)]
+
+
+def core_inputs(seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, F_CORE, S, H, D, generator=gen) for _ in range(3)]
+
+
+def _open_mesh(rank, world_size, name, port_q):
+    from clipmesh.worker.mesh import Mesh, host_store
+    store = None
+    if rank == 0:
+        store, port = host_store("127.0.0.1", timeout_s=60)
+        for _ in range(world_size - 1):
+            port_q.put(port)
+    else:
+        port = port_q.get(timeout=60)
+    return Mesh.open("127.0.0.1", port, rank, world_size, name, timeout_s=60, store=store)
+
+
+def _core_rank(rank, world_size, port_q, result_q):
+    torch.set_num_threads(1)
+    try:
+        from clipmesh.worker.strategies.dual_scope import DualScope
+        q, k, v = core_inputs()
+        out = {"attend": {}, "halo": {}, "stats": {}}
+        with _open_mesh(rank, world_size, f"core-{world_size}", port_q) as mesh:
+            for si, clips in enumerate(SPLITS[world_size]):
+                start, end = clips[rank]
+                sizes = [e - s for s, e in clips]
+                for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
+                    core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy), rank, native_frames=NATIVE,
+                                     chunk_frames=chunk)
+                    core.set_timestep(t)
+                    res = core.attend(q[:, start:end], k[:, start:end], v[:, start:end],
+                                      rekey=synthetic_rekey if rekey else None)
+                    out["attend"][(si, ci)] = res.numpy()
+                # halos of a tensor whose entries are their global frame index
+                x = torch.arange(start, end, dtype=torch.float32).view(1, -1, 1).expand(2, -1, 3).contiguous()
+                for left, right in HALO_CASES:
+                    mesh.take_stats()
+                    got = mesh.exchange_halos(x, 1, left, right, sizes=sizes)
+                    stats = mesh.take_stats()
+                    learned = mesh.exchange_halos(x, 1, left, right)  # sizes learned by a small all-gather
+                    out["halo"][(si, left, right)] = ([h[0, :, 0].tolist() for h in got],
+                                                      [h[0, :, 0].tolist() for h in learned], stats)
+                mesh.take_stats()
+                mesh.all_gather_uneven(x, sizes, dim=1)
+                out["stats"][si] = mesh.take_stats()
+        result_q.put((rank, "ok", out))
+    except BaseException:
+        result_q.put((rank, traceback.format_exc(), None))
+
+
+def _spawn(target, world_size, *args, timeout=150):
+    ctx = mp.get_context("spawn")
+    port_q, result_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world_size, *args, port_q, result_q), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, status, payload = result_q.get(timeout=timeout)
+            assert status == "ok", f"rank {rank} failed:\n{status}"
+            results[rank] = payload
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"N{n}")
+def core_results(request):
+    return request.param, _spawn(_core_rank, request.param)
+
+
+def test_dual_scope_matches_dense_reference(core_results):
+    world_size, results = core_results
+    q, k, v = core_inputs()
+    for si, clips in enumerate(SPLITS[world_size]):
+        for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
+            gidx = global_frame_indices(F_CORE, g)
+            gk = synthetic_rekey(k[:, gidx], torch.arange(F_CORE), torch.tensor(gidx, dtype=torch.long)) if rekey else None
+            want = dense_dual_scope(q, k, v, halo, gidx, t, 800.0, 10.0, entropy, NATIVE, gk)
+            got = torch.cat([torch.from_numpy(results[r]["attend"][(si, ci)]) for r in range(world_size)], dim=1)
+            diff = (got.double() - want).abs().max().item()
+            assert diff <= TOL, f"clips={clips} config={CONFIGS[ci]}: max|diff| {diff:.2e}"
+    # the phase bias is not a no-op: the two phases of the same config differ
+    a, b_ = (torch.from_numpy(results[0]["attend"][(0, ci)]) for ci in (0, 1))
+    assert (a - b_).abs().max() > 1e-2
+
+
+def test_exchange_halos_and_stats(core_results):
+    world_size, results = core_results
+    frame_bytes = 2 * 3 * 4  # x is [2, F_local, 3] float32
+    for si, clips in enumerate(SPLITS[world_size]):
+        total = clips[-1][1]
+        for left, right in HALO_CASES:
+            sent_total = 0
+            for rank, (start, end) in enumerate(clips):
+                got, learned, (sent, received, seconds) = results[rank]["halo"][(si, left, right)]
+                want = [list(map(float, range(max(0, start - left), start))),
+                        list(map(float, range(end, min(total, end + right))))]
+                assert got == want and learned == want, f"clips={clips} rank={rank} halo=({left},{right})"
+                assert received == frame_bytes * (len(want[0]) + len(want[1])) and seconds >= 0
+                # what this rank sends: its frames inside every other rank's wanted ranges
+                mine = set(range(start, end))
+                expect_sent = sum(len(mine & (set(range(max(0, s - left), s)) | set(range(e, min(total, e + right)))))
+                                  for r, (s, e) in enumerate(clips) if r != rank)
+                assert sent == frame_bytes * expect_sent
+                sent_total += sent
+            assert sent_total == sum(frame_bytes * (len(range(max(0, s - left), s)) + len(range(e, min(total, e + right))))
+                                     for s, e in clips)  # every byte received was sent once
+        for rank, (start, end) in enumerate(clips):
+            sent, received, _ = results[rank]["stats"][si]
+            assert sent == frame_bytes * (end - start) * (world_size - 1)
+            assert received == frame_bytes * (total - (end - start))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2: tiny-wan end to end
+# ---------------------------------------------------------------------------------------------
+
+FRAMES, SIDE, STEPS, GUIDANCE, SEED = 33, 64, 3, 5.0, 99
+LATENT = num_latent_frames(FRAMES, 4)  # 9
+HALO, GLOBAL, SWITCH, BIAS = 2, 3, 800.0, 10.0  # timesteps 999, 857 (global phase) | 600 (local)
+E2E_SPLITS = {1: [(0, 9)], 2: [(0, 6), (6, 9)], 3: [(0, 4), (4, 5), (5, 9)]}
+
+
+def e2e_plan(world_size):
+    req = pb.SubmitJobRequest(prompt="a paper boat on a river", negative_prompt="blurry", num_frames=FRAMES,
+                              height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
+                              model="tiny-wan", strategy="clip_parallel", num_workers=world_size)
+    return make_plan(E2E_SPLITS[world_size], HALO, GLOBAL, SWITCH, BIAS, entropy=False, request=req, name="cpe2e")
+
+
+def _rope(x, cos, sin):
+    """Wan's interleaved-pair RoPE written as a complex product (independent of the strategy's code)."""
+    xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * torch.complex(cos[..., 0::2].double(), sin[..., 0::2].double())).flatten(-2)
+
+
+def reference_positions(policy, f, g, halo):
+    fr, gl = torch.arange(f)[:, None], torch.tensor(g)[None, :]
+    return {"true": gl.expand(f, -1), "clamp": gl.clamp(min=fr - halo, max=fr + halo),
+            "query": fr.expand(-1, len(g))}[policy]
+
+
+class DenseWanAttention:
+    """attn1 of the whole (single-process) video with the dense dual-scope reference."""
+
+    def __init__(self, policy, state):
+        self.policy, self.state = policy, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+        cos, sin = rotary_emb                                               # [1, F*S, 1, D], positions 0..F-1
+        f = LATENT
+        s = q.shape[1] // f
+        gidx = global_frame_indices(f, GLOBAL)
+        pos = reference_positions(self.policy, f, gidx, HALO)               # [F, G]
+        cos_f, sin_f = cos.view(f, s, -1), sin.view(f, s, -1)
+        k_raw = k.unflatten(1, (f, s))[:, gidx]                             # [B, G, S, H, D] before RoPE
+        gk = _rope(k_raw.unsqueeze(1), cos_f[pos][None, :, :, :, None], sin_f[pos][None, :, :, :, None])
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        out = dense_dual_scope(*(t.unflatten(1, (f, s)) for t in (q, k, v)), HALO, gidx, self.state["t"], SWITCH,
+                               BIAS, False, 21, gk)
+        out = out.flatten(1, 2).flatten(2, 3).to(hidden_states.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from clipmesh.presets import model_folder
+    return model_folder("tiny-wan")
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    from clipmesh.worker.adapters import load_adapter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_adapter(folder, "cpu", torch.float32)
+    torch.set_num_threads(threads)
+
+
+def _dense_run(model, policy):
+    req = e2e_plan(1).request
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
+    noise = initial_noise(SEED, 0, LATENT, 16, SIDE // 8, SIDE // 8)
+    state = {"t": None}
+    transformer = model.denoiser
+    hook = transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: state.update(t=float(kwargs["timestep"][0])), with_kwargs=True)
+    attns = model.self_attentions()
+    stock = [a.processor for a in attns]
+    try:
+        for a in attns:
+            a.set_processor(DenseWanAttention(policy, state))
+        return model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
+                          num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                          output_type="latent").frames
+    finally:
+        hook.remove()
+        for a, p in zip(attns, stock):
+            a.set_processor(p)
+
+
+def _one_worker(model, policy):
+    from clipmesh.worker.mesh import Mesh, host_store
+    from clipmesh.worker.render import denoise
+    from clipmesh.worker.strategies import clip_parallel
+    store, port = host_store("127.0.0.1", timeout_s=30)
+    with mock.patch.object(clip_parallel, "GLOBAL_ROPE_POLICY", policy), \
+            Mesh.open("127.0.0.1", port, 0, 1, f"cp1-{policy}", timeout_s=30, store=store) as mesh:
+        return denoise(model, e2e_plan(1), 0, mesh)
+
+
+@pytest.fixture(scope="module")
+def one_worker(model):
+    from clipmesh.worker.strategies.clip_parallel import GLOBAL_ROPE_POLICY
+    return _one_worker(model, GLOBAL_ROPE_POLICY)
+
+
+@pytest.mark.parametrize("policy", ["true", "clamp", "query"])
+def test_one_worker_equals_dense_reference(model, policy, one_worker):
+    from clipmesh.worker.strategies.clip_parallel import GLOBAL_ROPE_POLICY
+    got = one_worker if policy == GLOBAL_ROPE_POLICY else _one_worker(model, policy)
+    want = _dense_run(model, policy)
+    diff = (got - want).abs().max().item()
+    print(f"policy={policy} 1 worker vs dense reference: max|diff|={diff:.3e}")
+    assert diff <= TOL
+    assert [a.processor.__class__.__name__ for a in model.self_attentions()] == ["WanAttnProcessor"] * 2
+    assert not model.denoiser.rope._forward_hooks
+
+
+def _e2e_rank(rank, world_size, folder, port_q, result_q):
+    torch.set_num_threads(1)
+    try:
+        from clipmesh.worker.adapters import load_adapter
+        from clipmesh.worker.render import denoise
+        model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(world_size)
+        with _open_mesh(rank, world_size, plan.group_name, port_q) as mesh:
+            latents = denoise(model, plan, rank, mesh)
+        result_q.put((rank, "ok", latents.numpy()))
+    except BaseException:
+        result_q.put((rank, traceback.format_exc(), None))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_workers_equal_one_worker(world_size, folder, one_worker):
+    results = _spawn(_e2e_rank, world_size, str(folder))
+    for rank, latents in sorted(results.items()):
+        diff = (torch.from_numpy(latents) - one_worker).abs().max().item()
+        print(f"world_size={world_size} clips={E2E_SPLITS[world_size]} rank={rank} max|diff|={diff:.3e}")
+        assert diff <= TOL
+
+
+def test_clip_parallel_is_not_exact(model, one_worker):
+    """Sanity: with a window narrower than the video the result differs from full attention."""
+    req = e2e_plan(1).request
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
+    full = model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond,
+                      latents=initial_noise(SEED, 0, LATENT, 16, SIDE // 8, SIDE // 8), height=SIDE, width=SIDE,
+                      num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent").frames
+    assert (full - one_worker).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: global frame indices
+# ---------------------------------------------------------------------------------------------
+
+def test_global_frame_indices_properties():
+    from clipmesh.plan import split_clips
+    from clipmesh.worker.strategies.dual_scope import DualScope
+    for f in range(1, 130):
+        for g in list(range(0, min(f, 40) + 3)) + [f - 1, f, f + 1, 3 * f]:
+            if g < 0:
+                continue
+            idx = global_frame_indices(f, g)
+            assert len(idx) == min(g, f)
+            assert idx == sorted(set(idx)) and all(0 <= i < f for i in idx)
+            gaps = [b - a for a, b in zip(idx, idx[1:])]
+            assert not gaps or max(gaps) - min(gaps) <= 1, (f, g, idx)
+            if idx:  # centred: the margins before the first and after the last differ by at most one gap
+                assert abs(idx[0] - (f - 1 - idx[-1])) <= (max(gaps) if gaps else 1)
+    # what the ranks contribute, concatenated in rank order, is the same list for any split
+    for f, g in [(9, 3), (21, 16), (40, 16), (7, 10), (50, 0)]:
+        want = global_frame_indices(f, g)
+        for n in range(1, min(f, 6) + 1):
+            for clips in (split_clips(f, n), [(0, 1)] + [(a + 1, b + 1) for a, b in split_clips(f - 1, n - 1)] if n > 1 else []):
+                if not clips:
+                    continue
+                plan = make_plan(clips, 2, g)
+                cores = [DualScope(None, plan, r, native_frames=21) for r in range(n)]
+                got = [c.start + i for c in cores for i in c.owned_global]
+                assert got == want and [c.global_counts for c in cores] == [cores[0].global_counts] * n
+                assert sum(cores[0].global_counts) == len(want)

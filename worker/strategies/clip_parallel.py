@@ -1,0 +1,141 @@
+"""`clip_parallel`: Video-Infinity. Each rank denoises its clip; every module that mixes frames
+is replaced by dual-scope attention (strategies/dual_scope.py): a +-P frame window that crosses
+worker boundaries plus G global frames of the whole video, with a timestep-dependent phase bias.
+Unlike `exact` it is not the single-device model: it is how videos longer than the model's
+native length are made, at a cost per frame that does not grow with the video.
+
+Family dispatch: install() picks `_install_<family>`; each one only says which modules to patch
+and how their tokens map to [B, F_local, S, H, D]. The core is shared.
+
+Wan: every attn1 (3D self-attention over frame-major tokens, S = h*w patches per frame).
+Local tokens get RoPE at their true global frame positions (install_global_rope); halos arrive
+rotated by their owners. Where the global frames are presented in time is GLOBAL_ROPE_POLICY
+(measured in docs/clip-parallel-rope.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clipmesh.worker.adapters.wan import install_global_rope
+from clipmesh.worker.strategies.base import Strategy
+from clipmesh.worker.strategies.dual_scope import DualScope
+from clipmesh.worker.strategies.exact import _apply_rope
+
+# Frames a family's model attends over in training (entropy scaling's reference length).
+NATIVE_FRAMES = {"wan": 21, "unet3d": 16}
+
+# Temporal RoPE position at which query frame f sees global frame g (Wan):
+#   "true":  g, its real position (|g - f| may be far beyond anything seen in training);
+#   "clamp": clamp(g, f - P, f + P): inside f's window; globals beyond it sit at its edge, on their side;
+#   "query": f, the query's own time (like a temporal attention without positions).
+GLOBAL_ROPE_POLICIES = ("true", "clamp", "query")
+GLOBAL_ROPE_POLICY = "clamp"
+
+
+def presented_positions(policy: str, query_frames: torch.Tensor, global_frames: torch.Tensor, halo: int) -> torch.Tensor:
+    """[C, G] temporal positions of the global frames as each query frame sees them."""
+    f, g = query_frames[:, None], global_frames[None, :]
+    if policy == "true":
+        return g.expand(f.shape[0], -1)
+    if policy == "clamp":
+        return torch.minimum(torch.maximum(g, f - halo), f + halo)
+    if policy == "query":
+        return f.expand(-1, g.shape[1])
+    raise ValueError(f"unknown global RoPE policy {policy!r}; known: {', '.join(GLOBAL_ROPE_POLICIES)}")
+
+
+class WanGlobalRope:
+    """DualScope rekey for Wan: moves the global keys (rotated at their true positions by their
+    owners) to the policy's positions by one more temporal rotation, R(p - g) R(g) k = R(p) k.
+    Only the temporal channels turn; the spatial (h, w) rotation is per token and unchanged."""
+
+    def __init__(self, rope: torch.nn.Module, policy: str, halo: int):
+        if policy not in GLOBAL_ROPE_POLICIES:
+            raise ValueError(f"unknown global RoPE policy {policy!r}; known: {', '.join(GLOBAL_ROPE_POLICIES)}")
+        self.policy, self.halo, self.t_dim = policy, halo, rope.t_dim
+        # rows: integer offsets 0..max_seq_len-1, the module's own frequency table (same dtype)
+        self.cos_t, self.sin_t = rope.freqs_cos[:, :rope.t_dim], rope.freqs_sin[:, :rope.t_dim]
+
+    def __call__(self, gk: torch.Tensor, query_frames: torch.Tensor, global_frames: torch.Tensor) -> torch.Tensor:
+        delta = presented_positions(self.policy, query_frames, global_frames, self.halo) - global_frames[None, :]
+        cos = self.cos_t[delta.abs()]                                      # [C, G, t_dim]; cos is even
+        sin = self.sin_t[delta.abs()] * delta.sign()[..., None].to(self.sin_t.dtype)  # sin is odd
+        rest = gk.shape[-1] - self.t_dim
+        cos = torch.cat([cos, cos.new_ones(*cos.shape[:2], rest)], dim=-1)[None, :, :, None, None]
+        sin = torch.cat([sin, sin.new_zeros(*sin.shape[:2], rest)], dim=-1)[None, :, :, None, None]
+        x1, x2 = gk.unsqueeze(1).unflatten(-1, (-1, 2)).unbind(-1)         # [B, 1, G, S, H, D/2]
+        cos, sin = cos[..., 0::2], sin[..., 1::2]                           # Wan's interleaved pairs
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        return out.to(gk.dtype)                                             # [B, C, G, S, H, D]
+
+
+class WanDualScopeAttention:
+    """Attention processor for one Wan attn1: Q/K/V as WanAttnProcessor makes them, then dual scope."""
+
+    def __init__(self, core: DualScope, rekey):
+        self.core, self.rekey = core, rekey
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("WanDualScopeAttention is for self-attention without a mask (attn1)")
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, F_local*S, H, D]
+        if rotary_emb is not None:
+            q, k = _apply_rope(q, *rotary_emb), _apply_rope(k, *rotary_emb)
+        frames = self.core.end - self.core.start
+        if q.shape[1] % frames:
+            raise ValueError(f"{q.shape[1]} tokens are not {frames} frames of equal size")
+        # tokens are frame-major: [B, F*S, H, D] -> [B, F, S, H, D]
+        q, k, v = (t.unflatten(1, (frames, -1)) for t in (q, k, v))
+        out = self.core.attend(q, k, v, rekey=self.rekey)
+        out = out.flatten(1, 2).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class ClipParallelStrategy(Strategy):
+    name = "clip_parallel"
+
+    def __init__(self, rope_policy: str | None = None):
+        self.rope_policy = rope_policy or GLOBAL_ROPE_POLICY
+        self.core: DualScope | None = None
+        self._saved: list[tuple[torch.nn.Module, object]] = []
+        self._hooks: list = []
+
+    def install(self, model, mesh, plan, rank):
+        installer = getattr(self, f"_install_{model.family}", None)
+        if installer is None:
+            raise NotImplementedError(f"clip_parallel does not support the {model.family!r} family")
+        native = getattr(model, "native_latent_frames", None) or NATIVE_FRAMES[model.family]
+        self.core = DualScope(mesh, plan, rank, native_frames=native)
+        try:
+            installer(model, plan, rank)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def _install_wan(self, model, plan, rank):
+        if getattr(model.pipe, "transformer_2", None) is not None:
+            raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'clip_parallel' yet")
+        transformer = model.denoiser
+        self._hooks.append(install_global_rope(transformer, plan.clips[rank].start))
+        rekey = None if self.rope_policy == "true" else \
+            WanGlobalRope(transformer.rope, self.rope_policy, plan.clip_parallel.local_halo)
+        for attn in model.self_attentions():
+            self._saved.append((attn, attn.processor))
+            attn.set_processor(WanDualScopeAttention(self.core, rekey))
+
+    def begin_step(self, t: float) -> None:
+        self.core.set_timestep(t)
+
+    def remove(self):
+        for attn, stock in reversed(self._saved):
+            attn.set_processor(stock)
+        for handle in self._hooks:
+            handle.remove()
+        self._saved, self._hooks = [], []
