@@ -1,8 +1,10 @@
-"""Model presets (random-weight Wan models built offline) and model folders.
+"""Model presets (random-weight Wan and UNet3D models built offline) and model folders.
 
-Why presets: tests, demos and benchmarks need a real Wan *architecture* without a
-model hub or a GPU. A preset is built once per machine into a diffusers folder, so
-it is loaded exactly like Wan2.1-T2V-1.3B-Diffusers: `WanPipeline.from_pretrained`.
+Why presets: tests, demos and benchmarks need a real *architecture* without a model hub
+or a GPU. A preset is built once per machine into a diffusers folder, so it is loaded
+exactly like the real thing: a Wan preset like Wan2.1-T2V-1.3B-Diffusers
+(`WanPipeline.from_pretrained`), a UNet3D preset like zeroscope_v2_576w / ModelScope
+text-to-video-ms-1.7b (`TextToVideoSDPipeline.from_pretrained`).
 
 This module is imported by the coordinator, which has no torch: torch/diffusers
 are imported only inside `_build`.
@@ -42,6 +44,39 @@ def _umt5(d_model: int) -> dict:
                 feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
+# Scheduler of ModelScope text-to-video-ms-1.7b and zeroscope_v2 (their scheduler_config.json):
+# DDIM, epsilon prediction, no thresholding or clipping, so a step is elementwise over the latents.
+_UNET3D_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", thresholding=False,
+)
+UNET3D_VAE_SCALE = 8  # AutoencoderKL with 4 blocks: 3 spatial halvings, no temporal compression
+
+
+def _unet3d(channels: tuple[int, ...], groups: int, heads: int, text_dim: int) -> dict:
+    # UNet3DConditionModel's `attention_head_dim` is really the number of heads (a diffusers
+    # naming quirk); every block but the last is a cross-attention block, as in ModelScope.
+    n = len(channels)
+    return dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=list(channels),
+                down_block_types=["CrossAttnDownBlock3D"] * (n - 1) + ["DownBlock3D"],
+                up_block_types=["UpBlock3D"] + ["CrossAttnUpBlock3D"] * (n - 1),
+                layers_per_block=1, norm_num_groups=groups, cross_attention_dim=text_dim, attention_head_dim=heads)
+
+
+def _vae_kl(width: int) -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                block_out_channels=[width] * 4, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, sample_size=256, scaling_factor=0.18215)
+
+
+def _clip_text(hidden: int) -> dict:
+    # vocab: 256 byte symbols, the same with the end-of-word mark, then the two CLIP specials
+    # (ids 512, 513: last, as in real CLIP), see _clip_tokenizer.
+    return dict(vocab_size=514, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                pad_token_id=513, hidden_act="quick_gelu", projection_dim=hidden)
+
+
 PRESETS: dict[str, dict] = {
     # Seconds on CPU at 64x64: the CI / demo model.
     "tiny-wan": {
@@ -53,7 +88,7 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _umt5(32),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=["exact"]),
+                       max_side=512, strategies=["exact"], native_latent_frames=21),
     },
     # 256x256, hundreds of frames: long token sequences where attention dominates.
     "bench-wan": {
@@ -65,7 +100,25 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _umt5(64),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=["exact"]),
+                       max_side=512, strategies=["exact"], native_latent_frames=21),
+    },
+    # UNet3D (zeroscope / ModelScope / VideoCrafter2 architecture): seconds on CPU at 64x64.
+    "tiny-unet3d": {
+        "unet": _unet3d((32, 64), groups=8, heads=4, text_dim=32),
+        "vae": _vae_kl(8),
+        "text_encoder": _clip_text(32),
+        "scheduler": _UNET3D_SCHEDULER,
+        "limits": dict(family="unet3d", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1, max_frames=1024,
+                       max_side=512, strategies=["exact"], native_latent_frames=16),
+    },
+    # The real block layout (4 levels, 3 downsamplings) at 1/5 of the width: 256x256, hundreds of frames.
+    "bench-unet3d": {
+        "unet": _unet3d((64, 128, 256, 256), groups=32, heads=8, text_dim=64),
+        "vae": _vae_kl(8),
+        "text_encoder": _clip_text(64),
+        "scheduler": _UNET3D_SCHEDULER,
+        "limits": dict(family="unet3d", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1, max_frames=1024,
+                       max_side=512, strategies=["exact"], native_latent_frames=16),
     },
 }
 
@@ -126,13 +179,27 @@ def _tokenizer():
                                    model_max_length=512)
 
 
+def _clip_tokenizer():
+    """CLIP's byte-level BPE with no merges, built offline: every byte is a symbol (plus its
+    end-of-word form), so any prompt tokenizes, deterministically on every host."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = alphabet + [a + "</w>" for a in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=[], model_max_length=77)
+
+
 def _build(name: str, out: pathlib.Path) -> None:
     import torch
+
+    torch.manual_seed(_SEED)  # same weights on every host (same torch version)
+    if PRESETS[name]["limits"]["family"] == "unet3d":
+        return _build_unet3d(name, out)
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = PRESETS[name]
-    torch.manual_seed(_SEED)  # same weights on every host (same torch version)
     tokenizer = _tokenizer()
     assert len(tokenizer) == cfg["text_encoder"]["vocab_size"], len(tokenizer)
     pipe = WanPipeline(
@@ -145,8 +212,45 @@ def _build(name: str, out: pathlib.Path) -> None:
     pipe.save_pretrained(out)
 
 
-def limits_from_configs(transformer_cfg: dict, vae_cfg: dict) -> dict:
-    """Limits of a Wan folder from its config json files (real Wan folders lack scale_factor_*)."""
+def _build_unet3d(name: str, out: pathlib.Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = PRESETS[name]
+    tokenizer = _clip_tokenizer()
+    assert len(tokenizer) == cfg["text_encoder"]["vocab_size"], len(tokenizer)
+    unet = UNet3DConditionModel(**cfg["unet"]).eval()
+    # diffusers zero-initialises the last conv of every TemporalConvLayer (identity at the start of
+    # training); a random model must mix frames there too, or the temporal path would go untested.
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, torch.nn.Conv3d) and not module.weight.any():
+                module.reset_parameters()
+    pipe = TextToVideoSDPipeline(
+        vae=AutoencoderKL(**cfg["vae"]).eval(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).eval(),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**cfg["scheduler"]),
+    )
+    pipe.save_pretrained(out)
+
+
+def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "") -> dict:
+    """Limits of a model folder from its config json files: the denoiser's (transformer/ for
+    Wan, unet/ for UNet3D) and the VAE's. `name`: the folder's name or path (a hint only)."""
+    if _is_unet3d(denoiser_cfg):
+        return _unet3d_limits(denoiser_cfg, vae_cfg, name)
+    return _wan_limits(denoiser_cfg, vae_cfg)
+
+
+def _is_unet3d(denoiser_cfg: dict) -> bool:
+    return "down_block_types" in denoiser_cfg or str(denoiser_cfg.get("_class_name", "")).startswith("UNet")
+
+
+def _wan_limits(transformer_cfg: dict, vae_cfg: dict) -> dict:
+    """Limits of a Wan folder (real Wan folders lack scale_factor_*)."""
     p_t, p_h, _ = transformer_cfg.get("patch_size", [1, 2, 2])
     spatial = vae_cfg.get("scale_factor_spatial") or 2 ** (len(vae_cfg.get("dim_mult", [1, 2, 4, 4])) - 1)
     temporal = vae_cfg.get("scale_factor_temporal") or 2 ** sum(vae_cfg.get("temperal_downsample", [False, True, True]))
@@ -159,7 +263,20 @@ def limits_from_configs(transformer_cfg: dict, vae_cfg: dict) -> dict:
         max_frames=num_output_frames(rope // p_t, temporal),
         max_side=min(rope * spatial * p_h, 1280),  # 1280: Wan's largest trained side (720p)
         strategies=["exact"],
+        native_latent_frames=21,  # Wan 2.1/2.2 train on 81 frames = 21 latent frames
     )
+
+
+def _unet3d_limits(unet_cfg: dict, vae_cfg: dict, name: str) -> dict:
+    """Limits of a UNet3D folder (zeroscope_v2, ModelScope text-to-video-ms-1.7b, VideoCrafter2 in
+    diffusers layout): 2D AutoencoderKL decoded frame by frame, so one latent frame per frame.
+    UNet3D has no positional table in time or space: the frame and side caps are practical ones."""
+    spatial = 2 ** (len(vae_cfg.get("block_out_channels", [128, 256, 512, 512])) - 1)
+    # Trained lengths: zeroscope_v2 24 frames; ModelScope and VideoCrafter2 16. The configs do not
+    # tell zeroscope from ModelScope (same architecture), so the folder name decides.
+    native = 24 if "zeroscope" in name.lower() else 16
+    return dict(family="unet3d", spatial_multiple=spatial, temporal_stride=1, max_frames=1024, max_side=1024,
+                strategies=["exact"], native_latent_frames=native)
 
 
 def model_limits(name_or_path: str) -> dict:
@@ -167,6 +284,7 @@ def model_limits(name_or_path: str) -> dict:
     if name_or_path in PRESETS:
         return {"name": name_or_path, **PRESETS[name_or_path]["limits"]}
     folder = model_folder(name_or_path)
-    t_cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    denoiser = "unet" if (folder / "unet" / "config.json").is_file() else "transformer"
+    d_cfg = json.loads((folder / denoiser / "config.json").read_text())
     v_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    return {"name": name_or_path, **limits_from_configs(t_cfg, v_cfg)}
+    return {"name": name_or_path, **limits_from_configs(d_cfg, v_cfg, str(folder))}

@@ -8,9 +8,13 @@ from pathlib import Path
 import torch
 
 from clipmesh.worker.adapters.base import ModelAdapter
+from clipmesh.worker.adapters.unet3d import UNet3DAdapter
 from clipmesh.worker.adapters.wan import WanAdapter
 
-FAMILIES: dict[str, type[ModelAdapter]] = {cls.pipeline_class: cls for cls in (WanAdapter,)}
+# model_index.json `_class_name` -> adapter (an adapter may also accept aliases of its pipeline)
+FAMILIES: dict[str, type[ModelAdapter]] = {
+    name: cls for cls in (WanAdapter, UNet3DAdapter)
+    for name in (cls.pipeline_class, *getattr(cls, "pipeline_aliases", ()))}
 
 
 def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelAdapter:

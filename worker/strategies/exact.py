@@ -1,11 +1,18 @@
 """`exact`: clip parallelism that reproduces the single-device result.
 
-Every op of a Wan block is per-token except self-attention, which mixes all frames. So each
-rank runs its own clip of frames through the model, and only attn1 reaches out: it computes
-Q/K/V for its tokens (RoPE at global frame positions), all-gathers K and V from every rank,
-and attends its queries over the whole video's keys. Cross-attention, FFN, norms, the
+Wan: every op of a Wan block is per-token except self-attention, which mixes all frames. So
+each rank runs its own clip of frames through the model, and only attn1 reaches out: it
+computes Q/K/V for its tokens (RoPE at global frame positions), all-gathers K and V from every
+rank, and attends its queries over the whole video's keys. Cross-attention, FFN, norms, the
 timestep/text embeddings are untouched and local. Cost: one K/V all-gather per block per
 transformer call.
+
+UNet3D: spatial layers and text cross-attention are per frame. Three kinds of module mix
+frames: temporal attention (attn1 and attn2 of every TransformerTemporalModel block, both
+self-attention over the frames of one latent pixel) gets the same local-Q / gathered-K,V
+processor; every TemporalConvLayer gets input halos; every frame-spanning GroupNorm gets
+synchronised statistics (temporal_ops). Cost per UNet call: one K/V all-gather per temporal
+attention, one halo exchange per temporal conv, one tiny statistics all-gather per such norm.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from clipmesh.worker.adapters.wan import install_global_rope
 from clipmesh.worker.strategies.base import Strategy
+from clipmesh.worker.strategies.temporal_ops import TemporalPatches
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,14 +66,45 @@ class ExactSelfAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class ExactTemporalAttention:
+    """Attention processor for one UNet3D temporal self-attention: input [B*h*w, F_local, C];
+    local queries, keys and values of the whole video (all-gathered along frames)."""
+
+    def __init__(self, mesh, clip_lengths: list[int]):
+        self.mesh, self.lengths = mesh, clip_lengths
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("ExactTemporalAttention is for temporal self-attention without a mask")
+        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
+            raise NotImplementedError("ExactTemporalAttention expects a plain Attention on [B*h*w, F, C]")
+        residual = hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)  # per token: local is exact
+        kv = self.mesh.all_gather_uneven(torch.cat([k, v], dim=-1), self.lengths, dim=1)  # one collective
+        k, v = kv.chunk(2, dim=-1)
+        rows, head_dim = hidden_states.shape[0], k.shape[-1] // attn.heads
+        q, k, v = (t.reshape(rows, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 class ExactStrategy(Strategy):
     name = "exact"
 
     def __init__(self):
         self._saved: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list = []
+        self._patches: TemporalPatches | None = None
 
     def install(self, model, mesh, plan, rank):
+        if model.family == "unet3d":
+            return self._install_unet3d(model, mesh, plan)
         if getattr(model.pipe, "transformer_2", None) is not None:
             raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'exact' yet")
         clips = [(c.start, c.end) for c in plan.clips]
@@ -81,9 +120,27 @@ class ExactStrategy(Strategy):
             raise
         return self
 
+    def _install_unet3d(self, model, mesh, plan):
+        lengths = [c.end - c.start for c in plan.clips]
+        try:
+            self._patches = TemporalPatches(mesh, [(c.start, c.end) for c in plan.clips])
+            for layer in model.temporal_convs():
+                self._patches.halo_conv(layer)  # also synchronises the layer's own norms
+            for norm in model.frame_norms():
+                self._patches.sync_norm(norm)  # TransformerTemporalModel.norm (the rest: already done)
+            for attn in model.temporal_attentions():
+                self._saved.append((attn, attn.processor))
+                attn.set_processor(ExactTemporalAttention(mesh, lengths))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
     def remove(self):
         for attn, stock in reversed(self._saved):
             attn.set_processor(stock)
         for handle in self._hooks:
             handle.remove()
-        self._saved, self._hooks = [], []
+        if self._patches is not None:
+            self._patches.remove()
+        self._saved, self._hooks, self._patches = [], [], None

@@ -1,0 +1,297 @@
+"""UNet3D family (zeroscope / ModelScope / VideoCrafter2): the tiny-unet3d preset, its adapter,
+and `exact` clip parallelism, which must equal vanilla diffusers TextToVideoSDPipeline.
+
+9 latent frames (= 9 video frames: no temporal compression). 2 ranks split 5+4 (every clip at
+least the 4-frame conv halo: plain neighbour exchange); 3 ranks 2+1+6, so rank 0's right halo
+and rank 2's left halo reach past the 1-frame middle clip into the rank beyond.
+
+Tolerances: in float64 `exact` equals the pipeline to ~1e-13, which is the proof that the
+algorithm is exact (a missing halo frame or unsynchronised GroupNorm statistics shows up at
+1e-3 or more). In float32 this random model at CFG 9 amplifies rounding so much that the
+pipeline against itself with 2 threads instead of 1 already differs by 4.0e-5 (measured); the
+float32 bound is set above that floor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import traceback
+from unittest import mock
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clipmesh.plan import num_latent_frames, split_clips
+from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.worker.noise import initial_noise
+
+FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
+LATENT = num_latent_frames(FRAMES, 1)
+CLIPS = {1: [(0, 9)], 2: split_clips(LATENT, 2), 3: [(0, 2), (2, 3), (3, 9)]}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def _plan(world_size: int, name: str = "unet3d") -> pb.RenderPlan:
+    req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
+                              height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
+                              model="tiny-unet3d", strategy="exact", num_workers=world_size)
+    clips = [pb.ClipRange(start=s, end=e) for s, e in CLIPS[world_size]]
+    return pb.RenderPlan(request=req, strategy="exact", world_size=world_size, num_latent_frames=LATENT,
+                         clips=clips, start_step=0, decode_rank=0, group_name=f"{name}-{world_size}",
+                         timeout_seconds=60)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # a private cache: the test also exercises building the preset from scratch
+    from clipmesh.presets import model_folder
+    with mock.patch.dict(os.environ, {"CLIPMESH_CACHE": str(tmp_path_factory.mktemp("cache"))}):
+        return model_folder("tiny-unet3d")
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    from clipmesh.worker.adapters import load_adapter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run with 1 thread; same reduction order, and spares the CPU
+    yield load_adapter(folder, "cpu", torch.float32)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model64(folder, model):
+    from clipmesh.worker.adapters import load_adapter
+    return load_adapter(folder, "cpu", torch.float64)
+
+
+@torch.no_grad()
+def _vanilla(model) -> torch.Tensor:
+    req, dtype = _plan(1).request, model.denoiser.dtype
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
+    noise = initial_noise(SEED, 0, LATENT, 4, SIDE // 8, SIDE // 8, dtype)  # the pipeline scales by init_noise_sigma
+    return model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
+                      num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      output_type="latent").frames
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return _vanilla(model)
+
+
+@pytest.fixture(scope="module")
+def reference64(model64):
+    return _vanilla(model64)
+
+
+def _halo_check(mesh, lengths: list[int]) -> tuple[float, bool]:
+    """temporal_ops alone on a random float64 TemporalConvLayer (a random last conv: diffusers
+    zero-initialises it): this rank's clip of the layer's output against the whole video's.
+    Returns (max abs diff, whether the layer is still patched after remove)."""
+    from diffusers.models.resnet import TemporalConvLayer
+
+    from clipmesh.worker.strategies.temporal_ops import TemporalPatches
+
+    torch.manual_seed(0)
+    layer = TemporalConvLayer(8, 8, norm_num_groups=4).double().eval()
+    torch.nn.init.normal_(layer.conv4[-1].weight)
+    x = torch.randn(2 * sum(lengths), 8, 3, 3, dtype=torch.float64)  # [B*F, C, H, W], B = 2
+    with torch.no_grad():
+        want = layer(x, num_frames=sum(lengths))
+    start = sum(lengths[:mesh.rank])
+    mine = lambda t: t.unflatten(0, (2, -1))[:, start:start + lengths[mesh.rank]].flatten(0, 1)  # noqa: E731
+    patches = TemporalPatches(mesh, [(sum(lengths[:r]), sum(lengths[:r + 1])) for r in range(len(lengths))])
+    patches.halo_conv(layer)
+    with torch.no_grad():
+        got = layer(mine(x), num_frames=lengths[mesh.rank])
+    patches.remove()
+    return (got - mine(want)).abs().max().item(), any("forward" in m.__dict__ for m in layer.modules())
+
+
+def _rank_main(rank, world_size, folder, port_q, result_q):
+    """One worker process: load, join the mesh (rank 0 hosts the store), denoise its clip in
+    float32 and in float64, and decode its own clip."""
+    torch.set_num_threads(1)
+    try:
+        from clipmesh.worker.adapters import load_adapter
+        from clipmesh.worker.mesh import Mesh, host_store
+        from clipmesh.worker.render import denoise
+
+        plan, store, out = _plan(world_size), None, {}
+        if rank == 0:
+            store, port = host_store("127.0.0.1", timeout_s=60)
+            for _ in range(world_size - 1):
+                port_q.put(port)
+        else:
+            port = port_q.get(timeout=60)
+        with Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store) as mesh:
+            for dtype in (torch.float32, torch.float64):
+                model = load_adapter(folder, "cpu", dtype)
+                out[dtype] = denoise(model, plan, rank, mesh).numpy()
+            clip = plan.clips[rank]
+            frames = model.decode(torch.from_numpy(out[torch.float32])[:, :, clip.start:clip.end])  # what it uploads
+            out["halo"] = _halo_check(mesh, [c.end - c.start for c in plan.clips])
+        result_q.put((rank, "ok", out, frames))
+    except BaseException:
+        result_q.put((rank, traceback.format_exc(), None, None))
+
+
+def _run_ranks(world_size, folder):
+    ctx = mp.get_context("spawn")
+    port_q, result_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, str(folder), port_q, result_q), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, status, latents, frames = result_q.get(timeout=150)
+            results[rank] = (status, latents, frames)
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for rank, (status, _, _) in results.items():
+        assert status == "ok", f"rank {rank} failed:\n{status}"
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_exact_matches_vanilla(world_size, folder, model, reference, reference64):
+    results = _run_ranks(world_size, folder)
+    whole = model.decode(reference)
+    for rank, (_, latents, frames) in sorted(results.items()):
+        for dtype, ref in ((torch.float64, reference64), (torch.float32, reference)):
+            diff = (torch.from_numpy(latents[dtype]) - ref).abs().max().item()
+            print(f"world_size={world_size} rank={rank} clips={CLIPS[world_size]} {dtype} max|diff|={diff:.3e}")
+            assert diff <= TOL[dtype], f"rank {rank}: {dtype} max abs diff {diff} > {TOL[dtype]}"
+        halo_diff, still_patched = latents["halo"]
+        print(f"  temporal conv alone: max|diff|={halo_diff:.3e}")
+        assert halo_diff <= 1e-12 and not still_patched
+        start, end = CLIPS[world_size][rank]
+        # each rank decodes its own clip (frame-wise VAE): the frames of the whole video's decode
+        assert frames.shape == (end - start, SIDE, SIDE, 3)
+        assert abs(frames.astype(int) - whole[start:end].astype(int)).max() <= 1
+
+
+def test_install_remove_restores_vanilla(model, reference):
+    """In-process, one rank: the strategy is installed and removed twice (once by a cancel)."""
+    from clipmesh.worker.mesh import Mesh, host_store
+    from clipmesh.worker.render import Cancelled, denoise
+
+    unet = model.denoiser
+    attns, stock = model.temporal_attentions(), [a.processor for a in model.temporal_attentions()]
+    assert len(attns) == 10 and len(model.temporal_convs()) == 8 and len(model.frame_norms()) == 5 + 8 * 4
+    store, port = host_store("127.0.0.1", timeout_s=30)
+    with Mesh.open("127.0.0.1", port, 0, 1, "unet3d-restore", timeout_s=30, store=store) as mesh:
+        latents = denoise(model, _plan(1), 0, mesh)
+        with pytest.raises(Cancelled):  # removal must also happen when the loop is interrupted
+            denoise(model, _plan(1), 0, mesh, should_stop=lambda: True)
+    assert (latents - reference).abs().max().item() <= TOL[torch.float32]
+    assert [a.processor for a in attns] == stock
+    assert not [name for name, m in unet.named_modules() if "forward" in m.__dict__]
+    assert torch.equal(_vanilla(model), reference)
+
+
+def test_decode_per_clip_equals_whole(model, reference):
+    assert model.decodes_per_frame
+    whole = model.decode(reference)
+    assert whole.shape == (FRAMES, SIDE, SIDE, 3) and whole.dtype.name == "uint8"
+    parts = [model.decode(reference[:, :, s:e]) for s, e in CLIPS[3]]
+    for (s, e), part in zip(CLIPS[3], parts):
+        assert abs(part.astype(int) - whole[s:e].astype(int)).max() <= 1
+    # and the float decode is the pipeline's own, frame for frame
+    video = model.pipe.decode_latents(reference)
+    ours = torch.cat([model.pipe.decode_latents(reference[:, :, s:e]) for s, e in CLIPS[3]], dim=2)
+    assert (video - ours).abs().max().item() <= 1e-5
+
+
+def test_adapter_pieces(model):
+    info = model.model_info("tiny-unet3d")
+    assert (info.family, info.spatial_multiple, info.temporal_stride, info.native_latent_frames) == ("unet3d", 8, 1, 16)
+    assert model.latent_shape(64, 96) == (4, 8, 12)
+    scheduler = model.new_scheduler()
+    assert type(scheduler).__name__ == "DDIMScheduler" and not scheduler.config.thresholding
+    from diffusers import DPMSolverMultistepScheduler
+    model.pipe.scheduler, stock = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), model.pipe.scheduler
+    try:
+        with pytest.raises(NotImplementedError, match="split"):
+            model.new_scheduler()
+    finally:
+        model.pipe.scheduler = stock
+
+
+def test_videocrafter2_fps_embedding(folder, tmp_path):
+    """A VideoCrafter2 folder in diffusers layout: extra fps_embedding.* unet weights, a custom
+    unet class name and pipeline name. The adapter adds fps_embedding(24) to the time embedding."""
+    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+    from safetensors.torch import load_file, save_file
+
+    from clipmesh.worker.adapters import load_adapter
+
+    vc2 = tmp_path / "vc2"
+    shutil.copytree(folder, vc2)
+    weights_file = vc2 / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights_file)
+    torch.manual_seed(7)
+    reference = TimestepEmbedding(32, 128, act_fn="silu")
+    state.update({f"fps_embedding.{k}": v.contiguous() for k, v in reference.state_dict().items()})
+    save_file(state, weights_file)
+    for path, name in ((vc2 / "unet" / "config.json", "UNetVideoCrafter"), (vc2 / "model_index.json", "VideoCrafterPipeline")):
+        cfg = json.loads(path.read_text())
+        cfg["_class_name"] = name
+        if name == "UNetVideoCrafter":
+            cfg["fps_cond"] = True
+        path.write_text(json.dumps(cfg))
+
+    plain = load_adapter(folder, "cpu")
+    model = load_adapter(vc2, "cpu")
+    assert plain.fps_embedding is None and model.fps_embedding is not None and model.fps == 24
+    t_emb = torch.randn(2, 32)
+    with torch.no_grad():
+        fps_emb = reference(Timesteps(32, True, 0)(torch.tensor([24.0], dtype=torch.float64)).float())
+        want = plain.denoiser.time_embedding(t_emb) + fps_emb
+        got = model.denoiser.time_embedding(t_emb)
+        assert torch.allclose(got, want, atol=1e-6)
+        x = torch.randn(1, 4, 2, 8, 8)
+        cond, uncond = plain.encode_prompt("a cat", "", 9.0)
+        t = torch.tensor(500)
+        scheduler = plain.new_scheduler()
+        assert not torch.allclose(model.predict(x, t, scheduler, cond, uncond, 9.0),
+                                  plain.predict(x, t, scheduler, cond, uncond, 9.0))
+    assert model.model_info("my-vc2").native_latent_frames == 16
+
+
+def test_preset_limits_without_torch(folder):
+    code = ("import sys, clipmesh.presets as p; "
+            "print(p.model_limits('tiny-unet3d'), p.model_limits(sys.argv[1]), p.model_limits('tiny-wan')); "
+            "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True).stdout
+    assert out.count("'family': 'unet3d'") == 2 and out.count("'temporal_stride': 1") == 2
+    assert "'native_latent_frames': 21" in out and "'spatial_multiple': 8" in out
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "TextToVideoSDPipeline"
+
+
+def test_limits_of_real_folder_configs():
+    """zeroscope_v2_576w / ModelScope configs (the keys that matter) and a Wan 2.1 folder's."""
+    from clipmesh.presets import limits_from_configs
+
+    unet = {"_class_name": "UNet3DConditionModel", "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"], "cross_attention_dim": 1024}
+    vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}
+    zs = limits_from_configs(unet, vae, "/models/zeroscope_v2_576w")
+    ms = limits_from_configs(unet, vae, "/models/text-to-video-ms-1.7b")
+    assert (zs["family"], zs["spatial_multiple"], zs["temporal_stride"], zs["native_latent_frames"]) == ("unet3d", 8, 1, 24)
+    assert ms["native_latent_frames"] == 16
+    wan = limits_from_configs({"patch_size": [1, 2, 2], "rope_max_seq_len": 1024}, {"z_dim": 16})
+    assert (wan["family"], wan["spatial_multiple"], wan["temporal_stride"], wan["native_latent_frames"]) == ("wan", 16, 4, 21)

@@ -1,0 +1,138 @@
+"""Frame-spanning operators of UNet3D-style models made exact across clips: shared by the
+`exact` and `clip_parallel` strategies.
+
+Each rank holds a clip [start, end) of the video's latent frames. Two kinds of UNet3D module
+see beyond a frame besides attention:
+
+- GroupNorm over [B, C, F, H, W] (TransformerTemporalModel.norm, the norms in
+  TemporalConvLayer): its per-group mean and variance span all frames of the video.
+  `sync_group_norm` computes each rank's statistics over its *valid* frames, gathers them
+  (count, mean, M2 per batch item and group: a few floats) and combines them exactly
+  (Chan et al.'s parallel variance, in float64), then normalises with the global mean and
+  variance. That is the single-device statistic without the cancellation a sum/sum-of-squares
+  all-reduce suffers when |mean| >> std.
+- TemporalConvLayer: 4 stacked kernel-3 convs along time, so an output frame depends on
+  input frames within +-4. `HaloTemporalConv` fetches up to HALO input frames each side from
+  the neighbouring clips (Mesh.exchange_halos: further ranks too where a neighbour's clip is
+  shorter than the halo), runs the layer on halo + clip + halo, and crops back. Halo outputs
+  are wrong near their outer edge (the convs zero-pad there) but the error moves in one frame
+  per conv, so after 4 convs it stops exactly at the clip. At the video's two ends there is no
+  halo: the convs' own zero padding is then what the single device does. The layer's norms
+  take their statistics over the clip's frames only (halo frames belong to a neighbour, which
+  counts them), so the whole layer equals the single-device one.
+
+Patches replace a module instance's `forward` (never the class) and `remove` restores the
+instance exactly as found.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HALO = 4  # frames each side a TemporalConvLayer needs: 4 stacked kernel-3 convs
+_MISSING = object()
+
+
+def sync_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, mesh, valid: tuple[int, int] | None = None) -> torch.Tensor:
+    """`norm(x)` with statistics over every rank's valid frames. x: [B, C, F, ...] with frames
+    on dim 2; `valid`: this rank's frames [a, b) on dim 2 that count (None: all). Every rank
+    of `mesh` must call it at the same point (one small all-gather)."""
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    compute = torch.promote_types(x.dtype, torch.float32)  # half precision computes in fp32, as native does
+    part = x if valid is None else x.narrow(2, valid[0], valid[1] - valid[0])
+    grouped = part.to(compute).reshape(b, g, -1)
+    var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+    n = torch.full_like(mean, grouped.shape[-1])
+    stats = torch.stack([n, mean, var * n], dim=-1).double()  # [B, G, 3]: count, mean, M2
+    every = mesh.all_gather_uneven(stats[None], [1] * mesh.world_size, dim=0)  # [N, B, G, 3]
+    counts, means, m2 = every.unbind(-1)
+    total = counts.sum(0)
+    g_mean = (counts * means).sum(0) / total
+    g_var = (m2.sum(0) + (counts * (means - g_mean) ** 2).sum(0)) / total
+    # (x - mean) / sqrt(var + eps) in one native kernel: batch_norm in eval mode with our statistics
+    y = F.batch_norm(x.to(compute).reshape(1, b * g, -1), g_mean.flatten().to(compute), g_var.flatten().to(compute),
+                     None, None, False, 0.0, norm.eps).reshape(x.shape)
+    if norm.affine:
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(norm.bias.to(compute).view(shape), y, norm.weight.to(compute).view(shape))
+    return y.to(x.dtype)
+
+
+class SyncGroupNorm:
+    """Installed as one GroupNorm's `forward`: synchronised statistics (see sync_group_norm)."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, mesh):
+        self.norm, self.mesh = norm, mesh
+        self.valid: tuple[int, int] | None = None  # set by HaloTemporalConv around its layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            raise ValueError(f"synchronised GroupNorm needs frames on dim 2, got shape {tuple(x.shape)}")
+        return sync_group_norm(x, self.norm, self.mesh, self.valid)
+
+
+class HaloTemporalConv:
+    """Installed as one TemporalConvLayer's `forward`: input halos from the neighbouring clips.
+
+    `inner`: the forward in effect before (called on halo + clip + halo frames); `norms`: the
+    SyncGroupNorm patches of the layer's own norms, told which frames are the clip's."""
+
+    def __init__(self, layer, inner, mesh, lengths: list[int], norms: list[SyncGroupNorm], halo: int = HALO):
+        self.layer, self.inner, self.mesh, self.lengths, self.norms, self.halo = layer, inner, mesh, lengths, norms, halo
+
+    def __call__(self, hidden_states: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        if num_frames != self.lengths[self.mesh.rank]:
+            raise ValueError(f"rank {self.mesh.rank}: {num_frames} frames, plan says {self.lengths[self.mesh.rank]}")
+        frames = hidden_states.unflatten(0, (-1, num_frames))  # [B, F, C, H, W]: rows are b * F + f
+        left, right = self.mesh.exchange_halos(frames, 1, self.halo, self.halo, sizes=self.lengths)
+        n_left, n_right = left.shape[1], right.shape[1]
+        if n_left or n_right:
+            frames = torch.cat([left, frames, right], dim=1)
+        padded = n_left + num_frames + n_right
+        for patch in self.norms:
+            patch.valid = (n_left, n_left + num_frames)
+        try:
+            out = self.inner(frames.flatten(0, 1), num_frames=padded)
+        finally:
+            for patch in self.norms:
+                patch.valid = None
+        if not (n_left or n_right):
+            return out
+        return out.unflatten(0, (-1, padded))[:, n_left:n_left + num_frames].flatten(0, 1)
+
+
+class TemporalPatches:
+    """The frame-spanning patches of one job on one rank; `remove` undoes them all."""
+
+    def __init__(self, mesh, clips: list[tuple[int, int]], halo: int = HALO):
+        self.mesh, self.halo = mesh, halo
+        self.lengths = [end - start for start, end in clips]
+        self._saved: list[tuple[torch.nn.Module, object]] = []  # (module, its instance `forward` or _MISSING)
+        self._norms: dict[int, SyncGroupNorm] = {}
+
+    def _patch(self, module: torch.nn.Module, forward) -> None:
+        self._saved.append((module, module.__dict__.get("forward", _MISSING)))
+        module.forward = forward
+
+    def sync_norm(self, norm: torch.nn.GroupNorm) -> SyncGroupNorm:
+        """Synchronise one GroupNorm's statistics (idempotent per norm)."""
+        if id(norm) not in self._norms:
+            patch = SyncGroupNorm(norm, self.mesh)
+            self._patch(norm, patch)
+            self._norms[id(norm)] = patch
+        return self._norms[id(norm)]
+
+    def halo_conv(self, layer: torch.nn.Module) -> None:
+        """Give one TemporalConvLayer input halos; its GroupNorms are synchronised over clip frames."""
+        norms = [self.sync_norm(m) for m in layer.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self._patch(layer, HaloTemporalConv(layer, layer.forward, self.mesh, self.lengths, norms, self.halo))
+
+    def remove(self) -> None:
+        for module, saved in reversed(self._saved):
+            if saved is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+        self._saved, self._norms = [], {}
