@@ -54,6 +54,10 @@ def test_watch_reports_every_step_of_every_worker_and_replays(cluster):
         assert steps == {(w, s) for w in job.worker_ids for s in range(1, 4)}
         ranges = {e.step.rank: (e.step.latent_start, e.step.latent_end) for e in live if e.HasField("step")}
         assert ranges == {0: (0, 2), 1: (2, 3)}  # uneven split: 3 latent frames on 2 workers
+        # exact all-gathers K/V in every block: each step moved real bytes both ways, and took time
+        step_events = [e.step for e in live if e.HasField("step")]
+        assert all(s.bytes_sent > 0 and s.bytes_received > 0 and 0 < s.comm_seconds < s.seconds
+                   for s in step_events)
         assert [e.state.state for e in live if e.HasField("state")] == [pb.QUEUED, pb.RUNNING, pb.SUCCEEDED]
 
         replay = list(client.watch(job.id))  # after completion: the same events, then the stream ends

@@ -84,6 +84,7 @@ def denoise_clip(model, plan, rank: int, mesh, on_step: Callable[[StepReport], N
             # collective at every boundary: one rank's cancel stops all ranks here, none hangs
             if mesh.any(bool(should_stop and should_stop())):
                 raise Cancelled(f"cancelled before step {i + 1}")
+            mesh.take_stats()  # the step's traffic starts here (the cancel vote is not the step's)
             began = time.perf_counter()
             t = timesteps[i]
             strategy.begin_step(float(t))
@@ -91,7 +92,8 @@ def denoise_clip(model, plan, rank: int, mesh, on_step: Callable[[StepReport], N
             # the schedulers we use are elementwise over the latents, so stepping each clip alone is exact
             latents = model.step(scheduler, pred, t, latents)
             if on_step:
-                on_step(StepReport(i + 1, len(timesteps), time.perf_counter() - began))
+                sent, received, comm_seconds = mesh.take_stats()
+                on_step(StepReport(i + 1, len(timesteps), time.perf_counter() - began, sent, received, comm_seconds))
 
     return latents
 
