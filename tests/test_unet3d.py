@@ -121,7 +121,7 @@ def _rank_main(rank, world_size, folder, port_q, result_q):
     try:
         from clipmesh.worker.adapters import load_adapter
         from clipmesh.worker.mesh import Mesh, host_store
-        from clipmesh.worker.render import denoise
+        from clipmesh.worker.render import denoise, render
 
         plan, store, out = _plan(world_size), None, {}
         if rank == 0:
@@ -131,11 +131,12 @@ def _rank_main(rank, world_size, folder, port_q, result_q):
         else:
             port = port_q.get(timeout=60)
         with Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store) as mesh:
-            for dtype in (torch.float32, torch.float64):
+            for dtype in (torch.float64, torch.float32):
                 model = load_adapter(folder, "cpu", dtype)
                 out[dtype] = denoise(model, plan, rank, mesh).numpy()
-            clip = plan.clips[rank]
-            frames = model.decode(torch.from_numpy(out[torch.float32])[:, :, clip.start:clip.end])  # what it uploads
+            # the worker's path: every rank decodes and uploads its own clip
+            frames = render(model, plan, rank, mesh, on_step=lambda report: None, should_stop=lambda: False)
+            out["first_frame"] = frames.first_frame
             out["halo"] = _halo_check(mesh, [c.end - c.start for c in plan.clips])
         result_q.put((rank, "ok", out, frames))
     except BaseException:
@@ -180,8 +181,8 @@ def test_exact_matches_vanilla(world_size, folder, model, reference, reference64
         assert halo_diff <= 1e-12 and not still_patched
         start, end = CLIPS[world_size][rank]
         # each rank decodes its own clip (frame-wise VAE): the frames of the whole video's decode
-        assert frames.shape == (end - start, SIDE, SIDE, 3)
-        assert abs(frames.astype(int) - whole[start:end].astype(int)).max() <= 1
+        assert latents["first_frame"] == start and frames.frames.shape == (end - start, SIDE, SIDE, 3)
+        assert abs(frames.frames.astype(int) - whole[start:end].astype(int)).max() <= 1
 
 
 def test_install_remove_restores_vanilla(model, reference):
