@@ -72,7 +72,8 @@ def denoise_clip(model, plan, rank: int, mesh, on_step: Callable[[StepReport], N
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
     scheduler = model.new_scheduler()
     scheduler.set_timesteps(req.num_inference_steps, device=model.device)
-    scheduler.set_begin_index(plan.start_step)
+    if hasattr(scheduler, "set_begin_index"):  # multistep schedulers; DDIM's step needs only t
+        scheduler.set_begin_index(plan.start_step)
     timesteps = scheduler.timesteps
     if latents is None:
         channels, h, w = model.latent_shape(req.height, req.width)

@@ -190,10 +190,6 @@ class UNet3DAdapter(ModelAdapter):
             raise NotImplementedError(
                 f"{type(scheduler).__name__} ({scheduler.config.get('algorithm_type', '')}) draws noise in every step, "
                 "which would depend on how the video is split; use a deterministic scheduler (DDIM, DPM-Solver++)")
-        if not hasattr(scheduler, "set_begin_index"):
-            # render.py sets the begin index for resumes; DDIM (zeroscope/ModelScope) has none and
-            # needs none: its step depends on the timestep value alone.
-            scheduler.set_begin_index = lambda begin_index=0: None
         return scheduler
 
     @torch.no_grad()
