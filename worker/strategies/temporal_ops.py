@@ -6,11 +6,18 @@ see beyond a frame besides attention:
 
 - GroupNorm over [B, C, F, H, W] (TransformerTemporalModel.norm, the norms in
   TemporalConvLayer): its per-group mean and variance span all frames of the video.
-  `sync_group_norm` computes each rank's statistics over its *valid* frames, gathers them
-  (count, mean, M2 per batch item and group: a few floats) and combines them exactly
-  (Chan et al.'s parallel variance, in float64), then normalises with the global mean and
-  variance. That is the single-device statistic without the cancellation a sum/sum-of-squares
-  all-reduce suffers when |mean| >> std.
+  `sync_group_norm` computes each rank's statistics over its *valid* frames in float64,
+  gathers them (count, mean, M2 per batch item and group: a few floats) and combines them
+  (Chan et al.'s parallel variance, in float64): the video's mean and variance, nearly
+  exact and without the cancellation a sum/sum-of-squares all-reduce suffers when
+  |mean| >> std. From there it repeats torch's own group_norm kernel op for op: mean and
+  variance rounded to the compute dtype, rstd = 1 / sqrt(var + eps) (eps in double, as the
+  CPU kernel has it), per channel scale = rstd * gamma and bias = beta - scale * mean (one
+  rounding: the kernel's compiled multiply-add is fused), y = x * scale + bias (fused too
+  where the native kernel fuses it: probed once per device). So the output differs from
+  the single-device norm only where torch's own float32 statistics are off by an ulp
+  (about a third of the outputs, by one ulp). On a mesh of one rank holding every frame
+  it calls torch's kernel itself.
 - TemporalConvLayer: 4 stacked kernel-3 convs along time, so an output frame depends on
   input frames within +-4. `HaloTemporalConv` fetches up to HALO input frames each side from
   the neighbouring clips (Mesh.exchange_halos: further ranks too where a neighbour's clip is
@@ -27,6 +34,8 @@ instance exactly as found.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -34,30 +43,60 @@ HALO = 4  # frames each side a TemporalConvLayer needs: 4 stacked kernel-3 convs
 _MISSING = object()
 
 
+def _multiply_add(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, fused: bool) -> torch.Tensor:
+    """x * scale + bias, with one rounding if `fused` (FMA: the product is exact in float64 for
+    float32 operands; float64 itself is rounded twice, a 1e-16 effect)."""
+    if not fused or x.dtype == torch.float64:
+        return x * scale + bias
+    return (x.double() * scale.double() + bias.double()).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def native_fuses_scale_bias(device_type: str) -> bool:
+    """Whether torch's float32 group_norm kernel on this device type applies y = x * scale + bias
+    as a fused multiply-add (CPU builds with FMA contract it; a build without does not).
+    Probed on a small GroupNorm whose native mean and rstd are reused, so only the last
+    step can differ."""
+    gen = torch.Generator().manual_seed(0)
+    x, gamma, beta = (torch.randn(shape, generator=gen).to(device_type) for shape in ((1, 4, 64), (4,), (4,)))
+    y, mean, rstd = torch.ops.aten.native_group_norm(x, gamma, beta, 1, 4, 64, 1, 1e-5)
+    scale = (rstd.view(1, 1, 1) * gamma.view(1, 4, 1))
+    bias = _multiply_add(-scale, mean.view(1, 1, 1), beta.view(1, 4, 1), True)
+    return torch.equal(_multiply_add(x, scale, bias, True), y)
+
+
 def sync_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, mesh, valid: tuple[int, int] | None = None) -> torch.Tensor:
     """`norm(x)` with statistics over every rank's valid frames. x: [B, C, F, ...] with frames
     on dim 2; `valid`: this rank's frames [a, b) on dim 2 that count (None: all). Every rank
     of `mesh` must call it at the same point (one small all-gather)."""
     b, c = x.shape[:2]
+    if mesh.world_size == 1 and (valid is None or valid == (0, x.shape[2])):
+        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)  # the video is here: torch's own
     g = norm.num_groups
     compute = torch.promote_types(x.dtype, torch.float32)  # half precision computes in fp32, as native does
     part = x if valid is None else x.narrow(2, valid[0], valid[1] - valid[0])
-    grouped = part.to(compute).reshape(b, g, -1)
+    grouped = part.reshape(b, g, -1).double()
     var, mean = torch.var_mean(grouped, dim=-1, correction=0)
     n = torch.full_like(mean, grouped.shape[-1])
-    stats = torch.stack([n, mean, var * n], dim=-1).double()  # [B, G, 3]: count, mean, M2
+    stats = torch.stack([n, mean, var * n], dim=-1)  # [B, G, 3]: count, mean, M2 (float64)
     every = mesh.all_gather_uneven(stats[None], [1] * mesh.world_size, dim=0)  # [N, B, G, 3]
     counts, means, m2 = every.unbind(-1)
     total = counts.sum(0)
     g_mean = (counts * means).sum(0) / total
     g_var = (m2.sum(0) + (counts * (means - g_mean) ** 2).sum(0)) / total
-    # (x - mean) / sqrt(var + eps) in one native kernel: batch_norm in eval mode with our statistics
-    y = F.batch_norm(x.to(compute).reshape(1, b * g, -1), g_mean.flatten().to(compute), g_var.flatten().to(compute),
-                     None, None, False, 0.0, norm.eps).reshape(x.shape)
+
+    # torch's kernel from here: statistics held in the compute dtype, rstd from them
+    mean = g_mean.to(compute).view(b, g, 1, 1)
+    rstd = (1.0 / torch.sqrt(g_var.to(compute).double().clamp_min(0) + norm.eps)).to(compute).view(b, g, 1, 1)
+    xg = x.to(compute).reshape(b, g, c // g, -1)  # [B, G, C/G, F*...]
     if norm.affine:
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(norm.bias.to(compute).view(shape), y, norm.weight.to(compute).view(shape))
-    return y.to(x.dtype)
+        fused = compute != torch.float64 and native_fuses_scale_bias(x.device.type)
+        scale = rstd * norm.weight.to(compute).view(1, g, -1, 1)
+        bias = _multiply_add(-scale, mean, norm.bias.to(compute).view(1, g, -1, 1), fused)
+        y = _multiply_add(xg, scale, bias, fused)
+    else:
+        y = (xg - mean) * rstd
+    return y.reshape(x.shape).to(x.dtype)
 
 
 class SyncGroupNorm:
