@@ -227,6 +227,8 @@ def test_exchange_halos_and_stats(core_results):
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 33, 64, 3, 5.0, 99
 LATENT = num_latent_frames(FRAMES, 4)  # 9
 HALO, GLOBAL, SWITCH, BIAS = 2, 3, 800.0, 10.0  # timesteps 999, 857 (global phase) | 600 (local)
+E2E_NATIVE = 4  # stands in for Wan's 21 so the "native" RoPE policy clamps in a 9-frame video
+POLICIES = ["true", "native", "clamp", "query"]
 E2E_SPLITS = {1: [(0, 9)], 2: [(0, 6), (6, 9)], 3: [(0, 4), (4, 5), (5, 9)]}
 
 
@@ -243,10 +245,10 @@ def _rope(x, cos, sin):
     return torch.view_as_real(xc * torch.complex(cos[..., 0::2].double(), sin[..., 0::2].double())).flatten(-2)
 
 
-def reference_positions(policy, f, g, halo):
+def reference_positions(policy, f, g, halo, native):
     fr, gl = torch.arange(f)[:, None], torch.tensor(g)[None, :]
     return {"true": gl.expand(f, -1), "clamp": gl.clamp(min=fr - halo, max=fr + halo),
-            "query": fr.expand(-1, len(g))}[policy]
+            "native": gl.clamp(min=fr - native + 1, max=fr + native - 1), "query": fr.expand(-1, len(g))}[policy]
 
 
 class DenseWanAttention:
@@ -263,13 +265,13 @@ class DenseWanAttention:
         f = LATENT
         s = q.shape[1] // f
         gidx = global_frame_indices(f, GLOBAL)
-        pos = reference_positions(self.policy, f, gidx, HALO)               # [F, G]
+        pos = reference_positions(self.policy, f, gidx, HALO, E2E_NATIVE)               # [F, G]
         cos_f, sin_f = cos.view(f, s, -1), sin.view(f, s, -1)
         k_raw = k.unflatten(1, (f, s))[:, gidx]                             # [B, G, S, H, D] before RoPE
         gk = _rope(k_raw.unsqueeze(1), cos_f[pos][None, :, :, :, None], sin_f[pos][None, :, :, :, None])
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         out = dense_dual_scope(*(t.unflatten(1, (f, s)) for t in (q, k, v)), HALO, gidx, self.state["t"], SWITCH,
-                               BIAS, False, 21, gk)
+                               BIAS, False, E2E_NATIVE, gk)
         out = out.flatten(1, 2).flatten(2, 3).to(hidden_states.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -317,6 +319,7 @@ def _one_worker(model, policy):
     from clipmesh.worker.strategies import clip_parallel
     store, port = host_store("127.0.0.1", timeout_s=30)
     with mock.patch.object(clip_parallel, "GLOBAL_ROPE_POLICY", policy), \
+            mock.patch.object(clip_parallel, "native_frames", lambda model, plan: E2E_NATIVE), \
             Mesh.open("127.0.0.1", port, 0, 1, f"cp1-{policy}", timeout_s=30, store=store) as mesh:
         return denoise(model, e2e_plan(1), 0, mesh)
 
@@ -327,10 +330,14 @@ def one_worker(model):
     return _one_worker(model, GLOBAL_ROPE_POLICY)
 
 
-@pytest.mark.parametrize("policy", ["true", "clamp", "query"])
+_BY_POLICY: dict[str, torch.Tensor] = {}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_one_worker_equals_dense_reference(model, policy, one_worker):
     from clipmesh.worker.strategies.clip_parallel import GLOBAL_ROPE_POLICY
     got = one_worker if policy == GLOBAL_ROPE_POLICY else _one_worker(model, policy)
+    _BY_POLICY[policy] = got
     want = _dense_run(model, policy)
     diff = (got - want).abs().max().item()
     print(f"policy={policy} 1 worker vs dense reference: max|diff|={diff:.3e}")
@@ -344,6 +351,8 @@ def _e2e_rank(rank, world_size, folder, port_q, result_q):
     try:
         from clipmesh.worker.adapters import load_adapter
         from clipmesh.worker.render import denoise
+        from clipmesh.worker.strategies import clip_parallel
+        clip_parallel.native_frames = lambda model, plan: E2E_NATIVE  # this process only
         model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(world_size)
         with _open_mesh(rank, world_size, plan.group_name, port_q) as mesh:
             latents = denoise(model, plan, rank, mesh)
@@ -359,6 +368,14 @@ def test_workers_equal_one_worker(world_size, folder, one_worker):
         diff = (torch.from_numpy(latents) - one_worker).abs().max().item()
         print(f"world_size={world_size} clips={E2E_SPLITS[world_size]} rank={rank} max|diff|={diff:.3e}")
         assert diff <= TOL
+
+
+def test_policies_differ():
+    """The RoPE policies are really different (so the dense comparison above tells them apart)."""
+    assert len(_BY_POLICY) == len(POLICIES), "run with test_one_worker_equals_dense_reference"
+    for i, a in enumerate(POLICIES):
+        for b in POLICIES[i + 1:]:
+            assert (_BY_POLICY[a] - _BY_POLICY[b]).abs().max() > 1e-3, (a, b)
 
 
 def test_clip_parallel_is_not_exact(model, one_worker):

@@ -11,6 +11,11 @@ Wan: every attn1 (3D self-attention over frame-major tokens, S = h*w patches per
 Local tokens get RoPE at their true global frame positions (install_global_rope); halos arrive
 rotated by their owners. Where the global frames are presented in time is GLOBAL_ROPE_POLICY
 (measured in docs/clip-parallel-rope.md).
+
+UNet3D: every temporal attention (attn1 and attn2 of each TransformerTemporalModel block, both
+self-attention over [B*h*w, F, C]: S = 1, no positions). Temporal convs and frame-spanning
+GroupNorms are made exact across clips as in `exact` (temporal_ops: input halos, synchronised
+statistics); the reference leaves the norms unsynchronised, a flaw clipmesh fixes.
 """
 
 from __future__ import annotations
@@ -21,25 +26,40 @@ from clipmesh.worker.adapters.wan import install_global_rope
 from clipmesh.worker.strategies.base import Strategy
 from clipmesh.worker.strategies.dual_scope import DualScope
 from clipmesh.worker.strategies.exact import _apply_rope
+from clipmesh.worker.strategies.temporal_ops import TemporalPatches
 
-# Frames a family's model attends over in training (entropy scaling's reference length).
+# Frames a family's model attends over in training (entropy scaling's reference length, and the
+# "native" RoPE policy's reach) where the model's own ModelInfo does not say.
 NATIVE_FRAMES = {"wan": 21, "unet3d": 16}
 
-# Temporal RoPE position at which query frame f sees global frame g (Wan):
-#   "true":  g, its real position (|g - f| may be far beyond anything seen in training);
-#   "clamp": clamp(g, f - P, f + P): inside f's window; globals beyond it sit at its edge, on their side;
-#   "query": f, the query's own time (like a temporal attention without positions).
-GLOBAL_ROPE_POLICIES = ("true", "clamp", "query")
-GLOBAL_ROPE_POLICY = "clamp"
+
+def native_frames(model, plan) -> int:
+    """The loaded model's native latent frames (ModelInfo of the model the plan names), else the family's."""
+    try:
+        frames = model.model_info(plan.request.model).native_latent_frames
+    except Exception:  # a model whose info cannot be derived: the family default is the best we know
+        frames = 0
+    return frames or NATIVE_FRAMES[model.family]
+
+# Temporal RoPE position at which query frame f sees global frame g (Wan; N = native frames):
+#   "true":   g, its real position (|g - f| may be far beyond any distance seen in training);
+#   "native": clamp(g, f - (N-1), f + (N-1)): the real position while the distance is one the model
+#             was trained on (always, for videos up to N frames), else the farthest trained one;
+#   "clamp":  clamp(g, f - P, f + P): inside f's window; globals beyond it sit at its edge;
+#   "query":  f, the query's own time (like a temporal attention without positions).
+GLOBAL_ROPE_POLICIES = ("true", "native", "clamp", "query")
+GLOBAL_ROPE_POLICY = "native"
 
 
-def presented_positions(policy: str, query_frames: torch.Tensor, global_frames: torch.Tensor, halo: int) -> torch.Tensor:
+def presented_positions(policy: str, query_frames: torch.Tensor, global_frames: torch.Tensor, halo: int,
+                        native: int) -> torch.Tensor:
     """[C, G] temporal positions of the global frames as each query frame sees them."""
     f, g = query_frames[:, None], global_frames[None, :]
     if policy == "true":
         return g.expand(f.shape[0], -1)
-    if policy == "clamp":
-        return torch.minimum(torch.maximum(g, f - halo), f + halo)
+    if policy in ("native", "clamp"):
+        reach = native - 1 if policy == "native" else halo
+        return torch.minimum(torch.maximum(g, f - reach), f + reach)
     if policy == "query":
         return f.expand(-1, g.shape[1])
     raise ValueError(f"unknown global RoPE policy {policy!r}; known: {', '.join(GLOBAL_ROPE_POLICIES)}")
@@ -50,15 +70,15 @@ class WanGlobalRope:
     owners) to the policy's positions by one more temporal rotation, R(p - g) R(g) k = R(p) k.
     Only the temporal channels turn; the spatial (h, w) rotation is per token and unchanged."""
 
-    def __init__(self, rope: torch.nn.Module, policy: str, halo: int):
+    def __init__(self, rope: torch.nn.Module, policy: str, halo: int, native: int):
         if policy not in GLOBAL_ROPE_POLICIES:
             raise ValueError(f"unknown global RoPE policy {policy!r}; known: {', '.join(GLOBAL_ROPE_POLICIES)}")
-        self.policy, self.halo, self.t_dim = policy, halo, rope.t_dim
+        self.policy, self.halo, self.native, self.t_dim = policy, halo, native, rope.t_dim
         # rows: integer offsets 0..max_seq_len-1, the module's own frequency table (same dtype)
         self.cos_t, self.sin_t = rope.freqs_cos[:, :rope.t_dim], rope.freqs_sin[:, :rope.t_dim]
 
     def __call__(self, gk: torch.Tensor, query_frames: torch.Tensor, global_frames: torch.Tensor) -> torch.Tensor:
-        delta = presented_positions(self.policy, query_frames, global_frames, self.halo) - global_frames[None, :]
+        delta = presented_positions(self.policy, query_frames, global_frames, self.halo, self.native) - global_frames[None, :]
         cos = self.cos_t[delta.abs()]                                      # [C, G, t_dim]; cos is even
         sin = self.sin_t[delta.abs()] * delta.sign()[..., None].to(self.sin_t.dtype)  # sin is odd
         rest = gk.shape[-1] - self.t_dim
@@ -97,6 +117,32 @@ class WanDualScopeAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class TemporalDualScopeAttention:
+    """Attention processor for one UNet3D temporal self-attention: [B*h*w, F_local, C] -> the same,
+    dual scope over frames (S = 1, batch = the latent pixels)."""
+
+    def __init__(self, core: DualScope):
+        self.core = core
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("TemporalDualScopeAttention is for temporal self-attention without a mask")
+        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
+            raise NotImplementedError("TemporalDualScopeAttention expects a plain Attention on [B*h*w, F, C]")
+        residual = hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        rows, frames = hidden_states.shape[:2]
+        q, k, v = (t.reshape(rows, frames, 1, attn.heads, -1) for t in (q, k, v))  # [B, F, S=1, H, D]
+        out = self.core.attend(q, k, v, scale=attn.scale)
+        out = out.reshape(rows, frames, -1).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 class ClipParallelStrategy(Strategy):
     name = "clip_parallel"
 
@@ -105,30 +151,40 @@ class ClipParallelStrategy(Strategy):
         self.core: DualScope | None = None
         self._saved: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list = []
+        self._patches: TemporalPatches | None = None
 
     def install(self, model, mesh, plan, rank):
         installer = getattr(self, f"_install_{model.family}", None)
         if installer is None:
             raise NotImplementedError(f"clip_parallel does not support the {model.family!r} family")
-        native = getattr(model, "native_latent_frames", None) or NATIVE_FRAMES[model.family]
-        self.core = DualScope(mesh, plan, rank, native_frames=native)
+        self.core = DualScope(mesh, plan, rank, native_frames=native_frames(model, plan))
         try:
-            installer(model, plan, rank)
+            installer(model, mesh, plan, rank)
         except BaseException:
             self.remove()
             raise
         return self
 
-    def _install_wan(self, model, plan, rank):
+    def _install_wan(self, model, mesh, plan, rank):
         if getattr(model.pipe, "transformer_2", None) is not None:
             raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'clip_parallel' yet")
         transformer = model.denoiser
         self._hooks.append(install_global_rope(transformer, plan.clips[rank].start))
         rekey = None if self.rope_policy == "true" else \
-            WanGlobalRope(transformer.rope, self.rope_policy, plan.clip_parallel.local_halo)
+            WanGlobalRope(transformer.rope, self.rope_policy, plan.clip_parallel.local_halo, self.core.native_frames)
         for attn in model.self_attentions():
             self._saved.append((attn, attn.processor))
             attn.set_processor(WanDualScopeAttention(self.core, rekey))
+
+    def _install_unet3d(self, model, mesh, plan, rank):
+        self._patches = TemporalPatches(mesh, [(c.start, c.end) for c in plan.clips])
+        for layer in model.temporal_convs():
+            self._patches.halo_conv(layer)  # also synchronises the layer's own norms
+        for norm in model.frame_norms():
+            self._patches.sync_norm(norm)   # TransformerTemporalModel.norm (the rest: already done)
+        for attn in model.temporal_attentions():
+            self._saved.append((attn, attn.processor))
+            attn.set_processor(TemporalDualScopeAttention(self.core))
 
     def begin_step(self, t: float) -> None:
         self.core.set_timestep(t)
@@ -138,4 +194,6 @@ class ClipParallelStrategy(Strategy):
             attn.set_processor(stock)
         for handle in self._hooks:
             handle.remove()
-        self._saved, self._hooks = [], []
+        if self._patches is not None:
+            self._patches.remove()
+        self._saved, self._hooks, self._patches = [], [], None

@@ -114,8 +114,9 @@ class DualScope:
             c = min(chunk, f_local - a)
             frames = torch.arange(self.start + a, self.start + a + c, device=q.device)  # global query frames
             # window slots: offsets o from each query frame; keep only offsets some query can use
-            lo = max(-self.halo, -int(frames[-1]))
-            hi = min(self.halo, self.num_frames - 1 - int(frames[0]))
+            first, last = self.start + a, self.start + a + c - 1                # ints: no device sync
+            lo = max(-self.halo, -last)
+            hi = min(self.halo, self.num_frames - 1 - first)
             offsets = torch.arange(lo, hi + 1, device=q.device)
             keyframe = frames[:, None] + offsets[None, :]                        # [c, w]
             exists = (keyframe >= 0) & (keyframe < self.num_frames)

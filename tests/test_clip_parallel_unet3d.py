@@ -1,0 +1,155 @@
+"""`clip_parallel` on the UNet3D family (tiny-unet3d): Video-Infinity's original setting.
+
+One worker equals the whole UNet run in one process with the dense dual-scope reference
+(tests/test_clip_parallel_wan.py) as every temporal attention (S = 1, no positions; temporal
+convs and GroupNorms are the single device's own there); 2 and 3 workers (uneven, a clip
+shorter than the halo) equal one worker. Entropy scaling on (native 16 frames from the preset's
+ModelInfo); DDIM's 3 steps (t = 667 | 334, 1) straddle the phase switch at 500.
+"""
+
+from __future__ import annotations
+
+import queue
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clipmesh.plan import global_frame_indices
+from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.worker.noise import initial_noise
+from test_clip_parallel_wan import dense_dual_scope, make_plan
+
+FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
+LATENT = FRAMES  # no temporal compression
+HALO, GLOBAL, SWITCH, BIAS, NATIVE = 2, 3, 500.0, 10.0, 16
+SPLITS = {1: [(0, 9)], 2: [(0, 5), (5, 9)], 3: [(0, 3), (3, 4), (4, 9)]}
+TOL = 1e-5
+
+
+def plan_for(world_size):
+    req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
+                              height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
+                              model="tiny-unet3d", strategy="clip_parallel", num_workers=world_size)
+    return make_plan(SPLITS[world_size], HALO, GLOBAL, SWITCH, BIAS, entropy=True, request=req, name="cpu3d")
+
+
+@pytest.fixture(scope="module")
+def folder():
+    from clipmesh.presets import model_folder
+    return model_folder("tiny-unet3d")
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    from clipmesh.worker.adapters import load_adapter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_adapter(folder, "cpu", torch.float32)
+    torch.set_num_threads(threads)
+
+
+class DenseTemporalAttention:
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        assert encoder_hidden_states is None and attention_mask is None and hidden_states.shape[1] == LATENT
+        residual = hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        rows = hidden_states.shape[0]
+        q, k, v = (t.reshape(rows, LATENT, 1, attn.heads, -1) for t in (q, k, v))
+        assert attn.scale == q.shape[-1] ** -0.5  # the reference's scale
+        out = dense_dual_scope(q, k, v, HALO, global_frame_indices(LATENT, GLOBAL), self.state["t"], SWITCH, BIAS,
+                               True, NATIVE)
+        out = attn.to_out[1](attn.to_out[0](out.reshape(rows, LATENT, -1).to(hidden_states.dtype)))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@torch.no_grad()
+def _dense_run(model):
+    req = plan_for(1).request
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
+    state = {"t": None}
+    hook = model.denoiser.register_forward_pre_hook(lambda mod, args: state.update(t=float(args[1])))
+    attns = model.temporal_attentions()
+    stock = [a.processor for a in attns]
+    try:
+        for a in attns:
+            a.set_processor(DenseTemporalAttention(state))
+        return model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond,
+                          latents=initial_noise(SEED, 0, LATENT, 4, SIDE // 8, SIDE // 8), height=SIDE, width=SIDE,
+                          num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                          output_type="latent").frames
+    finally:
+        hook.remove()
+        for a, p in zip(attns, stock):
+            a.set_processor(p)
+
+
+@pytest.fixture(scope="module")
+def one_worker(model):
+    from clipmesh.worker.mesh import Mesh, host_store
+    from clipmesh.worker.render import denoise
+    store, port = host_store("127.0.0.1", timeout_s=30)
+    with Mesh.open("127.0.0.1", port, 0, 1, "cpu3d-1", timeout_s=30, store=store) as mesh:
+        return denoise(model, plan_for(1), 0, mesh)
+
+
+def test_one_worker_equals_dense_reference(model, one_worker):
+    stock = [a.processor for a in model.temporal_attentions()]
+    want = _dense_run(model)
+    diff = (one_worker - want).abs().max().item()
+    print(f"unet3d clip_parallel 1 worker vs dense reference: max|diff|={diff:.3e}")
+    assert diff <= TOL
+    assert [a.processor for a in model.temporal_attentions()] == stock  # removed again
+    assert all("forward" not in m.__dict__ for m in model.temporal_convs() + model.frame_norms())
+
+
+def _rank_main(rank, world_size, folder, port_q, result_q):
+    torch.set_num_threads(1)
+    try:
+        from clipmesh.worker.adapters import load_adapter
+        from clipmesh.worker.mesh import Mesh, host_store
+        from clipmesh.worker.render import denoise
+        model, plan, store = load_adapter(folder, "cpu", torch.float32), plan_for(world_size), None
+        if rank == 0:
+            store, port = host_store("127.0.0.1", timeout_s=60)
+            for _ in range(world_size - 1):
+                port_q.put(port)
+        else:
+            port = port_q.get(timeout=60)
+        with Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store) as mesh:
+            result_q.put((rank, "ok", denoise(model, plan, rank, mesh).numpy()))
+    except BaseException:
+        result_q.put((rank, traceback.format_exc(), None))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_workers_equal_one_worker(world_size, folder, one_worker):
+    ctx = mp.get_context("spawn")
+    port_q, result_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, str(folder), port_q, result_q), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, status, latents = result_q.get(timeout=150)
+            assert status == "ok", f"rank {rank} failed:\n{status}"
+            results[rank] = latents
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for rank, latents in sorted(results.items()):
+        diff = (torch.from_numpy(latents) - one_worker).abs().max().item()
+        print(f"unet3d world_size={world_size} clips={SPLITS[world_size]} rank={rank} max|diff|={diff:.3e}")
+        assert diff <= TOL
