@@ -55,8 +55,11 @@ class LocalCluster:
     def start_workers(self) -> None:
         threads = max(1, (os.cpu_count() or 1) // self.num_workers)
         for i in range(self.num_workers):
+            # Equal threads on one machine: equal speed by construction (a measurement taken while
+            # the others are still loading would only see start-up noise and skew the split).
             self._spawn(f"worker-{i}", "worker", "--coordinator", self.address, "--model", self.model,
-                        "--name", f"local-{i}", "--threads", str(threads), "--advertise-host", "127.0.0.1")
+                        "--name", f"local-{i}", "--threads", str(threads), "--advertise-host", "127.0.0.1",
+                        "--speed", "1")
         self._wait(lambda: len(self.client.workers()) >= self.num_workers,
                    START_TIMEOUT, f"{self.num_workers} workers to load {self.model} and attach")
 
