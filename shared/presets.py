@@ -109,7 +109,7 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _clip_text(32),
         "scheduler": _UNET3D_SCHEDULER,
         "limits": dict(family="unet3d", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1, max_frames=1024,
-                       max_side=512, strategies=["exact"], native_latent_frames=16),
+                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=16),
         "branch_init": 0.1,  # see _build_unet3d
         "version": "v2",
     },
@@ -121,7 +121,7 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _clip_text(64),
         "scheduler": _UNET3D_SCHEDULER,
         "limits": dict(family="unet3d", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1, max_frames=1024,
-                       max_side=512, strategies=["exact"], native_latent_frames=16),
+                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=16),
         "branch_init": 0.1,
         "version": "v2",
     },
@@ -308,7 +308,7 @@ def _unet3d_limits(unet_cfg: dict, vae_cfg: dict, name: str) -> dict:
     # tell zeroscope from ModelScope (same architecture), so the folder name decides.
     native = 24 if "zeroscope" in name.lower() else 16
     return dict(family="unet3d", spatial_multiple=spatial, temporal_stride=1, max_frames=1024, max_side=1024,
-                strategies=["exact"], native_latent_frames=native)
+                strategies=["exact", "clip_parallel"], native_latent_frames=native)
 
 
 def model_limits(name_or_path: str) -> dict:

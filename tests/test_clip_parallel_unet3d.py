@@ -2,9 +2,11 @@
 
 One worker equals the whole UNet run in one process with the dense dual-scope reference
 (tests/test_clip_parallel_wan.py) as every temporal attention (S = 1, no positions; temporal
-convs and GroupNorms are the single device's own there); 2 and 3 workers (uneven, a clip
-shorter than the halo) equal one worker. Entropy scaling on (native 16 frames from the preset's
-ModelInfo); DDIM's 3 steps (t = 667 | 334, 1) straddle the phase switch at 500.
+convs and GroupNorms are the single device's own there); 2 and 3 workers (uneven: a middle
+clip shorter than the halo, then a first one) equal one worker. Entropy scaling on (native 16
+frames from the preset's ModelInfo); DDIM's 3 steps (t = 667 | 334, 1) straddle the phase
+switch at 500. And a window covering the video (P >= F, G = 0, no entropy scaling) on 3
+workers is the stock TextToVideoSDPipeline.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from test_clip_parallel_wan import dense_dual_scope, make_plan
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
 LATENT = FRAMES  # no temporal compression
 HALO, GLOBAL, SWITCH, BIAS, NATIVE = 2, 3, 500.0, 10.0, 16
-SPLITS = {1: [(0, 9)], 2: [(0, 5), (5, 9)], 3: [(0, 3), (3, 4), (4, 9)]}
+SPLITS = {1: [(0, 9)], 2: [(0, 5), (5, 9)], 3: [(0, 3), (3, 4), (4, 9)], "3-short-first": [(0, 1), (1, 5), (5, 9)]}
 TOL = 1e-5
 
 
-def plan_for(world_size):
+def plan_for(case, halo=None, num_global=None, entropy=True):
+    clips = SPLITS[case]
     req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
-                              model="tiny-unet3d", strategy="clip_parallel", num_workers=world_size)
-    return make_plan(SPLITS[world_size], HALO, GLOBAL, SWITCH, BIAS, entropy=True, request=req, name="cpu3d")
+                              model="tiny-unet3d", strategy="clip_parallel", num_workers=len(clips))
+    return make_plan(clips, HALO if halo is None else halo, GLOBAL if num_global is None else num_global, SWITCH, BIAS,
+                     entropy=entropy, request=req, name="cpu3d")
 
 
 @pytest.fixture(scope="module")
@@ -109,31 +113,32 @@ def test_one_worker_equals_dense_reference(model, one_worker):
     assert all("forward" not in m.__dict__ for m in model.temporal_convs() + model.frame_norms())
 
 
-def _rank_main(rank, world_size, folder, port_q, result_q):
+def _rank_main(rank, plan_bytes, folder, port_q, result_q):
     torch.set_num_threads(1)
     try:
         from clipmesh.worker.adapters import load_adapter
         from clipmesh.worker.mesh import Mesh, host_store
         from clipmesh.worker.render import denoise
-        model, plan, store = load_adapter(folder, "cpu", torch.float32), plan_for(world_size), None
+        model, plan, store = load_adapter(folder, "cpu", torch.float32), pb.RenderPlan.FromString(plan_bytes), None
         if rank == 0:
             store, port = host_store("127.0.0.1", timeout_s=60)
-            for _ in range(world_size - 1):
+            for _ in range(plan.world_size - 1):
                 port_q.put(port)
         else:
             port = port_q.get(timeout=60)
-        with Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store) as mesh:
+        with Mesh.open("127.0.0.1", port, rank, plan.world_size, plan.group_name, timeout_s=60, store=store) as mesh:
             result_q.put((rank, "ok", denoise(model, plan, rank, mesh).numpy()))
     except BaseException:
         result_q.put((rank, traceback.format_exc(), None))
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_workers_equal_one_worker(world_size, folder, one_worker):
+def _run_ranks(plan, folder) -> dict:
+    """Every rank of `plan` in its own process; rank -> the whole video's final latents."""
+    world_size = plan.world_size
     ctx = mp.get_context("spawn")
     port_q, result_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, str(folder), port_q, result_q), daemon=True)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_rank_main, args=(r, plan.SerializeToString(), str(folder), port_q, result_q),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     results = {}
@@ -149,7 +154,35 @@ def test_workers_equal_one_worker(world_size, folder, one_worker):
             p.join(30)
             if p.is_alive():
                 p.kill()
-    for rank, latents in sorted(results.items()):
+    return results
+
+
+@pytest.mark.parametrize("case", [2, 3, "3-short-first"])
+def test_workers_equal_one_worker(case, folder, one_worker):
+    for rank, latents in sorted(_run_ranks(plan_for(case), folder).items()):
         diff = (torch.from_numpy(latents) - one_worker).abs().max().item()
-        print(f"unet3d world_size={world_size} clips={SPLITS[world_size]} rank={rank} max|diff|={diff:.3e}")
+        print(f"unet3d clips={SPLITS[case]} rank={rank} max|diff|={diff:.3e}")
         assert diff <= TOL
+
+
+def test_window_covering_the_video_is_vanilla(folder, model, one_worker):
+    """P >= F and G = 0: every query frame sees every frame, once; the phase bias then shifts
+    a whole row of logits (softmax ignores it) and entropy scaling is off, so each temporal
+    attention is the model's own. On 3 workers whose halos span every rank (a 1-frame first
+    clip), clip_parallel is the stock pipeline; the dual scope of the other tests is not."""
+    req = plan_for(1).request
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
+    with torch.no_grad():
+        want = model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond,
+                          latents=initial_noise(SEED, 0, LATENT, 4, SIDE // 8, SIDE // 8), height=SIDE, width=SIDE,
+                          num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                          output_type="latent").frames
+    plan = plan_for("3-short-first", halo=LATENT, num_global=0, entropy=False)
+    for rank, latents in sorted(_run_ranks(plan, folder).items()):
+        diff = (torch.from_numpy(latents) - want).abs().max().item()
+        print(f"unet3d P={LATENT} G=0 clips={SPLITS['3-short-first']} rank={rank} vs TextToVideoSDPipeline: "
+              f"max|diff|={diff:.3e}")
+        assert diff <= TOL
+    dual = (one_worker - want).abs().max().item()
+    print(f"  (P={HALO} G={GLOBAL} vs the pipeline: {dual:.3e})")
+    assert dual > 100 * TOL

@@ -323,6 +323,7 @@ def test_preset_limits_without_torch(folder):
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True).stdout
     assert out.count("'family': 'unet3d'") == 2 and out.count("'temporal_stride': 1") == 2
     assert "'native_latent_frames': 21" in out and "'spatial_multiple': 8" in out
+    assert out.count("'strategies': ['exact', 'clip_parallel']") >= 2  # the preset and its folder (tiny-wan: its own)
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "TextToVideoSDPipeline"
 
 
@@ -337,5 +338,6 @@ def test_limits_of_real_folder_configs():
     ms = limits_from_configs(unet, vae, "/models/text-to-video-ms-1.7b")
     assert (zs["family"], zs["spatial_multiple"], zs["temporal_stride"], zs["native_latent_frames"]) == ("unet3d", 8, 1, 24)
     assert ms["native_latent_frames"] == 16
+    assert zs["strategies"] == ms["strategies"] == ["exact", "clip_parallel"]
     wan = limits_from_configs({"patch_size": [1, 2, 2], "rope_max_seq_len": 1024}, {"z_dim": 16})
     assert (wan["family"], wan["spatial_multiple"], wan["temporal_stride"], wan["native_latent_frames"]) == ("wan", 16, 4, 21)
