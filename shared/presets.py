@@ -88,7 +88,7 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _umt5(32),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=["exact"], native_latent_frames=21),
+                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=21),
     },
     # 256x256, hundreds of frames: long token sequences where attention dominates.
     "bench-wan": {
@@ -100,7 +100,7 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _umt5(64),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=["exact"], native_latent_frames=21),
+                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=21),
     },
     # UNet3D (zeroscope / ModelScope / VideoCrafter2 architecture): seconds on CPU at 64x64.
     "tiny-unet3d": {
@@ -294,7 +294,7 @@ def _wan_limits(transformer_cfg: dict, vae_cfg: dict) -> dict:
         # the RoPE table has rope_max_seq_len rows: latent frames (global positions) must fit
         max_frames=num_output_frames(rope // p_t, temporal),
         max_side=min(rope * spatial * p_h, 1280),  # 1280: Wan's largest trained side (720p)
-        strategies=["exact"],
+        strategies=["exact", "clip_parallel"],
         native_latent_frames=21,  # Wan 2.1/2.2 train on 81 frames = 21 latent frames
     )
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import imageio.v3 as iio
+import pytest
 
 CLI = [sys.executable, "-m", "clipmesh.cli"]
 
@@ -73,4 +74,22 @@ def test_generate_ctrl_c_leaves_no_process_behind(tmp_path, tiny_wan_folder):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     assert not (tmp_path / "v.mp4").exists()
+    assert processes_marked(tmp_path) == []
+
+
+@pytest.mark.parametrize("model,frames,latent", [("tiny-wan", 257, 65), ("tiny-unet3d", 257, 257)])
+def test_generate_long_video_with_clip_parallel(tmp_path, model, frames, latent):
+    """257 frames on 2 workers: far past both models' native length, so clip_parallel is what
+    makes this cheap; every frame arrives and each worker reports its dual-scope traffic."""
+    out = tmp_path / "long.mp4"
+    proc = subprocess.run([*CLI, "generate", "a river through a forest", "--strategy", "clip_parallel",
+                           "--frames", str(frames), "--workers", "2", "--model", model, "--height", "32",
+                           "--width", "32", "--steps", "2", "--output", str(out), "--keep-data", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=600, env=marked_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert iio.imread(out).shape == (frames, 32, 32, 3)
+    half = (latent + 1) // 2
+    assert f"[rank 0 local-0] step 2/2 latent [0,{half})" in proc.stderr
+    assert f"[rank 1 local-1] step 2/2 latent [{half},{latent})" in proc.stderr
+    assert "comm" in proc.stderr  # halos and global K/V moved between the workers
     assert processes_marked(tmp_path) == []
