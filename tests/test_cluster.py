@@ -136,6 +136,9 @@ def test_worker_killed_mid_job_fails_the_job_and_others_serve_on(cluster):
         cluster.wait_idle(client, survivors, timeout=90)  # peers left the broken group, daemons live on
         assert {w.id: w.state for w in client.workers()}[victim] == pb.LOST
         assert run_job(client, "after the crash", num_workers=2).state == pb.SUCCEEDED
+        # Restore the fixture's three workers for the tests after this one.
+        cluster.pids[victim] = cluster.worker(victim).pid
+        cluster.wait_idle(client, WORKERS)
 
 
 def test_silent_worker_is_marked_lost_then_reattaches(cluster):
