@@ -11,16 +11,14 @@ workers is the stock TextToVideoSDPipeline.
 
 from __future__ import annotations
 
-import queue
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from clipmesh.plan import global_frame_indices
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from ranks import run_ranks
 from test_clip_parallel_wan import dense_dual_scope, make_plan
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
@@ -113,48 +111,16 @@ def test_one_worker_equals_dense_reference(model, one_worker):
     assert all("forward" not in m.__dict__ for m in model.temporal_convs() + model.frame_norms())
 
 
-def _rank_main(rank, plan_bytes, folder, port_q, result_q):
-    torch.set_num_threads(1)
-    try:
-        from clipmesh.worker.adapters import load_adapter
-        from clipmesh.worker.mesh import Mesh, host_store
-        from clipmesh.worker.render import denoise
-        model, plan, store = load_adapter(folder, "cpu", torch.float32), pb.RenderPlan.FromString(plan_bytes), None
-        if rank == 0:
-            store, port = host_store("127.0.0.1", timeout_s=60)
-            for _ in range(plan.world_size - 1):
-                port_q.put(port)
-        else:
-            port = port_q.get(timeout=60)
-        with Mesh.open("127.0.0.1", port, rank, plan.world_size, plan.group_name, timeout_s=60, store=store) as mesh:
-            result_q.put((rank, "ok", denoise(model, plan, rank, mesh).numpy()))
-    except BaseException:
-        result_q.put((rank, traceback.format_exc(), None))
+def _rank_main(mesh, plan_bytes, folder):
+    from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.render import denoise
+    model, plan = load_adapter(folder, "cpu", torch.float32), pb.RenderPlan.FromString(plan_bytes)
+    return denoise(model, plan, mesh.rank, mesh).numpy()
 
 
 def _run_ranks(plan, folder) -> dict:
     """Every rank of `plan` in its own process; rank -> the whole video's final latents."""
-    world_size = plan.world_size
-    ctx = mp.get_context("spawn")
-    port_q, result_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, plan.SerializeToString(), str(folder), port_q, result_q),
-                         daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, status, latents = result_q.get(timeout=150)
-            assert status == "ok", f"rank {rank} failed:\n{status}"
-            results[rank] = latents
-    except queue.Empty:
-        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    return results
+    return run_ranks(_rank_main, plan.world_size, plan.SerializeToString(), str(folder), group=plan.group_name)
 
 
 @pytest.mark.parametrize("case", [2, 3, "3-short-first"])

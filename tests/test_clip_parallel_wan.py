@@ -14,18 +14,15 @@
 from __future__ import annotations
 
 import math
-import os
-import queue
-import traceback
 from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from clipmesh.plan import global_frame_indices, num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from ranks import run_ranks
 
 TOL = 1e-5
 NATIVE = 4  # native frames for entropy scaling in the core cases (any value > 1/S works)
@@ -103,78 +100,39 @@ def core_inputs(seed=7):
     return [torch.randn(B, F_CORE, S, H, D, generator=gen) for _ in range(3)]
 
 
-def _open_mesh(rank, world_size, name, port_q):
-    from clipmesh.worker.mesh import Mesh, host_store
-    store = None
-    if rank == 0:
-        store, port = host_store("127.0.0.1", timeout_s=60)
-        for _ in range(world_size - 1):
-            port_q.put(port)
-    else:
-        port = port_q.get(timeout=60)
-    return Mesh.open("127.0.0.1", port, rank, world_size, name, timeout_s=60, store=store)
-
-
-def _core_rank(rank, world_size, port_q, result_q):
-    torch.set_num_threads(1)
-    try:
-        from clipmesh.worker.strategies.dual_scope import DualScope
-        q, k, v = core_inputs()
-        out = {"attend": {}, "halo": {}, "stats": {}}
-        with _open_mesh(rank, world_size, f"core-{world_size}", port_q) as mesh:
-            for si, clips in enumerate(SPLITS[world_size]):
-                start, end = clips[rank]
-                sizes = [e - s for s, e in clips]
-                for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
-                    core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy), rank, native_frames=NATIVE,
-                                     chunk_frames=chunk)
-                    core.set_timestep(t)
-                    res = core.attend(q[:, start:end], k[:, start:end], v[:, start:end],
-                                      rekey=synthetic_rekey if rekey else None)
-                    out["attend"][(si, ci)] = res.numpy()
-                # halos of a tensor whose entries are their global frame index
-                x = torch.arange(start, end, dtype=torch.float32).view(1, -1, 1).expand(2, -1, 3).contiguous()
-                for left, right in HALO_CASES:
-                    mesh.take_stats()
-                    got = mesh.exchange_halos(x, 1, left, right, sizes=sizes)
-                    stats = mesh.take_stats()
-                    learned = mesh.exchange_halos(x, 1, left, right)  # sizes learned by a small all-gather
-                    out["halo"][(si, left, right)] = ([h[0, :, 0].tolist() for h in got],
-                                                      [h[0, :, 0].tolist() for h in learned], stats)
-                mesh.take_stats()
-                mesh.all_gather_uneven(x, sizes, dim=1)
-                out["stats"][si] = mesh.take_stats()
-        result_q.put((rank, "ok", out))
-    except BaseException:
-        result_q.put((rank, traceback.format_exc(), None))
-
-
-def _spawn(target, world_size, *args, timeout=150):
-    ctx = mp.get_context("spawn")
-    port_q, result_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world_size, *args, port_q, result_q), daemon=True)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, status, payload = result_q.get(timeout=timeout)
-            assert status == "ok", f"rank {rank} failed:\n{status}"
-            results[rank] = payload
-    except queue.Empty:
-        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    return results
+def _core_rank(mesh):
+    from clipmesh.worker.strategies.dual_scope import DualScope
+    rank, world_size = mesh.rank, mesh.world_size
+    q, k, v = core_inputs()
+    out = {"attend": {}, "halo": {}, "stats": {}}
+    for si, clips in enumerate(SPLITS[world_size]):
+        start, end = clips[rank]
+        sizes = [e - s for s, e in clips]
+        for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
+            core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy), rank, native_frames=NATIVE,
+                             chunk_frames=chunk)
+            core.set_timestep(t)
+            res = core.attend(q[:, start:end], k[:, start:end], v[:, start:end],
+                              rekey=synthetic_rekey if rekey else None)
+            out["attend"][(si, ci)] = res.numpy()
+        # halos of a tensor whose entries are their global frame index
+        x = torch.arange(start, end, dtype=torch.float32).view(1, -1, 1).expand(2, -1, 3).contiguous()
+        for left, right in HALO_CASES:
+            mesh.take_stats()
+            got = mesh.exchange_halos(x, 1, left, right, sizes=sizes)
+            stats = mesh.take_stats()
+            learned = mesh.exchange_halos(x, 1, left, right)  # sizes learned by a small all-gather
+            out["halo"][(si, left, right)] = ([h[0, :, 0].tolist() for h in got],
+                                              [h[0, :, 0].tolist() for h in learned], stats)
+        mesh.take_stats()
+        mesh.all_gather_uneven(x, sizes, dim=1)
+        out["stats"][si] = mesh.take_stats()
+    return out
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"N{n}")
 def core_results(request):
-    return request.param, _spawn(_core_rank, request.param)
+    return request.param, run_ranks(_core_rank, request.param, group=f"core-{request.param}")
 
 
 def test_dual_scope_matches_dense_reference(core_results):
@@ -346,24 +304,18 @@ def test_one_worker_equals_dense_reference(model, policy, one_worker):
     assert not model.denoiser.rope._forward_hooks
 
 
-def _e2e_rank(rank, world_size, folder, port_q, result_q):
-    torch.set_num_threads(1)
-    try:
-        from clipmesh.worker.adapters import load_adapter
-        from clipmesh.worker.render import denoise
-        from clipmesh.worker.strategies import clip_parallel
-        clip_parallel.native_frames = lambda model, plan: E2E_NATIVE  # this process only
-        model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(world_size)
-        with _open_mesh(rank, world_size, plan.group_name, port_q) as mesh:
-            latents = denoise(model, plan, rank, mesh)
-        result_q.put((rank, "ok", latents.numpy()))
-    except BaseException:
-        result_q.put((rank, traceback.format_exc(), None))
+def _e2e_rank(mesh, folder):
+    from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.render import denoise
+    from clipmesh.worker.strategies import clip_parallel
+    clip_parallel.native_frames = lambda model, plan: E2E_NATIVE  # this process only
+    model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(mesh.world_size)
+    return denoise(model, plan, mesh.rank, mesh).numpy()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_workers_equal_one_worker(world_size, folder, one_worker):
-    results = _spawn(_e2e_rank, world_size, str(folder))
+    results = run_ranks(_e2e_rank, world_size, str(folder), group=f"e2e-{world_size}")
     for rank, latents in sorted(results.items()):
         diff = (torch.from_numpy(latents) - one_worker).abs().max().item()
         print(f"world_size={world_size} clips={E2E_SPLITS[world_size]} rank={rank} max|diff|={diff:.3e}")

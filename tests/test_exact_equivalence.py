@@ -8,19 +8,17 @@ gathered latents must match `WanPipeline.__call__` on the whole video from the s
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
 import sys
-import traceback
 from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from ranks import run_ranks
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 17, 64, 3, 5.0, 1234
 LATENT = num_latent_frames(FRAMES, 4)
@@ -67,58 +65,24 @@ def reference(model):
     return _vanilla(model)
 
 
-def _rank_main(rank, world_size, folder, stop_after, port_q, result_q):
-    """One worker process: load, join the mesh (rank 0 hosts the store), denoise its clip."""
-    torch.set_num_threads(1)
-    try:
-        from clipmesh.worker.adapters import load_adapter
-        from clipmesh.worker.mesh import Mesh, host_store
-        from clipmesh.worker.render import Cancelled, denoise
+def _rank_main(mesh, folder, stop_after):
+    """One worker process: load, denoise its clip; `stop_after`: the last rank alone asks to stop
+    once it has done that many steps."""
+    from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.render import Cancelled, denoise
 
-        model, plan, store = load_adapter(folder, "cpu", torch.float32), _plan(world_size), None
-        if rank == 0:
-            store, port = host_store("127.0.0.1", timeout_s=60)
-            for _ in range(world_size - 1):
-                port_q.put(port)
-        else:
-            port = port_q.get(timeout=60)
-        steps = []
-        mesh = Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store)
-        try:
-            # stop_after: this rank alone asks to stop once it has done that many steps
-            latents = denoise(model, plan, rank, mesh, on_step=lambda report: steps.append(report.step),
-                              should_stop=lambda: stop_after is not None and len(steps) >= stop_after)
-            result_q.put((rank, "ok", latents.numpy(), steps))
-        except Cancelled:
-            result_q.put((rank, "cancelled", None, steps))
-        finally:
-            mesh.close()
-    except BaseException:
-        result_q.put((rank, traceback.format_exc(), None, None))
+    model, plan, steps = load_adapter(folder, "cpu", torch.float32), _plan(mesh.world_size), []
+    wants_stop = stop_after is not None and mesh.rank == mesh.world_size - 1
+    try:
+        latents = denoise(model, plan, mesh.rank, mesh, on_step=lambda report: steps.append(report.step),
+                          should_stop=lambda: wants_stop and len(steps) >= stop_after)
+        return "ok", latents.numpy(), steps
+    except Cancelled:
+        return "cancelled", None, steps
 
 
 def _run_ranks(world_size, folder, stop_after=None):
-    ctx = mp.get_context("spawn")
-    port_q, result_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, str(folder), stop_after if r == world_size - 1 else None,
-                                                  port_q, result_q), daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, status, latents, steps = result_q.get(timeout=150)
-            results[rank] = (status, latents, steps)
-    except queue.Empty:
-        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    for rank, (status, _, _) in results.items():
-        assert status in ("ok", "cancelled"), f"rank {rank} failed:\n{status}"
-    return results
+    return run_ranks(_rank_main, world_size, str(folder), stop_after, group=f"equiv-{world_size}")
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import traceback
 from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from ranks import run_ranks
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
 LATENT = num_latent_frames(FRAMES, 1)
@@ -153,58 +151,25 @@ def _norm_check(mesh, lengths: list[int]) -> tuple[float, float]:
     return (got - want).abs().max().item(), (got == want).double().mean().item()
 
 
-def _rank_main(rank, world_size, folder, port_q, result_q):
-    """One worker process: load, join the mesh (rank 0 hosts the store), denoise its clip in
-    float32 and in float64, and decode its own clip."""
-    torch.set_num_threads(1)
-    try:
-        from clipmesh.worker.adapters import load_adapter
-        from clipmesh.worker.mesh import Mesh, host_store
-        from clipmesh.worker.render import denoise, render
+def _rank_main(mesh, folder):
+    """One worker process: denoise its clip in float32 and in float64, and decode its own clip."""
+    from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.render import denoise, render
 
-        plan, store, out = _plan(world_size), None, {}
-        if rank == 0:
-            store, port = host_store("127.0.0.1", timeout_s=60)
-            for _ in range(world_size - 1):
-                port_q.put(port)
-        else:
-            port = port_q.get(timeout=60)
-        with Mesh.open("127.0.0.1", port, rank, world_size, plan.group_name, timeout_s=60, store=store) as mesh:
-            for dtype in (torch.float64, torch.float32):
-                model = load_adapter(folder, "cpu", dtype)
-                out[dtype] = denoise(model, plan, rank, mesh).numpy()
-            # the worker's path: every rank decodes and uploads its own clip
-            frames = render(model, plan, rank, mesh, on_step=lambda report: None, should_stop=lambda: False)
-            out["first_frame"] = frames.first_frame
-            out["halo"] = _halo_check(mesh, [c.end - c.start for c in plan.clips])
-            out["norm"] = _norm_check(mesh, [c.end - c.start for c in plan.clips])
-        result_q.put((rank, "ok", out, frames))
-    except BaseException:
-        result_q.put((rank, traceback.format_exc(), None, None))
+    plan, out = _plan(mesh.world_size), {}
+    for dtype in (torch.float64, torch.float32):
+        model = load_adapter(folder, "cpu", dtype)
+        out[dtype] = denoise(model, plan, mesh.rank, mesh).numpy()
+    # the worker's path: every rank decodes and uploads its own clip
+    frames = render(model, plan, mesh.rank, mesh, on_step=lambda report: None, should_stop=lambda: False)
+    out["first_frame"] = frames.first_frame
+    out["halo"] = _halo_check(mesh, [c.end - c.start for c in plan.clips])
+    out["norm"] = _norm_check(mesh, [c.end - c.start for c in plan.clips])
+    return "ok", out, frames
 
 
 def _run_ranks(world_size, folder):
-    ctx = mp.get_context("spawn")
-    port_q, result_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, str(folder), port_q, result_q), daemon=True)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, status, latents, frames = result_q.get(timeout=150)
-            results[rank] = (status, latents, frames)
-    except queue.Empty:
-        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    for rank, (status, _, _) in results.items():
-        assert status == "ok", f"rank {rank} failed:\n{status}"
-    return results
+    return run_ranks(_rank_main, world_size, str(folder), group=f"unet3d-{world_size}")
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
