@@ -56,6 +56,30 @@ def install_global_rope(transformer, frame_start: int):
     return rope.register_forward_hook(hook)
 
 
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Wan's interleaved-pair rotation, op for op as in diffusers' WanAttnProcessor.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, tokens, H, D] of a Wan attn1 exactly as WanAttnProcessor makes them (fused or
+    not, RMSNorm across heads, RoPE): the part of self-attention that is per token, hence local."""
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+    if rotary_emb is not None:
+        q, k = _apply_rope(q, *rotary_emb), _apply_rope(k, *rotary_emb)
+    return q, k, v
+
+
 class WanAdapter(ModelAdapter):
     family = "wan"
     pipeline_class = "WanPipeline"

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from clipmesh.worker.adapters.wan import install_global_rope
+from clipmesh.worker.adapters.wan import install_global_rope, self_attention_qkv
 from clipmesh.worker.strategies.base import Strategy
 from clipmesh.worker.strategies.dual_scope import DualScope
-from clipmesh.worker.strategies.exact import _apply_rope
 from clipmesh.worker.strategies.temporal_ops import TemporalPatches
 
 # Frames a family's model attends over in training (entropy scaling's reference length, and the
@@ -79,15 +78,23 @@ class WanGlobalRope:
 
     def __call__(self, gk: torch.Tensor, query_frames: torch.Tensor, global_frames: torch.Tensor) -> torch.Tensor:
         delta = presented_positions(self.policy, query_frames, global_frames, self.halo, self.native) - global_frames[None, :]
-        cos = self.cos_t[delta.abs()]                                      # [C, G, t_dim]; cos is even
-        sin = self.sin_t[delta.abs()] * delta.sign()[..., None].to(self.sin_t.dtype)  # sin is odd
-        rest = gk.shape[-1] - self.t_dim
-        cos = torch.cat([cos, cos.new_ones(*cos.shape[:2], rest)], dim=-1)[None, :, :, None, None]
-        sin = torch.cat([sin, sin.new_zeros(*sin.shape[:2], rest)], dim=-1)[None, :, :, None, None]
-        x1, x2 = gk.unsqueeze(1).unflatten(-1, (-1, 2)).unbind(-1)         # [B, 1, G, S, H, D/2]
-        cos, sin = cos[..., 0::2], sin[..., 1::2]                           # Wan's interleaved pairs
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        return out.to(gk.dtype)                                             # [B, C, G, S, H, D]
+        out = gk.unsqueeze(1).expand(gk.shape[0], delta.shape[0], *gk.shape[1:]).contiguous()  # [B, C, G, S, H, D]
+        turn = (delta != 0).any(dim=0).nonzero().flatten().tolist()      # global frames some query sees moved
+        if not turn:
+            return out
+        cos = self.cos_t[delta.abs()][..., 0::2]                            # [C, G, t_dim/2]; cos is even
+        sin = (self.sin_t[delta.abs()] * delta.sign()[..., None].to(self.sin_t.dtype))[..., 1::2]  # sin is odd
+        # Wan's interleaved pairs (x1, x2) turn as the complex number x1 + i x2 times cos + i sin
+        rot = torch.complex(cos.float(), sin.float()) if cos.dtype != torch.float64 else torch.complex(cos, sin)
+        exact = out.dtype in (torch.float32, torch.float64)
+        for g in turn:  # only the temporal channels, only the moved global frames
+            part = out[:, :, g, ..., :self.t_dim]                           # [B, C, S, H, t_dim]
+            pairs = part.unflatten(-1, (-1, 2)) if exact else part.float().unflatten(-1, (-1, 2))
+            turned = torch.view_as_complex(pairs)
+            turned.mul_(rot[:, g, None, None, :].to(turned.dtype))
+            if not exact:
+                part.copy_(pairs.flatten(-2))
+        return out
 
 
 class WanDualScopeAttention:
@@ -99,14 +106,7 @@ class WanDualScopeAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("WanDualScopeAttention is for self-attention without a mask (attn1)")
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, F_local*S, H, D]
-        if rotary_emb is not None:
-            q, k = _apply_rope(q, *rotary_emb), _apply_rope(k, *rotary_emb)
+        q, k, v = self_attention_qkv(attn, hidden_states, rotary_emb)  # [B, F_local*S, H, D]
         frames = self.core.end - self.core.start
         if q.shape[1] % frames:
             raise ValueError(f"{q.shape[1]} tokens are not {frames} frames of equal size")

@@ -20,19 +20,9 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from clipmesh.worker.adapters.wan import install_global_rope
+from clipmesh.worker.adapters.wan import install_global_rope, self_attention_qkv
 from clipmesh.worker.strategies.base import Strategy
 from clipmesh.worker.strategies.temporal_ops import TemporalPatches
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Wan's interleaved-pair rotation, op for op as in diffusers' WanAttnProcessor.
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 class ExactSelfAttention:
@@ -45,14 +35,7 @@ class ExactSelfAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("ExactSelfAttention is for self-attention without a mask (attn1)")
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)  # RMSNorm across heads: per token, so local is exact
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, S, H, D]
-        if rotary_emb is not None:
-            q, k = _apply_rope(q, *rotary_emb), _apply_rope(k, *rotary_emb)
+        q, k, v = self_attention_qkv(attn, hidden_states, rotary_emb)  # per token: local is exact
 
         # tokens are frame-major, so rank r holds lengths[r] * tokens_per_frame of them
         per_frame = hidden_states.shape[1] // self.lengths[self.rank]
