@@ -67,7 +67,9 @@ def presented_positions(policy: str, query_frames: torch.Tensor, global_frames: 
 class WanGlobalRope:
     """DualScope rekey for Wan: moves the global keys (rotated at their true positions by their
     owners) to the policy's positions by one more temporal rotation, R(p - g) R(g) k = R(p) k.
-    Only the temporal channels turn; the spatial (h, w) rotation is per token and unchanged."""
+    Only the temporal channels turn; the spatial (h, w) rotation is per token and unchanged.
+    The keys are copied once per query frame, and only global frames that some query sees moved
+    are turned (one complex product over their temporal channels)."""
 
     def __init__(self, rope: torch.nn.Module, policy: str, halo: int, native: int):
         if policy not in GLOBAL_ROPE_POLICIES:

@@ -18,10 +18,17 @@ multi-hop where a neighbour's clip is shorter than P) and one all-gather of the 
 K|V (each rank contributes the ones it owns). Hidden states never travel.
 
 Cost: each query frame attends to its own window (<= 2P+1 frames) plus G frames, so compute
-is O(F_local * (2P+1+G)) frames of keys, not O(F_local * F). Query frames are processed in
-chunks; within a chunk every query frame is its own batch element with its own keys, so the
-mask is only a per-column bias of shape [chunk, 1, 1, keys] (never [queries, keys]) and the
-result does not depend on the chunk size.
+is O(F_local * (2P+1+G)) frames of keys, not O(F_local * F). Nothing is materialised per query
+frame on CPU: a query frame's window is a view of the halo-extended K/V, the global values are
+one tensor shared by every query, and the one softmax over both key sets is two attention calls
+(window, globals) merged by their log-sum-exps, each weighed by exp(lse + its phase bias); so
+frames outside the video simply are not in the window (no mask). Only a rekey (per-query global
+keys) makes [B, chunk, G, S, H, Dk] at a time, chunk_bytes bounding it; without one, the globals
+are a single call for all query frames. A query frame's result is a function of its query,
+window and globals only, so it does not depend on the chunk size or the worker split (beyond
+float rounding where frames share a call). Where the CPU flash kernel (the one that
+returns the log-sum-exp) is not available, a query frame's two key sets are concatenated and
+the phase bias is a per-column mask instead.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ import torch.nn.functional as F
 
 from clipmesh.plan import global_frame_indices
 
-# Keys and values materialised per chunk of query frames are kept under this many bytes.
-CHUNK_BYTES = 256 << 20
+# Per-query global keys (a rekey's output) are made for chunks of query frames of at most this size.
+CHUNK_BYTES = 32 << 20
 
 # rekey(global_k [B, G, S, H, Dk], query_frames [C] (global indices, long), global_frames [G] (long))
 #   -> keys [B, C, G, S, H, Dk] that query frame c sees for the global frames.
@@ -50,7 +57,7 @@ class DualScope:
                  chunk_frames: int | None = None):
         """`native_frames`: frames the model was trained to attend over at once (Wan2.1: 21 latent
         frames; VideoCrafter2: 16); entropy scaling compares visible keys with native_frames * S.
-        `chunk_frames` fixes the query frames per chunk (tests); by default it follows chunk_bytes."""
+        `chunk_frames` fixes the query frames per rekey chunk (tests); by default it follows chunk_bytes."""
         opts = plan.clip_parallel
         for field in ("local_halo", "global_frames", "phase_switch_t", "phase_bias", "entropy_scaling"):
             if not opts.HasField(field):
@@ -91,66 +98,92 @@ class DualScope:
             raise ValueError(f"rank {self.rank}: q/k/v {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} "
                              f"do not fit a clip of {self.end - self.start} frames")
         global_phase = self.global_phase
+        dv = v.shape[-1]
         kv = torch.cat([k, v], dim=-1)  # one message per exchange, not two
 
         left, right = self.mesh.exchange_halos(kv, 1, self.halo, self.halo, sizes=self.lengths)
-        ext = torch.cat([left, kv, right], dim=1)  # global frames [ext_start, ext_start + len)
+        # global frames [ext_start, ext_start + len), keys and values apart so a window is a view
+        ext_k = torch.cat([left[..., :dk], k, right[..., :dk]], dim=1)
+        ext_v = torch.cat([left[..., dk:], v, right[..., dk:]], dim=1)
         ext_start = self.start - left.shape[1]
 
         n_global = len(self.global_frames)
         if n_global:
             gkv = self.mesh.all_gather_uneven(kv[:, self.owned_global], self.global_counts, dim=1)
-            gk, gv = gkv[..., :dk], gkv[..., dk:]
+            gk = gkv[..., :dk].contiguous()
+            gv = gkv[..., dk:].reshape(b, n_global * s, h, dv).transpose(1, 2)   # [B, H, G*S, Dv], shared
             global_idx = torch.tensor(self.global_frames, device=q.device)
 
         scale = 1.0 / math.sqrt(dk) if scale is None else scale
-        width = 2 * self.halo + 1
-        per_frame_bytes = (width + n_global) * s * h * kv.shape[-1] * kv.element_size() * b
-        chunk = self.chunk_frames or max(1, self.chunk_bytes // max(1, per_frame_bytes))
         local_bias, global_bias = (0.0, self.phase_bias) if global_phase else (self.phase_bias, 0.0)
+        frames = torch.arange(self.start, self.end, device=q.device)            # global query frames
+        first = [max(f - self.halo, 0) for f in range(self.start, self.end)]    # ints: no device sync
+        last = [min(f + self.halo, self.num_frames - 1) for f in range(self.start, self.end)]
+        if self.entropy_scaling:
+            native = float(self.native_frames * s)
+            if native <= 1:
+                raise ValueError(f"entropy scaling needs native keys > 1, got {native}")
+            counts = torch.tensor([hi - lo + 1 for lo, hi in zip(first, last)], device=q.device)
+            visible = (counts + n_global).to(torch.float64) * s                  # tokens each query sees
+            factor = (visible.log() / math.log(native)).to(q.dtype)
+            q = q * factor.view(1, f_local, 1, 1, 1)
 
-        outs = []
+        out = q.new_empty(b, f_local, s, h, dv)
+        with_lse = _has_lse_attention(q)
+        if n_global and rekey is None and with_lse:  # every query sees the same global keys: one call for all
+            g_out, g_lse = _attention(q.reshape(b, f_local * s, h, dk).transpose(1, 2),
+                                      gk.reshape(b, n_global * s, h, dk).transpose(1, 2), gv, scale)
+            g_out, g_lse = g_out.unflatten(2, (f_local, s)), g_lse.unflatten(2, (f_local, s))
+        chunk = f_local
+        if n_global and rekey is not None:  # per-query global keys, made a chunk of frames at a time
+            per_frame_bytes = n_global * s * h * dk * k.element_size() * b
+            chunk = self.chunk_frames or max(1, self.chunk_bytes // max(1, per_frame_bytes))
         for a in range(0, f_local, chunk):
             c = min(chunk, f_local - a)
-            frames = torch.arange(self.start + a, self.start + a + c, device=q.device)  # global query frames
-            # window slots: offsets o from each query frame; keep only offsets some query can use
-            first, last = self.start + a, self.start + a + c - 1                # ints: no device sync
-            lo = max(-self.halo, -last)
-            hi = min(self.halo, self.num_frames - 1 - first)
-            offsets = torch.arange(lo, hi + 1, device=q.device)
-            keyframe = frames[:, None] + offsets[None, :]                        # [c, w]
-            exists = (keyframe >= 0) & (keyframe < self.num_frames)
-            idx = (keyframe - ext_start).clamp(0, ext.shape[1] - 1)             # masked slots point anywhere valid
-            win = ext[:, idx]                                                    # [B, c, w, S, H, Dk+Dv]
-            wk, wv = win[..., :dk], win[..., dk:]
-            if n_global:
-                ck = rekey(gk, frames, global_idx) if rekey else gk.unsqueeze(1).expand(b, c, *gk.shape[1:])
-                keys = torch.cat([wk, ck], dim=2)
-                values = torch.cat([wv, gv.unsqueeze(1).expand(b, c, *gv.shape[1:])], dim=2)
-            else:
-                keys, values = wk, wv
-            n_slots = keys.shape[2]
+            if n_global and rekey is not None:
+                ck = rekey(gk, frames[a:a + c], global_idx)                      # [B, c, G, S, H, Dk]
+            for i in range(a, a + c):
+                lo, hi = first[i] - ext_start, last[i] - ext_start + 1           # the existing window frames
+                qf = q[:, i].transpose(1, 2)                                     # [B, H, S, Dk]
+                wk = ext_k[:, lo:hi].reshape(b, (hi - lo) * s, h, dk).transpose(1, 2)  # views, no copy
+                wv = ext_v[:, lo:hi].reshape(b, (hi - lo) * s, h, dv).transpose(1, 2)
+                if not n_global:
+                    out[:, i] = F.scaled_dot_product_attention(qf, wk, wv, scale=scale).transpose(1, 2)
+                    continue
+                gkf = (ck[:, i - a] if rekey is not None else gk).reshape(b, n_global * s, h, dk).transpose(1, 2)
+                if not with_lse:  # one call over both key sets, the biases as a per-column mask
+                    bias = torch.full((wk.shape[2] + gkf.shape[2],), global_bias, dtype=q.dtype, device=q.device)
+                    bias[:wk.shape[2]] = local_bias
+                    res = F.scaled_dot_product_attention(qf, torch.cat([wk, gkf], dim=2), torch.cat([wv, gv], dim=2),
+                                                         attn_mask=bias.view(1, 1, 1, -1), scale=scale)
+                    out[:, i] = res.transpose(1, 2)
+                    continue
+                l_out, l_lse = _attention(qf, wk, wv, scale)
+                if rekey is None:
+                    g_o, g_l = g_out[:, :, i], g_lse[:, :, i]
+                else:
+                    g_o, g_l = _attention(qf, gkf, gv, scale)
+                # one softmax over both key sets: each part's softmax weighed by its share of the mass
+                l_lse, g_l = l_lse + local_bias, g_l + global_bias
+                top = torch.maximum(l_lse, g_l)
+                w_l, w_g = (l_lse - top).exp_(), (g_l - top).exp_()
+                total = w_l + w_g
+                res = l_out.float() * (w_l / total).unsqueeze(-1)
+                res.addcmul_(g_o.float(), (w_g / total).unsqueeze(-1))
+                out[:, i] = res.transpose(1, 2)
+        return out
 
-            # per-column bias, frame level [c, slots], then token level
-            bias = torch.full((c, n_slots), global_bias, dtype=torch.float32, device=q.device)
-            bias[:, :offsets.numel()] = local_bias
-            bias[:, :offsets.numel()].masked_fill_(~exists, float("-inf"))
-            mask = bias.repeat_interleave(s, dim=1).to(q.dtype)                  # [c, slots*S]
-            mask = mask[None].expand(b, c, -1).reshape(b * c, 1, 1, n_slots * s)
 
-            qc = q[:, a:a + c]
-            if self.entropy_scaling:
-                visible = (exists.sum(dim=1) + n_global).to(torch.float64) * s   # tokens each query sees
-                native = float(self.native_frames * s)
-                if native <= 1:
-                    raise ValueError(f"entropy scaling needs native keys > 1, got {native}")
-                factor = (visible.log() / math.log(native)).to(q.dtype)
-                qc = qc * factor.view(1, c, 1, 1, 1)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
-            out = F.scaled_dot_product_attention(
-                qc.reshape(b * c, s, h, dk).transpose(1, 2),
-                keys.reshape(b * c, n_slots * s, h, dk).transpose(1, 2),
-                values.reshape(b * c, n_slots * s, h, -1).transpose(1, 2),
-                attn_mask=mask, dropout_p=0.0, scale=scale)                      # [B*c, H, S, Dv]
-            outs.append(out.transpose(1, 2).reshape(b, c, s, h, -1))
-        return torch.cat(outs, dim=1)
+
+def _has_lse_attention(q: torch.Tensor) -> bool:
+    """Whether _attention can run here (CPU flash attention returns the log-sum-exp); elsewhere
+    attend concatenates each query frame's two key sets instead (a copy per query frame)."""
+    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T scale) v and each query's log-sum-exp of its scaled logits: [B, H, L, Dv], [B, H, L]."""
+    out, lse = _FLASH_CPU(q, k, v, 0.0, False, scale=scale)
+    return out, lse
