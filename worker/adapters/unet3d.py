@@ -119,6 +119,25 @@ def temporal_attentions(unet) -> list[torch.nn.Module]:
     return attns
 
 
+def temporal_attention_qkv(attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B*h*w, F, inner] of a temporal self-attention as diffusers' AttnProcessor makes
+    them: the per-frame part of the attention, hence local to each clip."""
+    if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
+        raise NotImplementedError("temporal attention is expected as a plain Attention on [B*h*w, F, C]")
+    q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    return q, k, v
+
+
+def temporal_attention_out(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The attention's output projection, residual and rescale, as AttnProcessor ends."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 def temporal_convs(unet) -> list[TemporalConvLayer]:
     return [m for m in unet.modules() if isinstance(m, TemporalConvLayer)]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from clipmesh.worker.adapters.unet3d import temporal_attention_out, temporal_attention_qkv
 from clipmesh.worker.adapters.wan import install_global_rope, self_attention_qkv
 from clipmesh.worker.strategies.base import Strategy
 from clipmesh.worker.strategies.dual_scope import DualScope
@@ -129,20 +130,12 @@ class TemporalDualScopeAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("TemporalDualScopeAttention is for temporal self-attention without a mask")
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
-            raise NotImplementedError("TemporalDualScopeAttention expects a plain Attention on [B*h*w, F, C]")
-        residual = hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = temporal_attention_qkv(attn, hidden_states)
         rows, frames = hidden_states.shape[:2]
         q, k, v = (t.reshape(rows, frames, 1, attn.heads, -1) for t in (q, k, v))  # [B, F, S=1, H, D]
         out = self.core.attend(q, k, v, scale=attn.scale)
         out = out.reshape(rows, frames, -1).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return temporal_attention_out(attn, out, hidden_states)
 
 
 class ClipParallelStrategy(Strategy):

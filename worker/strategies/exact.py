@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from clipmesh.worker.adapters.unet3d import temporal_attention_out, temporal_attention_qkv
 from clipmesh.worker.adapters.wan import install_global_rope, self_attention_qkv
 from clipmesh.worker.strategies.base import Strategy
 from clipmesh.worker.strategies.temporal_ops import TemporalPatches
@@ -59,22 +60,14 @@ class ExactTemporalAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("ExactTemporalAttention is for temporal self-attention without a mask")
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
-            raise NotImplementedError("ExactTemporalAttention expects a plain Attention on [B*h*w, F, C]")
-        residual = hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)  # per token: local is exact
+        q, k, v = temporal_attention_qkv(attn, hidden_states)  # per frame: local is exact
         kv = self.mesh.all_gather_uneven(torch.cat([k, v], dim=-1), self.lengths, dim=1)  # one collective
         k, v = kv.chunk(2, dim=-1)
         rows, head_dim = hidden_states.shape[0], k.shape[-1] // attn.heads
         q, k, v = (t.reshape(rows, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return temporal_attention_out(attn, out, hidden_states)
 
 
 class ExactStrategy(Strategy):
