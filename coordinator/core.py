@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipmesh import presets
+from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -169,7 +170,7 @@ class CoordinatorCore:
             idle = sorted(wid for wid, s in self.sessions.items()
                           if s.info.state == pb.IDLE and s.info.model.name == req.model)
             model = self.model_info(req.model)
-            latent = (req.num_frames - 1) // model.temporal_stride + 1
+            latent = num_latent_frames(req.num_frames, model.temporal_stride)
             wanted = req.num_workers or min(len(idle), latent)
             if wanted == 0 or len(idle) < wanted:
                 blocked.add(req.model)

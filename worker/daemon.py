@@ -36,6 +36,12 @@ class JobContext:
     cancel: threading.Event = field(default_factory=threading.Event)  # read by the render thread
     rendezvous: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
+    def stop(self) -> None:
+        """Ask the job to stop: the render thread at its next step boundary, or the wait for rendezvous now."""
+        self.cancel.set()
+        if not self.rendezvous.done():
+            self.rendezvous.cancel()
+
 
 class WorkerDaemon:
     def __init__(self, coordinator: str, model: str, device: str, advertise_host: str, name: str = "",
@@ -105,9 +111,7 @@ class WorkerDaemon:
     def _cancel_all(self, why: str) -> None:
         for ctx in self.jobs.values():
             log.info("cancelling job %s: %s", ctx.assignment.job_id, why)
-            ctx.cancel.set()
-            if not ctx.rendezvous.done():
-                ctx.rendezvous.cancel()
+            ctx.stop()
 
     async def _attached(self) -> None:
         """One Attach stream: register, heartbeat, serve assignments until it ends."""
@@ -137,11 +141,8 @@ class WorkerDaemon:
                         if ctx and not ctx.rendezvous.done():
                             ctx.rendezvous.set_result(msg.rendezvous)
                     elif kind == "cancel":
-                        ctx = self.jobs.get(msg.cancel.job_id)
-                        if ctx:
-                            ctx.cancel.set()
-                            if not ctx.rendezvous.done():
-                                ctx.rendezvous.cancel()
+                        if ctx := self.jobs.get(msg.cancel.job_id):
+                            ctx.stop()
             finally:
                 stop_waiter.cancel()
                 if heartbeats:
