@@ -26,7 +26,6 @@ from clipmesh.worker.adapters.unet3d import temporal_attention_out, temporal_att
 from clipmesh.worker.adapters.wan import install_global_rope, self_attention_qkv
 from clipmesh.worker.strategies.base import Strategy
 from clipmesh.worker.strategies.dual_scope import DualScope
-from clipmesh.worker.strategies.temporal_ops import TemporalPatches
 
 # Frames a family's model attends over in training (entropy scaling's reference length, and the
 # "native" RoPE policy's reach) where the model's own ModelInfo does not say.
@@ -142,11 +141,9 @@ class ClipParallelStrategy(Strategy):
     name = "clip_parallel"
 
     def __init__(self, rope_policy: str | None = None):
+        super().__init__()
         self.rope_policy = rope_policy or GLOBAL_ROPE_POLICY
         self.core: DualScope | None = None
-        self._saved: list[tuple[torch.nn.Module, object]] = []
-        self._hooks: list = []
-        self._patches: TemporalPatches | None = None
 
     def install(self, model, mesh, plan, rank):
         installer = getattr(self, f"_install_{model.family}", None)
@@ -168,27 +165,12 @@ class ClipParallelStrategy(Strategy):
         rekey = None if self.rope_policy == "true" else \
             WanGlobalRope(transformer.rope, self.rope_policy, plan.clip_parallel.local_halo, self.core.native_frames)
         for attn in model.self_attentions():
-            self._saved.append((attn, attn.processor))
-            attn.set_processor(WanDualScopeAttention(self.core, rekey))
+            self._set_processor(attn, WanDualScopeAttention(self.core, rekey))
 
     def _install_unet3d(self, model, mesh, plan, rank):
-        self._patches = TemporalPatches(mesh, [(c.start, c.end) for c in plan.clips])
-        for layer in model.temporal_convs():
-            self._patches.halo_conv(layer)  # also synchronises the layer's own norms
-        for norm in model.frame_norms():
-            self._patches.sync_norm(norm)   # TransformerTemporalModel.norm (the rest: already done)
+        self._patch_temporal_ops(model, mesh, plan)
         for attn in model.temporal_attentions():
-            self._saved.append((attn, attn.processor))
-            attn.set_processor(TemporalDualScopeAttention(self.core))
+            self._set_processor(attn, TemporalDualScopeAttention(self.core))
 
     def begin_step(self, t: float) -> None:
         self.core.set_timestep(t)
-
-    def remove(self):
-        for attn, stock in reversed(self._saved):
-            attn.set_processor(stock)
-        for handle in self._hooks:
-            handle.remove()
-        if self._patches is not None:
-            self._patches.remove()
-        self._saved, self._hooks, self._patches = [], [], None

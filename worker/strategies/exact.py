@@ -23,7 +23,6 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from clipmesh.worker.adapters.unet3d import temporal_attention_out, temporal_attention_qkv
 from clipmesh.worker.adapters.wan import install_global_rope, self_attention_qkv
 from clipmesh.worker.strategies.base import Strategy
-from clipmesh.worker.strategies.temporal_ops import TemporalPatches
 
 
 class ExactSelfAttention:
@@ -73,50 +72,28 @@ class ExactTemporalAttention:
 class ExactStrategy(Strategy):
     name = "exact"
 
-    def __init__(self):
-        self._saved: list[tuple[torch.nn.Module, object]] = []
-        self._hooks: list = []
-        self._patches: TemporalPatches | None = None
-
     def install(self, model, mesh, plan, rank):
-        if model.family == "unet3d":
-            return self._install_unet3d(model, mesh, plan)
-        if getattr(model.pipe, "transformer_2", None) is not None:
-            raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'exact' yet")
-        clips = [(c.start, c.end) for c in plan.clips]
-        lengths = [end - start for start, end in clips]
         try:
-            self._hooks.append(install_global_rope(model.denoiser, clips[rank][0]))
-            for attn in model.self_attentions():
-                stock = attn.processor
-                self._saved.append((attn, stock))
-                attn.set_processor(ExactSelfAttention(mesh, lengths, rank, getattr(stock, "_attention_backend", None)))
+            if model.family == "unet3d":
+                self._install_unet3d(model, mesh, plan)
+            else:
+                self._install_wan(model, mesh, plan, rank)
         except BaseException:
             self.remove()
             raise
         return self
+
+    def _install_wan(self, model, mesh, plan, rank):
+        if getattr(model.pipe, "transformer_2", None) is not None:
+            raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'exact' yet")
+        lengths = [c.end - c.start for c in plan.clips]
+        self._hooks.append(install_global_rope(model.denoiser, plan.clips[rank].start))
+        for attn in model.self_attentions():
+            backend = getattr(attn.processor, "_attention_backend", None)
+            self._set_processor(attn, ExactSelfAttention(mesh, lengths, rank, backend))
 
     def _install_unet3d(self, model, mesh, plan):
         lengths = [c.end - c.start for c in plan.clips]
-        try:
-            self._patches = TemporalPatches(mesh, [(c.start, c.end) for c in plan.clips])
-            for layer in model.temporal_convs():
-                self._patches.halo_conv(layer)  # also synchronises the layer's own norms
-            for norm in model.frame_norms():
-                self._patches.sync_norm(norm)  # TransformerTemporalModel.norm (the rest: already done)
-            for attn in model.temporal_attentions():
-                self._saved.append((attn, attn.processor))
-                attn.set_processor(ExactTemporalAttention(mesh, lengths))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def remove(self):
-        for attn, stock in reversed(self._saved):
-            attn.set_processor(stock)
-        for handle in self._hooks:
-            handle.remove()
-        if self._patches is not None:
-            self._patches.remove()
-        self._saved, self._hooks, self._patches = [], [], None
+        self._patch_temporal_ops(model, mesh, plan)
+        for attn in model.temporal_attentions():
+            self._set_processor(attn, ExactTemporalAttention(mesh, lengths))
