@@ -19,8 +19,20 @@ class Strategy:
     def install(self, model, mesh, plan, rank: int) -> "Strategy":
         """Patch `model` (a ModelAdapter) so its denoiser, fed this rank's clip
         plan.clips[rank] of latent frames, computes that clip's part of the result. Returns self.
-        Subclasses patch through the helpers below, so remove() can undo everything."""
-        raise NotImplementedError
+
+        Dispatches to the subclass's `_install_<family>`, which patches through the helpers
+        below; a failure part-way undoes what was already patched."""
+        installer = getattr(self, f"_install_{model.family}", None)
+        if installer is None:
+            raise NotImplementedError(f"{self.name} does not support the {model.family!r} family")
+        if getattr(model.pipe, "transformer_2", None) is not None:
+            raise NotImplementedError(f"two-transformer Wan (2.2 A14B) is not supported by {self.name!r} yet")
+        try:
+            installer(model, mesh, plan, rank)
+        except BaseException:
+            self.remove()
+            raise
+        return self
 
     def _set_processor(self, attn, processor) -> None:
         """Give `attn` a job-specific processor, remembering the stock one for remove()."""

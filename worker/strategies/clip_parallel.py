@@ -146,20 +146,11 @@ class ClipParallelStrategy(Strategy):
         self.core: DualScope | None = None
 
     def install(self, model, mesh, plan, rank):
-        installer = getattr(self, f"_install_{model.family}", None)
-        if installer is None:
-            raise NotImplementedError(f"clip_parallel does not support the {model.family!r} family")
+        # one core per job, shared by every patched attention module
         self.core = DualScope(mesh, plan, rank, native_frames=native_frames(model, plan))
-        try:
-            installer(model, mesh, plan, rank)
-        except BaseException:
-            self.remove()
-            raise
-        return self
+        return super().install(model, mesh, plan, rank)
 
     def _install_wan(self, model, mesh, plan, rank):
-        if getattr(model.pipe, "transformer_2", None) is not None:
-            raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'clip_parallel' yet")
         transformer = model.denoiser
         self._hooks.append(install_global_rope(transformer, plan.clips[rank].start))
         rekey = None if self.rope_policy == "true" else \

@@ -72,27 +72,14 @@ class ExactTemporalAttention:
 class ExactStrategy(Strategy):
     name = "exact"
 
-    def install(self, model, mesh, plan, rank):
-        try:
-            if model.family == "unet3d":
-                self._install_unet3d(model, mesh, plan)
-            else:
-                self._install_wan(model, mesh, plan, rank)
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
     def _install_wan(self, model, mesh, plan, rank):
-        if getattr(model.pipe, "transformer_2", None) is not None:
-            raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported by 'exact' yet")
         lengths = [c.end - c.start for c in plan.clips]
         self._hooks.append(install_global_rope(model.denoiser, plan.clips[rank].start))
         for attn in model.self_attentions():
             backend = getattr(attn.processor, "_attention_backend", None)
             self._set_processor(attn, ExactSelfAttention(mesh, lengths, rank, backend))
 
-    def _install_unet3d(self, model, mesh, plan):
+    def _install_unet3d(self, model, mesh, plan, rank):
         lengths = [c.end - c.start for c in plan.clips]
         self._patch_temporal_ops(model, mesh, plan)
         for attn in model.temporal_attentions():
