@@ -57,3 +57,16 @@ def run_ranks(target, world_size: int, *args, group: str = "test", timeout: floa
     if errors:
         pytest.fail("\n".join(f"rank {rank} failed:\n{error}" for rank, error in sorted(errors.items())))
     return results
+
+
+def single_thread_model(folder):
+    """Fixture body: the model loaded in this process with 1 thread while the test module runs,
+    like the ranks (the same reduction order, so in-process references compare bit for bit)."""
+    from clipmesh.worker.adapters import load_adapter
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_adapter(folder, "cpu", torch.float32)
+    finally:
+        torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ import torch
 from clipmesh.plan import global_frame_indices
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks
+from ranks import run_ranks, single_thread_model
 from test_clip_parallel_wan import dense_dual_scope, make_plan
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
@@ -45,11 +45,7 @@ def folder():
 
 @pytest.fixture(scope="module")
 def model(folder):
-    from clipmesh.worker.adapters import load_adapter
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_adapter(folder, "cpu", torch.float32)
-    torch.set_num_threads(threads)
+    yield from single_thread_model(folder)
 
 
 class DenseTemporalAttention:

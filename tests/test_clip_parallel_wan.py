@@ -22,7 +22,7 @@ import torch
 from clipmesh.plan import global_frame_indices, num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks
+from ranks import run_ranks, single_thread_model
 
 TOL = 1e-5
 NATIVE = 4  # native frames for entropy scaling in the core cases (any value > 1/S works)
@@ -242,11 +242,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(folder):
-    from clipmesh.worker.adapters import load_adapter
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_adapter(folder, "cpu", torch.float32)
-    torch.set_num_threads(threads)
+    yield from single_thread_model(folder)
 
 
 def _dense_run(model, policy):

@@ -18,7 +18,7 @@ import torch
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks
+from ranks import run_ranks, single_thread_model
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 17, 64, 3, 5.0, 1234
 LATENT = num_latent_frames(FRAMES, 4)
@@ -45,11 +45,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(folder):
-    from clipmesh.worker.adapters import load_adapter
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks run with 1 thread; same reduction order, and spares the CPU
-    yield load_adapter(folder, "cpu", torch.float32)
-    torch.set_num_threads(threads)
+    yield from single_thread_model(folder)
 
 
 def _vanilla(model) -> torch.Tensor:
