@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipmesh import presets
-from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .hub import ProgressHub
-from .planner import make_plan
+from .planner import make_plan, max_workers
 from .stitcher import FramePart, stitch
 from .store import FINAL_STATES, Store, now_ts
 from .validate import validate_request
@@ -170,8 +169,7 @@ class CoordinatorCore:
             idle = sorted(wid for wid, s in self.sessions.items()
                           if s.info.state == pb.IDLE and s.info.model.name == req.model)
             model = self.model_info(req.model)
-            latent = num_latent_frames(req.num_frames, model.temporal_stride)
-            wanted = req.num_workers or min(len(idle), latent)
+            wanted = req.num_workers or min(len(idle), max_workers(req, model))
             if wanted == 0 or len(idle) < wanted:
                 blocked.add(req.model)
                 continue

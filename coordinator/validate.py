@@ -11,6 +11,7 @@ from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .errors import InvalidArgument
+from .planner import BLOCK_PIPELINE_DEFAULTS
 
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
@@ -21,6 +22,8 @@ MAX_HALO = 64
 MAX_GLOBAL_FRAMES = 256
 MAX_PHASE_BIAS = 100.0
 MAX_TIMESTEP = 1000.0
+MAX_STREAM_FRAMES = 100_001  # block_pipeline's memory is flat in length: the cap is the disk's
+MAX_BLOCK_FRAMES = 64
 
 
 def _in_range(field: str, value: float, low: float, high: float) -> None:
@@ -41,8 +44,15 @@ def validate_request(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known
         raise InvalidArgument("strategy", f"unknown strategy {req.strategy!r} for {model.name}; allowed: {', '.join(model.strategies)}")
 
     stride = model.temporal_stride
-    if req.num_frames < 1 or req.num_frames > model.max_frames or (req.num_frames - 1) % stride:
-        raise InvalidArgument("num_frames", f"must be {stride}*k+1 in [1, {model.max_frames}], got {req.num_frames}")
+    streaming = req.strategy == "block_pipeline" or (not req.strategy and req.num_frames == 0)
+    if streaming and "block_pipeline" not in model.strategies:
+        raise InvalidArgument("num_frames", f"must be >= 1: {model.name} cannot stream without an end (no block_pipeline)")
+    # block_pipeline positions tokens within a block, so its length is not bound by the RoPE table
+    limit = MAX_STREAM_FRAMES if streaming else model.max_frames
+    if not (streaming and req.num_frames == 0) and (
+            req.num_frames < 1 or req.num_frames > limit or (req.num_frames - 1) % stride):
+        low = 0 if streaming else 1
+        raise InvalidArgument("num_frames", f"must be {stride}*k+1 in [1, {limit}]{' or 0 (until cancelled)' * (low == 0)}, got {req.num_frames}")
     for field in ("height", "width"):
         value, mult = getattr(req, field), model.spatial_multiple
         if value < mult or value > model.max_side or value % mult:
@@ -63,6 +73,18 @@ def validate_request(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known
     if options.HasField("phase_bias"):
         _in_range("clip_parallel.phase_bias", options.phase_bias, 0.0, MAX_PHASE_BIAS)
 
+    block = req.block_pipeline
+    if block.HasField("block_frames"):
+        _in_range("block_pipeline.block_frames", block.block_frames, 1, MAX_BLOCK_FRAMES)
+    if block.HasField("context_frames"):
+        # the cache holds the next block's first frames, so a block must have that many
+        blocks = block.block_frames if block.HasField("block_frames") else BLOCK_PIPELINE_DEFAULTS["block_frames"]
+        _in_range("block_pipeline.context_frames", block.context_frames, 0, blocks)
+
+    if streaming:
+        # Every worker must own at least one transformer block.
+        _in_range("num_workers", req.num_workers, 0, min(model.num_layers, MAX_WORKERS))
+        return num_latent_frames(req.num_frames, stride) if req.num_frames else 0
     latent = num_latent_frames(req.num_frames, stride)
     # Every worker must own at least one latent frame.
     _in_range("num_workers", req.num_workers, 0, min(latent, MAX_WORKERS))

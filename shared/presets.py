@@ -77,18 +77,20 @@ def _clip_text(hidden: int) -> dict:
                 pad_token_id=513, hidden_act="quick_gelu", projection_dim=hidden)
 
 
+WAN_STRATEGIES = ["exact", "clip_parallel", "block_pipeline"]
+
 PRESETS: dict[str, dict] = {
     # Seconds on CPU at 64x64: the CI / demo model.
     "tiny-wan": {
         "transformer": dict(
             patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12,  # 12: rope splits t/h/w by 6
-            in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,
+            in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=4,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
         "vae": _vae(base_dim=8, z_dim=16),
         "text_encoder": _umt5(32),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=21),
+                       max_side=512, strategies=WAN_STRATEGIES, native_latent_frames=21, num_layers=4),
     },
     # 256x256, hundreds of frames: long token sequences where attention dominates.
     "bench-wan": {
@@ -100,7 +102,7 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _umt5(64),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=21),
+                       max_side=512, strategies=WAN_STRATEGIES, native_latent_frames=21, num_layers=4),
     },
     # UNet3D (zeroscope / ModelScope / VideoCrafter2 architecture): seconds on CPU at 64x64.
     "tiny-unet3d": {
@@ -127,7 +129,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-_VERSION = "v1"  # bump when a preset's config changes, so stale cached folders are not reused
+_VERSION = "v2"  # bump when a preset's config changes, so stale cached folders are not reused
 # (a preset's own "version" overrides it: bump that when only that preset's weights change)
 _SEED = 20240601
 
@@ -294,8 +296,9 @@ def _wan_limits(transformer_cfg: dict, vae_cfg: dict) -> dict:
         # the RoPE table has rope_max_seq_len rows: latent frames (global positions) must fit
         max_frames=num_output_frames(rope // p_t, temporal),
         max_side=min(rope * spatial * p_h, 1280),  # 1280: Wan's largest trained side (720p)
-        strategies=["exact", "clip_parallel"],
+        strategies=WAN_STRATEGIES,
         native_latent_frames=21,  # Wan 2.1/2.2 train on 81 frames = 21 latent frames
+        num_layers=transformer_cfg.get("num_layers", 30),
     )
 
 

@@ -10,7 +10,8 @@ BAD_FIELDS = [
     ("prompt", dict(prompt="  ")),
     ("prompt", dict(prompt="x" * 2001)),
     ("negative_prompt", dict(negative_prompt="x" * 2001)),
-    ("num_frames", dict(num_frames=0)),
+    ("num_frames", dict(num_frames=0, strategy="exact")),  # only block_pipeline streams unbounded
+    ("num_frames", dict(num_frames=100_005, strategy="block_pipeline")),  # over the streaming cap
     ("num_frames", dict(num_frames=10)),          # not 4k+1
     ("num_frames", dict(num_frames=100_001)),
     ("height", dict(height=60)),                   # not a multiple of 16
@@ -29,6 +30,9 @@ BAD_FIELDS = [
     ("clip_parallel.global_frames", dict(clip_parallel=pb.ClipParallelOptions(global_frames=-1))),
     ("clip_parallel.phase_switch_t", dict(clip_parallel=pb.ClipParallelOptions(phase_switch_t=1500))),
     ("clip_parallel.phase_bias", dict(clip_parallel=pb.ClipParallelOptions(phase_bias=float("inf")))),
+    ("block_pipeline.block_frames", dict(block_pipeline=pb.BlockPipelineOptions(block_frames=0))),
+    ("block_pipeline.context_frames", dict(block_pipeline=pb.BlockPipelineOptions(block_frames=2, context_frames=3))),
+    ("num_workers", dict(num_workers=5, strategy="block_pipeline")),  # tiny-wan has 4 layers to split
     ("num_workers", dict(num_workers=-1)),
     ("num_workers", dict(num_workers=6)),         # 17 frames = 5 latent frames: at most 5 workers
 ]

@@ -37,7 +37,7 @@ BUSY: WorkerState
 LOST: WorkerState
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel")
+    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class SubmitJobRequest(_message.Message):
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_frames: int
@@ -64,7 +65,8 @@ class SubmitJobRequest(_message.Message):
     num_workers: int
     fps: float
     clip_parallel: ClipParallelOptions
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ...) -> None: ...
+    block_pipeline: BlockPipelineOptions
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ...) -> None: ...
 
 class ClipParallelOptions(_message.Message):
     __slots__ = ("local_halo", "global_frames", "phase_switch_t", "phase_bias", "entropy_scaling")
@@ -80,8 +82,16 @@ class ClipParallelOptions(_message.Message):
     entropy_scaling: bool
     def __init__(self, local_halo: _Optional[int] = ..., global_frames: _Optional[int] = ..., phase_switch_t: _Optional[float] = ..., phase_bias: _Optional[float] = ..., entropy_scaling: _Optional[bool] = ...) -> None: ...
 
+class BlockPipelineOptions(_message.Message):
+    __slots__ = ("block_frames", "context_frames")
+    BLOCK_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    block_frames: int
+    context_frames: int
+    def __init__(self, block_frames: _Optional[int] = ..., context_frames: _Optional[int] = ...) -> None: ...
+
 class Job(_message.Message):
-    __slots__ = ("id", "state", "request", "error", "created_at", "started_at", "finished_at", "worker_ids", "video_size", "video_sha256", "strategy")
+    __slots__ = ("id", "state", "request", "error", "created_at", "started_at", "finished_at", "worker_ids", "video_size", "video_sha256", "strategy", "video_frames")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +103,7 @@ class Job(_message.Message):
     VIDEO_SIZE_FIELD_NUMBER: _ClassVar[int]
     VIDEO_SHA256_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     request: SubmitJobRequest
@@ -104,7 +115,8 @@ class Job(_message.Message):
     video_size: int
     video_sha256: str
     strategy: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_ids: _Optional[_Iterable[str]] = ..., video_size: _Optional[int] = ..., video_sha256: _Optional[str] = ..., strategy: _Optional[str] = ...) -> None: ...
+    video_frames: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_ids: _Optional[_Iterable[str]] = ..., video_size: _Optional[int] = ..., video_sha256: _Optional[str] = ..., strategy: _Optional[str] = ..., video_frames: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -175,7 +187,7 @@ class StateChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StepProgress(_message.Message):
-    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds")
+    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds", "block")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +198,7 @@ class StepProgress(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     COMM_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     step: int
@@ -196,7 +209,8 @@ class StepProgress(_message.Message):
     bytes_sent: int
     bytes_received: int
     comm_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ...) -> None: ...
+    block: int
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ..., block: _Optional[int] = ...) -> None: ...
 
 class FramesReceived(_message.Message):
     __slots__ = ("worker_id", "first_frame", "num_frames")
@@ -261,7 +275,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults")
+    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SPATIAL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +285,7 @@ class ModelInfo(_message.Message):
     STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     NATIVE_LATENT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     CLIP_PARALLEL_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     spatial_multiple: int
@@ -280,7 +295,8 @@ class ModelInfo(_message.Message):
     strategies: _containers.RepeatedScalarFieldContainer[str]
     native_latent_frames: int
     clip_parallel_defaults: ClipParallelOptions
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ...) -> None: ...
+    num_layers: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("register", "heartbeat", "store_ready", "progress", "result", "log")
@@ -369,7 +385,7 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[RenderPlan, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
-    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "decode_rank", "group_name", "timeout_seconds", "backend", "clip_parallel")
+    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "decode_rank", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +397,8 @@ class RenderPlan(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     request: SubmitJobRequest
     strategy: str
     world_size: int
@@ -392,9 +410,19 @@ class RenderPlan(_message.Message):
     timeout_seconds: int
     backend: str
     clip_parallel: ClipParallelOptions
-    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., decode_rank: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[LayerRange]
+    block_pipeline: BlockPipelineOptions
+    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., decode_rank: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ...) -> None: ...
 
 class ClipRange(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class LayerRange(_message.Message):
     __slots__ = ("start", "end")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
