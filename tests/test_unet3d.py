@@ -157,7 +157,10 @@ def _rank_main(mesh, folder):
         model = load_adapter(folder, "cpu", dtype)
         out[dtype] = denoise(model, plan, mesh.rank, mesh).numpy()
     # the worker's path: every rank decodes and uploads its own clip
-    frames = render(model, plan, mesh.rank, mesh, on_step=lambda report: None, should_stop=lambda: False)
+    pieces = []
+    render(model, plan, mesh.rank, mesh, on_step=lambda report: None, should_stop=lambda: False,
+           on_frames=pieces.append)
+    (frames,) = pieces
     out["first_frame"] = frames.first_frame
     out["halo"] = _halo_check(mesh, [c.end - c.start for c in plan.clips])
     out["norm"] = _norm_check(mesh, [c.end - c.start for c in plan.clips])

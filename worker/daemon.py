@@ -177,9 +177,9 @@ class WorkerDaemon:
         from clipmesh.worker.render import Cancelled
 
         a, plan = ctx.assignment, ctx.assignment.plan
-        clip = plan.clips[a.rank]
-        log.info("job %s: rank %d/%d, latent frames [%d, %d), %s", a.job_id, a.rank, plan.world_size,
-                 clip.start, clip.end, plan.strategy)
+        part = (f"layers [{plan.layers[a.rank].start}, {plan.layers[a.rank].end})" if plan.layers else
+                f"latent frames [{plan.clips[a.rank].start}, {plan.clips[a.rank].end})")
+        log.info("job %s: rank %d/%d, %s, %s", a.job_id, a.rank, plan.world_size, part, plan.strategy)
         store = None
         result = pb.JobResult(job_id=a.job_id)
         try:
@@ -188,9 +188,12 @@ class WorkerDaemon:
                 store, port = await asyncio.to_thread(mesh.host_store, self.advertise_host, plan.timeout_seconds)
                 self._send(store_ready=pb.StoreReady(job_id=a.job_id, port=port))
             rdv = await asyncio.wait_for(ctx.rendezvous, plan.timeout_seconds)
-            rendered = await asyncio.to_thread(self._render, ctx, rdv, store)
-            if rendered is not None:
-                await self._upload(a.job_id, rendered)
+            uploads: list[asyncio.Future] = []
+            try:
+                await asyncio.to_thread(self._render, ctx, rdv, store, uploads)
+            finally:  # what was rendered is delivered, also when the job stops early
+                for upload in uploads:
+                    await asyncio.wrap_future(upload)
             result.ok = True
         except (Cancelled, asyncio.CancelledError):
             result.cancelled = True
@@ -205,27 +208,32 @@ class WorkerDaemon:
         log.info("job %s: rank %d %s", a.job_id, a.rank, "done" if result.ok else result.error)
         self._send(result=result)
 
-    def _render(self, ctx: JobContext, rdv: pb.Rendezvous, store):
-        """Blocking: runs in a thread so the stream keeps flowing (progress, heartbeats, cancels)."""
+    def _render(self, ctx: JobContext, rdv: pb.Rendezvous, store, uploads: list) -> None:
+        """Blocking: runs in a thread so the stream keeps flowing (progress, heartbeats, cancels).
+        Each decoded piece is uploaded at once, in order, while rendering goes on."""
         from clipmesh.worker.mesh import Mesh
         from clipmesh.worker.render import render
 
         a, plan = ctx.assignment, ctx.assignment.plan
-        clip = plan.clips[a.rank]
         loop_send = self._threadsafe_sender()
 
         def on_step(report) -> None:
             loop_send(progress=pb.StepProgress(
                 worker_id=self.worker_id, rank=a.rank, step=report.step, total_steps=report.total,
-                latent_start=clip.start, latent_end=clip.end, seconds=report.seconds,
+                latent_start=report.latent_start, latent_end=report.latent_end, seconds=report.seconds,
                 bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
-                comm_seconds=report.comm_seconds))
+                comm_seconds=report.comm_seconds, block=report.block))
+
+        def on_frames(rendered) -> None:
+            previous = uploads[-1] if uploads else None
+            uploads.append(asyncio.run_coroutine_threadsafe(self._upload(a.job_id, rendered, previous), self._loop))
 
         group = Mesh.open(rdv.host, rdv.port, a.rank, plan.world_size, plan.group_name, backend=plan.backend,
                           timeout_s=plan.timeout_seconds, store=store, device=self.device,
                           local_host=self.advertise_host)
         try:
-            return render(self.model, plan, a.rank, group, on_step=on_step, should_stop=ctx.cancel.is_set)
+            render(self.model, plan, a.rank, group, on_step=on_step, should_stop=ctx.cancel.is_set,
+                   on_frames=on_frames)
         finally:
             group.close()
 
@@ -233,8 +241,11 @@ class WorkerDaemon:
         loop = self._loop
         return lambda **kind: loop.call_soon_threadsafe(lambda: self._send(**kind))
 
-    async def _upload(self, job_id: str, rendered) -> None:
-        """Streams decoded RGB24 frames [N, H, W, 3] to the coordinator."""
+    async def _upload(self, job_id: str, rendered, after=None) -> None:
+        """Streams decoded RGB24 frames [N, H, W, 3] to the coordinator, once the upload `after`
+        (a concurrent future, or None) is done: pieces arrive in order."""
+        if after is not None:
+            await asyncio.wrap_future(after)
         n, h, w, _ = rendered.frames.shape
         data = rendered.frames.tobytes()
 

@@ -218,6 +218,21 @@ class Mesh:
         self._count(sent, sum(_nbytes(h) for h in halos), began)
         return halos[0], halos[1]
 
+    def isend(self, tensor: torch.Tensor, dst: int):
+        """Start sending `tensor` (contiguous) to rank `dst`; returns the work to wait on. The
+        tensor must stay untouched until then. Messages between a pair arrive in send order."""
+        began = time.perf_counter()
+        work = dist.isend(tensor, dst, group=self.group)
+        self._count(_nbytes(tensor), 0, began)
+        return work
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive the next message from rank `src` into `tensor` (its exact size); returns it."""
+        began = time.perf_counter()
+        dist.recv(tensor, src, group=self.group)
+        self._count(0, _nbytes(tensor), began)
+        return tensor
+
     def _gather_sizes(self, size: int) -> list[int]:
         began = time.perf_counter()
         mine = torch.tensor([size], dtype=torch.int64, device=self.device)

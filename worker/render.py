@@ -33,6 +33,9 @@ class StepReport:
     bytes_sent: int = 0       # data-plane traffic of the step
     bytes_received: int = 0
     comm_seconds: float = 0.0
+    latent_start: int = 0     # the latent frames the step was on
+    latent_end: int = 0
+    block: int | None = None  # block_pipeline: the block this step advanced
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def denoise_clip(model, plan, rank: int, mesh, on_step: Callable[[StepReport], N
             latents = model.step(scheduler, pred, t, latents)
             if on_step:
                 sent, received, comm_seconds = mesh.take_stats()
-                on_step(StepReport(i + 1, len(timesteps), time.perf_counter() - began, sent, received, comm_seconds))
+                on_step(StepReport(i + 1, len(timesteps), time.perf_counter() - began, sent, received, comm_seconds,
+                                   start, end))
 
     return latents
 
@@ -107,14 +111,20 @@ def denoise(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] 
 
 
 def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None],
-           should_stop: Callable[[], bool]) -> RenderedFrames | None:
-    """Denoise this rank's clip and decode what this rank uploads (None: nothing).
+           should_stop: Callable[[], bool], on_frames: Callable[[RenderedFrames], None]) -> None:
+    """Run this rank's part of the plan; hand every decoded piece of the video to `on_frames`.
 
-    A frame-wise VAE (UNet3D family) decodes each clip exactly on its own rank, in parallel;
+    A strategy with a loop of its own (block_pipeline) streams blocks as they finish. Otherwise:
+    a frame-wise VAE (UNet3D family) decodes each clip exactly on its own rank, in parallel;
     a causal video VAE (Wan) needs the whole video, so the decode rank decodes it all."""
+    strategy = get_strategy(plan.strategy)
+    if hasattr(strategy, "render"):
+        return strategy.render(model, plan, rank, mesh, on_step, should_stop, on_frames)
     local = denoise_clip(model, plan, rank, mesh, on_step, should_stop)
     with torch.no_grad():
         if model.decodes_per_frame:
-            return RenderedFrames(first_frame=plan.clips[rank].start, frames=model.decode(local))
+            on_frames(RenderedFrames(first_frame=plan.clips[rank].start, frames=model.decode(local)))
+            return
         full = mesh.all_gather_uneven(local, [c.end - c.start for c in plan.clips], dim=2)
-        return RenderedFrames(first_frame=0, frames=model.decode(full)) if rank == plan.decode_rank else None
+        if rank == plan.decode_rank:
+            on_frames(RenderedFrames(first_frame=0, frames=model.decode(full)))

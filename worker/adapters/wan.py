@@ -30,6 +30,13 @@ def self_attentions(transformer) -> list[torch.nn.Module]:
     return [block.attn1 for block in transformer.blocks]
 
 
+def rope_rows(transformer, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock rope module's (cos, sin) for a latent video of `frames` frames of height x width:
+    rope reads only the shape, so it is asked with a shape-only meta tensor."""
+    stand_in = torch.empty((1, transformer.config.in_channels, frames, height, width), device="meta")
+    return type(transformer.rope).forward(transformer.rope, stand_in)
+
+
 def install_global_rope(transformer, frame_start: int):
     """Make `transformer.rope` return the RoPE of global latent frames [frame_start, frame_start+F)
     for a local clip of F frames, instead of [0, F). Returns the hook handle (call .remove()).
@@ -48,15 +55,14 @@ def install_global_rope(transformer, frame_start: int):
         b, c, f, h, w = args[0].shape
         if frame_start + f > limit:
             raise ValueError(f"latent frames up to {frame_start + f} exceed the model's RoPE table ({limit})")
-        stand_in = torch.empty((b, c, frame_start + f, h, w), device="meta")
-        cos, sin = type(module).forward(module, stand_in)
+        cos, sin = rope_rows(transformer, frame_start + f, h, w)
         skip = frame_start * (h // p_h) * (w // p_w)
         return cos[:, skip:], sin[:, skip:]
 
     return rope.register_forward_hook(hook)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Wan's interleaved-pair rotation, op for op as in diffusers' WanAttnProcessor.
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
@@ -76,8 +82,72 @@ def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[t
     q, k = attn.norm_q(q), attn.norm_k(k)
     q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
     if rotary_emb is not None:
-        q, k = _apply_rope(q, *rotary_emb), _apply_rope(k, *rotary_emb)
+        q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
     return q, k, v
+
+
+class WanStages:
+    """WanTransformer3DModel.forward cut at its block boundaries, op for op, so pipeline stages
+    can each run a range of blocks: embed (rank 0), condition (every rank), blocks, head (last).
+    Hidden states are [B, tokens, dim] with frame-major tokens."""
+
+    def __init__(self, transformer):
+        self.t = transformer
+        p_t, self.p_h, self.p_w = transformer.config.patch_size
+        if p_t != 1:
+            raise NotImplementedError(f"block-wise Wan needs temporal patch size 1, this model has {p_t}")
+
+    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.t.patch_embedding(latents.to(self.t.dtype))
+        return x.flatten(2).transpose(1, 2).contiguous()
+
+    def condition(self, timestep: torch.Tensor, text: torch.Tensor):
+        """(temb, timestep_proj [B, 6, dim], projected text) for timesteps [B] and text [B, L, D]."""
+        temb, proj, text, _ = self.t.condition_embedder(timestep, text, None, timestep_seq_len=None)
+        return temb, proj.unflatten(1, (6, -1)), text
+
+    def blocks(self, hidden, start: int, end: int, text, timestep_proj, rotary_emb) -> torch.Tensor:
+        for block in self.t.blocks[start:end]:
+            hidden = block(hidden, text, timestep_proj, rotary_emb)
+        return hidden
+
+    def rope(self, frames: int, height: int, width: int):
+        return rope_rows(self.t, frames, height, width)
+
+    def head(self, hidden: torch.Tensor, temb: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+        """Output norm, projection and unpatchify: [B, tokens, dim] -> [B, C, frames, height, width]."""
+        shift, scale = (self.t.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (self.t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = self.t.proj_out(hidden)
+        h, w = height // self.p_h, width // self.p_w
+        hidden = hidden.reshape(hidden.shape[0], frames, h, w, 1, self.p_h, self.p_w, -1)
+        return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class WanStreamDecoder:
+    """Decodes a video block by block, bit for bit as AutoencoderKLWan decodes it whole: its
+    causal decoder runs one latent frame at a time with a cache of past features, so keeping
+    that cache between blocks makes the blocks' frames those of the whole video. (The cache
+    protocol is diffusers' own _decode loop; we hold the cache instead of the VAE, so a
+    streaming job never disturbs the VAE's state.)"""
+
+    def __init__(self, adapter: "WanAdapter"):
+        self.adapter, self.vae = adapter, adapter.pipe.vae
+        if self.vae.config.patch_size is not None or self.vae.use_tiling:
+            raise NotImplementedError("streaming decode needs an untiled Wan 2.1 VAE")
+        self.feat_cache = [None] * self.vae._cached_conv_counts["decoder"]
+        self.first = True
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Next block's latents [1, C, F, h, w] -> its uint8 frames [N, H, W, 3]."""
+        x = self.vae.post_quant_conv(self.adapter.unnormalize(latents))
+        parts = []
+        for i in range(x.shape[2]):
+            parts.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=self.feat_cache, feat_idx=[0],
+                                          first_chunk=self.first))
+            self.first = False
+        return self.adapter.to_uint8(torch.clamp(torch.cat(parts, dim=2), min=-1.0, max=1.0))
 
 
 class WanAdapter(ModelAdapter):
@@ -131,12 +201,22 @@ class WanAdapter(ModelAdapter):
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]: WanPipeline.__call__'s post-loop steps.
         Wan's VAE is causal in time, so the whole video is decoded on one rank."""
+        video = self.pipe.vae.decode(self.unnormalize(latents), return_dict=False)[0]
+        return self.to_uint8(video)
+
+    def stream_decoder(self) -> WanStreamDecoder:
+        """A decoder fed the video's latents block after block (block_pipeline streams its output)."""
+        return WanStreamDecoder(self)
+
+    def unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser latents -> the VAE's latent space (WanPipeline's step before vae.decode)."""
         vae = self.pipe.vae
         latents = latents.to(vae.device, vae.dtype)
         z = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        latents = latents / inv_std + mean
-        video = vae.decode(latents, return_dict=False)[0]
+        return latents / inv_std + mean
+
+    def to_uint8(self, video: torch.Tensor) -> np.ndarray:
         frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
         return (frames * 255.0).round().clip(0, 255).astype(np.uint8)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from clipmesh.worker.strategies.base import Strategy
+from clipmesh.worker.strategies.block_pipeline import BlockPipelineStrategy
 from clipmesh.worker.strategies.clip_parallel import ClipParallelStrategy
 from clipmesh.worker.strategies.exact import ExactStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"exact": ExactStrategy, "clip_parallel": ClipParallelStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {"exact": ExactStrategy, "clip_parallel": ClipParallelStrategy,
+                                     "block_pipeline": BlockPipelineStrategy}
 
 
 def get_strategy(name: str) -> Strategy:
