@@ -1,0 +1,240 @@
+"""block_pipeline (DualParal) against independent references, on tiny-wan (4 transformer blocks).
+
+- A 1-process block-wise reference written here: the same queue, context, feature cache and
+  noise, but no pipeline: every iteration runs the stock WanTransformer3DModel.forward on each
+  queued block (two calls for CFG, as WanPipeline does) and then steps all of them at once. The
+  1-stage run equals it, and 2-, 3- and 4-stage pipelines (uneven layer splits 2+1+1) equal the
+  1-stage run.
+- With context_frames = 0 and one block covering the whole video, the result is vanilla
+  WanPipeline from the same noise.
+- The streamed frames are exactly the frames of the video: block after block through the
+  streaming decoder equals decoding the whole video at once, with exactly num_frames frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipmesh import presets
+from clipmesh.coordinator.planner import make_plan
+from clipmesh.plan import num_latent_frames
+from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.worker.strategies.block_pipeline import BlockPipelineStrategy, coordinated_noise
+from ranks import run_ranks, single_thread_model
+
+SIDE, STEPS, GUIDANCE, SEED = 32, 3, 5.0, 99
+TOL = 1e-5
+
+
+def _plan(world_size: int, frames: int, block: int, context: int, steps: int = STEPS) -> pb.RenderPlan:
+    req = pb.SubmitJobRequest(prompt="a river in spring", negative_prompt="blurry", num_frames=frames, height=SIDE,
+                              width=SIDE, num_inference_steps=steps, guidance_scale=GUIDANCE, seed=SEED,
+                              model="tiny-wan", strategy="block_pipeline", fps=8,
+                              block_pipeline=pb.BlockPipelineOptions(block_frames=block, context_frames=context))
+    members = [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)]
+    plan = make_plan(pb.Job(id=f"bp{world_size}", request=req), members,
+                     pb.ModelInfo(**presets.model_limits("tiny-wan")), 60)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return str(presets.model_folder("tiny-wan"))
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    yield from single_thread_model(folder)
+
+
+def _run(mesh, folder, plan_bytes):
+    """One rank of the pipeline; rank 0 returns the blocks it finished, in order."""
+    from clipmesh.worker.adapters import load_adapter
+
+    plan = pb.RenderPlan.FromString(plan_bytes)
+    model = load_adapter(folder, "cpu", torch.float32)
+    blocks = []
+    BlockPipelineStrategy().run(model, plan, mesh.rank, mesh,
+                                on_block=lambda start, end, latents: blocks.append((start, end, latents.numpy().copy())))
+    return blocks
+
+
+def _pipeline(folder, plan) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    blocks = run_ranks(_run, plan.world_size, folder, plan.SerializeToString(),
+                       group=f"bp-{plan.world_size}-{plan.request.num_frames}")[0]
+    return [(s, e) for s, e, _ in blocks], torch.cat([torch.from_numpy(x) for _, _, x in blocks], dim=2)
+
+
+# -- the reference, written from ALGORITHMS.md section 2 -----------------------------------------
+
+def _rotate(x, cos, sin):
+    """Wan's RoPE: interleaved pairs (x0, x1) rotated by the frequency of their position."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+
+
+class _CachedSelfAttention:
+    """Reference feature cache for one attn1: raw K/V of the first `context` own frames of the
+    block run last (per CFG branch) are appended to the next block's keys, after its frames."""
+
+    def __init__(self, state, rope):
+        self.state, self.rope, self.kv = state, rope, {}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        st = self.state
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        n = st["tokens_per_frame"]
+        first = slice(st["context_in"] * n, (st["context_in"] + st["c"]) * n)
+        if self.kv.get("iteration") != st["iteration"]:  # caches never cross iterations
+            self.kv = {"iteration": st["iteration"]}
+        cached = self.kv.get(st["branch"])
+        self.kv[st["branch"]] = (k[:, first], v[:, first])
+        if cached is not None:
+            k, v = torch.cat([k, cached[0]], 1), torch.cat([v, cached[1]], 1)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        b, heads = q.shape[0], attn.heads
+        q, k, v = (x.view(b, x.shape[1], heads, -1) for x in (q, k, v))
+        cos_q, sin_q = self.rope(q.shape[1] // n)
+        cos_k, sin_k = self.rope(k.shape[1] // n)
+        q, k = _rotate(q, cos_q, sin_q), _rotate(k, cos_k, sin_k)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@torch.no_grad()
+def _reference(model, plan) -> torch.Tensor:
+    """Synchronous block queue on the stock transformer: all queued blocks predict from the
+    latents at the start of the iteration, then all step."""
+    req, opts = plan.request, plan.block_pipeline
+    b, c, steps = opts.block_frames, opts.context_frames, req.num_inference_steps
+    transformer = model.pipe.transformer
+    channels, h, w = model.latent_shape(SIDE, SIDE)
+    total = num_latent_frames(req.num_frames, 4)
+    spans = [(s, min(s + b, total)) for s in range(0, total, b)]
+    draws = coordinated_noise(SEED, b, c, channels, h, w)
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, GUIDANCE)
+    state = dict(c=c, tokens_per_frame=(h // 2) * (w // 2), iteration=-1)
+
+    def rope(frames):
+        return transformer.rope(torch.zeros(1, channels, frames, h, w))
+
+    stock = {i: blk.attn1.processor for i, blk in enumerate(transformer.blocks)}
+    for blk in transformer.blocks:
+        blk.attn1.set_processor(_CachedSelfAttention(state, rope))
+    latents, schedulers = {}, {}
+    try:
+        for k in range(len(spans) + steps - 1):
+            if k < len(spans):
+                schedulers[k] = model.new_scheduler()
+                schedulers[k].set_timesteps(steps)
+                latents[k] = next(draws)[:, :, : spans[k][1] - spans[k][0]]
+            state["iteration"] = k
+            queued = [j for j in range(len(spans)) if 0 <= k - j < steps]
+            preds = {}
+            for j in sorted(queued, reverse=True):  # tail -> head
+                t = schedulers[j].timesteps[k - j]
+                context = latents[j - 1][:, :, latents[j - 1].shape[2] - c:] if j > 0 else latents[j][:, :, :0]
+                x = torch.cat([context, latents[j]], dim=2)
+                state["context_in"] = context.shape[2]
+                outs = []
+                for state["branch"], text in (("cond", cond), ("uncond", uncond)):
+                    outs.append(transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text,
+                                            return_dict=False)[0][:, :, context.shape[2]:])
+                preds[j] = outs[1] + GUIDANCE * (outs[0] - outs[1])
+            for j in queued:
+                latents[j] = schedulers[j].step(preds[j], schedulers[j].timesteps[k - j], latents[j],
+                                                return_dict=False)[0]
+    finally:
+        for i, blk in enumerate(transformer.blocks):
+            blk.attn1.set_processor(stock[i])
+    return torch.cat([latents[j] for j in range(len(spans))], dim=2)
+
+
+# 41 frames = 11 latent frames: blocks of 3 -> 3+3+3+2 (a short last block), context 2
+FRAMES, BLOCK, CONTEXT = 41, 3, 2
+
+
+@pytest.fixture(scope="module")
+def one_stage(folder):
+    return _pipeline(folder, _plan(1, FRAMES, BLOCK, CONTEXT))
+
+
+def test_one_stage_equals_the_blockwise_reference(model, one_stage):
+    spans, latents = one_stage
+    assert spans == [(0, 3), (3, 6), (6, 9), (9, 11)]  # blocks leave in order, the last one short
+    ref = _reference(model, _plan(1, FRAMES, BLOCK, CONTEXT))
+    assert latents.shape == ref.shape == (1, 16, 11, SIDE // 8, SIDE // 8)
+    assert (latents - ref).abs().max().item() <= TOL
+
+
+def test_reference_sees_the_context_and_the_cache(model, one_stage):
+    """Guard against a vacuous oracle: without context and cache the video is different."""
+    _, latents = one_stage
+    independent = _reference(model, _plan(1, FRAMES, BLOCK, 0))
+    assert (latents - independent).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_stage_pipelines_equal_one_stage(folder, one_stage, world_size):
+    plan = _plan(world_size, FRAMES, BLOCK, CONTEXT)
+    assert [r.end - r.start for r in plan.layers] == {2: [2, 2], 3: [2, 1, 1], 4: [1, 1, 1, 1]}[world_size]
+    spans, latents = _pipeline(folder, plan)
+    assert spans == one_stage[0]
+    assert (latents - one_stage[1]).abs().max().item() <= TOL
+
+
+def test_one_block_without_context_is_vanilla_wan(model, folder):
+    """context 0 and one block of the whole video: WanPipeline from the block's noise."""
+    frames = 17  # 5 latent frames in one block of 5
+    plan = _plan(1, frames, 5, 0)
+    _, latents = _pipeline(folder, plan)
+    req = plan.request
+    noise = next(coordinated_noise(SEED, 5, 0, 16, SIDE // 8, SIDE // 8))
+    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, GUIDANCE)
+    vanilla = model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
+                         num_frames=frames, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                         output_type="latent").frames
+    assert (latents - vanilla).abs().max().item() <= TOL
+
+
+def test_coordinated_noise_reuses_the_pool_without_the_previous_tail():
+    b, c = 4, 2
+    pool = next(coordinated_noise(SEED, b + c, 0, 2, 2, 2))  # with c = 0 the first draw is a permutation of the pool
+    draws = coordinated_noise(SEED, b, c, 2, 2, 2)
+    blocks = [next(draws) for _ in range(6)]
+    again = coordinated_noise(SEED, b, c, 2, 2, 2)
+    assert all(torch.equal(x, next(again)) for x in blocks)  # a pure function of the seed
+
+    def pool_index(frame):
+        (match,) = [i for i in range(b + c) if torch.equal(pool[:, :, i], frame)]
+        return match
+
+    indices = [[pool_index(blk[:, :, f]) for f in range(b)] for blk in blocks]
+    for previous, current in zip(indices, indices[1:]):
+        assert len(set(current)) == b                       # a permutation: no frame twice
+        assert not set(previous[-c:]) & set(current)        # the previous block's tail is not reused
+    assert len({tuple(i) for i in indices}) > 1             # the order changes from block to block
+
+
+@pytest.mark.parametrize("frames,block", [(1, 2), (13, 2), (29, 3), (45, 4)])
+def test_streamed_frames_are_the_whole_video(model, frames, block):
+    """Exactly num_frames frames, in order, equal to decoding the whole latent video at once."""
+    from clipmesh.worker.mesh import Mesh, host_store
+
+    plan = _plan(1, frames, block, min(1, block), steps=1)
+    pieces, blocks = [], []
+    store, port = host_store("127.0.0.1", 30)
+    strategy = BlockPipelineStrategy()
+    with Mesh.open("127.0.0.1", port, 0, 1, f"stream-{frames}", timeout_s=30, store=store) as mesh:
+        strategy.render(model, plan, 0, mesh, on_frames=pieces.append)
+        strategy.run(model, plan, 0, mesh, on_block=lambda s, e, x: blocks.append(x))
+    assert [p.first_frame for p in pieces] == [0] + [sum(len(p.frames) for p in pieces[:i]) for i in range(1, len(pieces))]
+    streamed = torch.from_numpy(np.concatenate([p.frames for p in pieces]))
+    assert streamed.shape[0] == frames
+    whole = torch.from_numpy(model.decode(torch.cat(blocks, dim=2)))
+    assert torch.equal(streamed, whole)
