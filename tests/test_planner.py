@@ -2,7 +2,8 @@
 
 import pytest
 
-from clipmesh.coordinator.planner import CLIP_PARALLEL_DEFAULTS, choose_strategy, make_plan, resolve_clip_parallel
+from clipmesh.coordinator.planner import (BLOCK_PIPELINE_DEFAULTS, CLIP_PARALLEL_DEFAULTS, choose_strategy, make_plan,
+                                         max_workers, resolve_block_pipeline, resolve_clip_parallel)
 from clipmesh.plan import split_clips, split_clips_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
 
@@ -56,3 +57,26 @@ def test_make_plan_sizes_clips_by_worker_speed():
     assert [(c.start, c.end) for c in plan.clips] == [(0, 10), (10, 33)]  # share 8.25, lifted to the halo
     assert plan.strategy == "clip_parallel" and plan.clip_parallel.local_halo == 10
     assert plan.group_name == "clipmesh-j1" and plan.num_latent_frames == 33 and plan.world_size == 2
+
+
+def test_block_pipeline_plan_splits_layers_not_frames():
+    model = pb.ModelInfo(); model.CopyFrom(WAN); model.num_layers = 30; model.strategies.append("block_pipeline")
+    even = make_plan(pb.Job(id="j2", request=request(num_frames=81, strategy="block_pipeline")),
+                     [pb.WorkerInfo(id=w, speed=1.0) for w in "abcd"], model, timeout_seconds=30)
+    assert [(r.start, r.end) for r in even.layers] == [(0, 8), (8, 16), (16, 23), (23, 30)]  # remainder first
+    assert not even.clips and even.num_latent_frames == 21
+    assert (even.block_pipeline.block_frames, even.block_pipeline.context_frames) == \
+        (BLOCK_PIPELINE_DEFAULTS["block_frames"], BLOCK_PIPELINE_DEFAULTS["context_frames"])
+    fast_first = make_plan(pb.Job(id="j3", request=request(num_frames=0)),  # unbounded: block_pipeline
+                           [pb.WorkerInfo(id="a", speed=3.0), pb.WorkerInfo(id="b", speed=1.0)], model, 30)
+    assert fast_first.strategy == "block_pipeline" and fast_first.num_latent_frames == 0
+    assert [(r.start, r.end) for r in fast_first.layers] == [(0, 23), (23, 30)]  # 22.5: by measured speed
+    assert max_workers(request(num_frames=0), model) == 30
+    assert max_workers(request(num_frames=17, strategy="exact"), model) == 5
+
+
+def test_block_pipeline_default_context_shrinks_to_a_small_block():
+    small = resolve_block_pipeline(request(block_pipeline=pb.BlockPipelineOptions(block_frames=2)))
+    assert (small.block_frames, small.context_frames) == (2, 2)
+    none = resolve_block_pipeline(request(block_pipeline=pb.BlockPipelineOptions(context_frames=0)))
+    assert (none.block_frames, none.context_frames) == (BLOCK_PIPELINE_DEFAULTS["block_frames"], 0)
