@@ -1,12 +1,15 @@
-"""The coordinator's logic: jobs, placement, render plans, rendezvous, progress, stitching.
+"""The coordinator's logic: jobs, placement, render plans, rendezvous, progress, streaming video.
 
 Knows nothing of gRPC (the servicers in service.py only translate). Runs on one
-asyncio loop, so the state below needs no locks.
+asyncio loop, so the state below needs no locks; the one exception is a job's video,
+written in threads across awaits (ActiveJob.video_lock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import shutil
 import time
@@ -20,13 +23,22 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .hub import ProgressHub
 from .planner import make_plan, max_workers
-from .stitcher import FramePart, stitch
+from .stitcher import FramePart, VideoClosed, VideoWriter
 from .store import FINAL_STATES, Store, now_ts
 from .validate import validate_request
 
 log = logging.getLogger("clipmesh.coordinator")
 
 STATE_NAMES = {v: k for k, v in pb.JobState.items()}
+
+
+def shielded(method):
+    """Runs a transition to its end even if its caller is cancelled: ending a job awaits video
+    threads, and a worker's closing stream cancels the task that reads it mid-message."""
+    @functools.wraps(method)
+    async def run(*args, **kwargs):
+        return await asyncio.shield(method(*args, **kwargs))
+    return run
 
 
 @dataclass
@@ -48,7 +60,9 @@ class ActiveJob:
     plan: pb.RenderPlan
     members: list[str]                          # worker ids in rank order
     pending: set[str]                           # members that have not reported yet
-    parts: list[FramePart] = field(default_factory=list)
+    video: VideoWriter                          # written while the job runs
+    # One video call at a time; the job ends under it, so a part is either in the video or refused.
+    video_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class CoordinatorCore:
@@ -62,6 +76,7 @@ class CoordinatorCore:
         self.collective_timeout = collective_timeout
         self.sessions: dict[str, WorkerSession] = {}
         self.active: dict[str, ActiveJob] = {}
+        self._upload_ids = itertools.count()  # part files never share a name, even for a repeated upload
         self._recover()
 
     def _recover(self) -> None:
@@ -141,20 +156,25 @@ class CoordinatorCore:
                 return
             await self.hub.wait(job_id, timeout=1.0)
 
+    @shielded
     async def cancel(self, job_id: str) -> pb.Job:
         job = self.get_job(job_id)
         if job.state in FINAL_STATES:
             raise FailedPrecondition(f"job {job_id} is already {STATE_NAMES[job.state]}")
-        if job_id in self.active:
-            self._broadcast_cancel(job_id)
-        await self._set_state(job, pb.CANCELLED, detail="cancelled by client")
-        self._drop_frames(job_id)
-        return job
+        if job_id not in self.active:
+            await self._set_state(job, pb.CANCELLED, detail="cancelled by client")
+            return job
+        self._broadcast_cancel(job_id)
+        if not await self._end(job_id, pb.CANCELLED, detail="cancelled by client"):
+            raise FailedPrecondition(f"job {job_id} is already {STATE_NAMES[self.get_job(job_id).state]}")
+        return self.get_job(job_id)
 
     def video_path(self, job_id: str) -> Path:
+        """Any job with a finished video: a cancelled or failed one keeps the frames finished before."""
         job = self.get_job(job_id)
-        if job.state != pb.SUCCEEDED:
-            raise FailedPrecondition(f"job {job_id} is {STATE_NAMES[job.state]}, the video exists once SUCCEEDED")
+        if not job.video_size:
+            raise FailedPrecondition(f"job {job_id} is {STATE_NAMES[job.state]} without a video; one exists once "
+                                     "SUCCEEDED, or once stopped after frames were finished")
         return self.data_dir / "videos" / f"{job_id}.mp4"
 
     # -- placement ----------------------------------------------------------
@@ -177,7 +197,8 @@ class CoordinatorCore:
 
     async def _place(self, job: pb.Job, members: list[str], model: pb.ModelInfo) -> None:
         plan = make_plan(job, [self.sessions[w].info for w in members], model, self.collective_timeout)
-        self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members))
+        video = VideoWriter(self.data_dir / "videos" / f"{job.id}.mp4", job.request.fps)
+        self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members), video=video)
         job.strategy = plan.strategy
         job.worker_ids[:] = members
         await self._set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy})")
@@ -205,6 +226,7 @@ class CoordinatorCore:
         await self.schedule()
         return session
 
+    @shielded
     async def detach(self, worker_id: str, reason: str) -> None:
         """The worker's stream ended or it missed heartbeats: it is lost, and so is its job."""
         session = self.sessions.pop(worker_id, None)
@@ -220,6 +242,7 @@ class CoordinatorCore:
             await self._fail(job_id, f"worker {worker_id} lost: {reason}")
             await self._maybe_finish(job_id)
 
+    @shielded
     async def on_message(self, worker_id: str, msg: pb.WorkerMessage) -> None:
         session = self.sessions.get(worker_id)
         if session is None:
@@ -273,34 +296,55 @@ class CoordinatorCore:
         await self.schedule()
 
     async def _fail(self, job_id: str, error: str) -> None:
-        """Marks the job FAILED (first error wins) and tells the other members to stop."""
-        job = self.get_job(job_id)
-        if job.state not in FINAL_STATES:
-            await self._set_state(job, pb.FAILED, error=error)
+        """Tells the members to stop and marks the job FAILED (first error wins)."""
         self._broadcast_cancel(job_id)
+        await self._end(job_id, pb.FAILED, error=error)
 
     def _broadcast_cancel(self, job_id: str) -> None:
-        for wid in self.active[job_id].pending:
+        active = self.active.get(job_id)
+        for wid in active.pending if active else ():
             if wid in self.sessions:
                 self.sessions[wid].send(cancel=pb.Cancel(job_id=job_id))
 
-    async def _maybe_finish(self, job_id: str) -> None:
-        active = self.active[job_id]
-        if active.pending:
-            return
-        del self.active[job_id]
-        job = self.get_job(job_id)
-        if job.state == pb.RUNNING:
-            req = job.request
-            out = self.data_dir / "videos" / f"{job_id}.mp4"
-            try:
-                size, sha = await asyncio.to_thread(stitch, active.parts, req.num_frames, out, req.fps)
-            except Exception as exc:  # a stitch failure fails the job, never the coordinator
-                log.exception("stitching job %s failed", job_id)
-                await self._set_state(job, pb.FAILED, error=f"stitching failed: {exc}")
+    async def _end(self, job_id: str, state: int, detail: str = "", error: str = "") -> bool:
+        """Closes a placed job's video and sets its final state, once: False if the job had ended.
+        Success needs every frame (a bounded job) or an unbroken run of them; a job that ends
+        otherwise keeps the frames finished so far as a playable video."""
+        active = self.active.get(job_id)
+        if active is None:
+            return False
+        async with active.video_lock:
+            job = self.get_job(job_id)
+            if job.state in FINAL_STATES:
+                return False
+            video = active.video
+            if state == pb.SUCCEEDED:
+                missing = video.missing(job.request.num_frames)
+                if missing or not video.frames_written:
+                    state, error = pb.FAILED, missing or "no frames received"
+            outcome = ""
+            if video.frames_written:
+                try:
+                    size, sha = await asyncio.to_thread(video.finish)
+                except Exception as exc:  # an encoding failure fails the job, never the coordinator
+                    log.exception("job %s: finishing the video failed", job_id)
+                    state = pb.FAILED if state == pb.SUCCEEDED else state
+                    error = error or f"video encoding failed: {exc}"
+                else:
+                    job.video_size, job.video_sha256, job.video_frames = size, sha, video.frames_written
+                    outcome = (f"video {size} bytes, {video.frames_written} frames" if state == pb.SUCCEEDED
+                               else f"kept {video.frames_written} frames")
             else:
-                job.video_size, job.video_sha256 = size, sha
-                await self._set_state(job, pb.SUCCEEDED, detail=f"video {size} bytes")
+                await asyncio.to_thread(video.abort)
+            await self._set_state(job, state, detail="; ".join(filter(None, (detail or error, outcome))), error=error)
+            return True
+
+    async def _maybe_finish(self, job_id: str) -> None:
+        active = self.active.get(job_id)
+        if active is None or active.pending:
+            return
+        await self._end(job_id, pb.SUCCEEDED)  # a cancelled or failed job has ended already
+        self.active.pop(job_id, None)
         self._drop_frames(job_id)
         await self.schedule()
 
@@ -315,19 +359,31 @@ class CoordinatorCore:
                 await self.detach(wid, f"no heartbeat for {self.heartbeat_timeout:g}s")
 
     # -- frames -------------------------------------------------------------
+    @shielded
+    async def _add_part(self, active: ActiveJob, part: FramePart) -> None:
+        """The lock is held until the writer thread is done, even if the upload's caller went away."""
+        async with active.video_lock:
+            await asyncio.to_thread(active.video.add, part)
+
     async def receive_frames(self, header: pb.FrameHeader, chunks: AsyncIterator[bytes]) -> int:
         active = self.active.get(header.job_id)
         if active is None or header.worker_id not in active.members:
             raise FailedPrecondition(f"job {header.job_id!r} is not running on worker {header.worker_id!r}")
+        job = self.get_job(header.job_id)
+        if job.state in FINAL_STATES:
+            raise FailedPrecondition(f"job {header.job_id} is already {STATE_NAMES[job.state]}")
         req = active.plan.request
         if (header.height, header.width) != (req.height, req.width):
             raise InvalidArgument("header.height/width", f"must be {req.height}x{req.width}")
-        if header.first_frame < 0 or header.num_frames < 1 or header.first_frame + header.num_frames > req.num_frames:
-            raise InvalidArgument("header.first_frame/num_frames", f"must lie within [0, {req.num_frames})")
+        end = header.first_frame + header.num_frames
+        if header.first_frame < 0 or header.num_frames < 1 or (req.num_frames and end > req.num_frames):
+            # an unbounded job (num_frames 0) takes any frame index
+            raise InvalidArgument("header.first_frame/num_frames",
+                                  f"must lie within [0, {req.num_frames or 'unbounded'})")
         expected = header.num_frames * header.height * header.width * 3
         folder = self.data_dir / "jobs" / header.job_id
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"frames-{header.first_frame:06d}.rgb"
+        path = folder / f"frames-{header.first_frame:06d}-{next(self._upload_ids)}.rgb"
         received = 0
         with open(path, "wb") as f:
             async for data in chunks:
@@ -338,7 +394,17 @@ class CoordinatorCore:
         if received != expected:
             path.unlink(missing_ok=True)
             raise InvalidArgument("data", f"expected {expected} bytes of RGB24, got {received}")
-        active.parts.append(FramePart(header.first_frame, header.num_frames, header.height, header.width, path))
+        try:
+            await self._add_part(active, FramePart(header.first_frame, header.num_frames, header.height,
+                                                   header.width, path))
+        except VideoClosed:  # the job ended while this part was on its way
+            job = self.get_job(header.job_id)
+            raise FailedPrecondition(f"job {header.job_id} is already {STATE_NAMES[job.state]}") from None
+        except ValueError as exc:
+            raise InvalidArgument("header.first_frame/num_frames", str(exc)) from None
+        except RuntimeError as exc:  # ffmpeg died: no video can come of this job
+            await self._fail(header.job_id, f"video encoding failed: {exc}")
+            raise FailedPrecondition(f"job {header.job_id} failed: video encoding failed") from None
         await self._emit(header.job_id, frames=pb.FramesReceived(
             worker_id=header.worker_id, first_frame=header.first_frame, num_frames=header.num_frames))
         return header.num_frames

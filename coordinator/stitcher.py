@@ -1,9 +1,13 @@
-"""Stitches the frames workers uploaded into one H.264 MP4.
+"""Streams the frames workers upload into one H.264 MP4 while the job still runs.
 
 ffmpeg comes from imageio-ffmpeg (a binary inside the wheel, so no system ffmpeg is
 needed). We pipe the raw RGB24 parts straight into it ourselves: the parts are
 already raw video, and imageio's writer spawns ffmpeg with a preexec_fn, which is
 unsafe in a process with gRPC threads (ffmpeg died with a broken pipe there).
+
+One writer per job and one code path for every strategy: a part goes into ffmpeg as
+soon as every frame before it has, so an unbounded stream never piles up on disk and
+a job stopped early still has a playable video of its first frames.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
 
 COPY_BLOCK = 1 << 20
+
+
+class VideoClosed(Exception):
+    """The video was finished or aborted: no more parts."""
 
 
 @dataclass(frozen=True)
@@ -29,40 +38,100 @@ class FramePart:
     width: int
     path: Path
 
+    @property
+    def end(self) -> int:
+        return self.first_frame + self.num_frames
 
-def stitch(parts: list[FramePart], num_frames: int, out_path: Path, fps: float) -> tuple[int, str]:
-    """Writes the video in frame order; returns (size in bytes, sha256). Refuses gaps and overlaps."""
-    parts = sorted(parts, key=lambda p: p.first_frame)
-    expected = 0
-    for part in parts:
-        if part.first_frame != expected:
-            raise ValueError(f"frames {expected}..{part.first_frame - 1} missing or overlapping")
-        expected += part.num_frames
-    if expected != num_frames:
-        raise ValueError(f"received {expected} frames, expected {num_frames}")
-    height, width = parts[0].height, parts[0].width
 
-    tmp = out_path.with_name(out_path.stem + ".partial" + out_path.suffix)  # ffmpeg picks the container by suffix
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{fps:g}", "-i", "-",
-           "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-movflags", "+faststart", str(tmp)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for part in parts:
+class VideoWriter:
+    """Writes parts in frame order into ffmpeg, started on the first part (its size, the job's fps).
+
+    Calls block (pipe writes, encoding): make them from a thread, one at a time.
+    """
+
+    def __init__(self, out_path: Path, fps: float):
+        self.out_path = out_path
+        self.fps = fps
+        # ffmpeg picks the container by suffix
+        self.partial_path = out_path.with_name(out_path.stem + ".partial" + out_path.suffix)
+        self.frames_written = 0
+        self.closed = False
+        self._held: dict[int, FramePart] = {}  # by first_frame: parts waiting for the gap before them
+        self._proc: subprocess.Popen | None = None
+
+    def add(self, part: FramePart) -> None:
+        """Takes over the part's file: writes it (and the held parts it unblocks) or holds it.
+        Raises (and deletes the file) after finish/abort or when it overlaps frames already received;
+        RuntimeError when ffmpeg died."""
+        if self.closed or part.first_frame < self.frames_written or any(
+                part.first_frame < held.end and held.first_frame < part.end for held in self._held.values()):
+            part.path.unlink(missing_ok=True)
+            if self.closed:
+                raise VideoClosed(f"{self.out_path.name} is already closed")
+            raise ValueError(f"frames [{part.first_frame}, {part.end}) overlap frames already received")
+        self._held[part.first_frame] = part
+        while (ready := self._held.pop(self.frames_written, None)) is not None:
+            self._write(ready)
+
+    def missing(self, total: int) -> str:
+        """The first gap before frame `total` (0: before the last held part), for errors; '' if none."""
+        end = min(self._held, default=total)
+        return f"frames [{self.frames_written}, {end}) missing" if end > self.frames_written else ""
+
+    def finish(self) -> tuple[int, str]:
+        """Closes the video with the frames written so far (held parts are dropped); returns (size, sha256)."""
+        self._close()
+        if self._proc is None:
+            raise ValueError("no frames to write")
+        with suppress(BrokenPipeError):  # ffmpeg died: its exit status below says so
+            self._proc.stdin.close()
+        err = self._proc.stderr.read().decode(errors="replace")
+        if self._proc.wait() != 0:
+            self.partial_path.unlink(missing_ok=True)
+            raise RuntimeError(f"ffmpeg exited with {self._proc.returncode}: {err.strip()[-500:]}")
+        os.replace(self.partial_path, self.out_path)  # a reader never sees a half-written video
+
+        digest = hashlib.sha256()
+        with open(self.out_path, "rb") as f:
+            for block in iter(lambda: f.read(COPY_BLOCK), b""):
+                digest.update(block)
+        return self.out_path.stat().st_size, digest.hexdigest()
+
+    def abort(self) -> None:
+        """Stops ffmpeg and removes everything written."""
+        self._close()
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            with suppress(BrokenPipeError):
+                self._proc.stdin.close()
+            self._proc.stderr.close()
+        self.partial_path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        self.closed = True
+        for part in self._held.values():
+            part.path.unlink(missing_ok=True)
+        self._held.clear()
+
+    def _write(self, part: FramePart) -> None:
+        if self._proc is None:
+            self._proc = self._start(part.height, part.width)
+        try:
             with open(part.path, "rb") as f:
                 while block := f.read(COPY_BLOCK):
-                    proc.stdin.write(block)
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass  # ffmpeg exited early; its stderr below says why
-    err = proc.stderr.read().decode(errors="replace")
-    if proc.wait() != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"ffmpeg exited with {proc.returncode}: {err.strip()[-500:]}")
-    os.replace(tmp, out_path)  # a reader never sees a half-written video
+                    self._proc.stdin.write(block)
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            err = self._proc.stderr.read().decode(errors="replace")
+            raise RuntimeError(f"ffmpeg exited with {self._proc.wait()}: {err.strip()[-500:]}") from None
+        finally:
+            part.path.unlink()
+        self.frames_written += part.num_frames
 
-    digest = hashlib.sha256()
-    with open(out_path, "rb") as f:
-        for block in iter(lambda: f.read(COPY_BLOCK), b""):
-            digest.update(block)
-    return out_path.stat().st_size, digest.hexdigest()
+    def _start(self, height: int, width: int) -> subprocess.Popen:
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{self.fps:g}", "-i", "-",
+               "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-movflags", "+faststart",
+               str(self.partial_path)]
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
