@@ -15,7 +15,8 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     d = REQUEST_DEFAULTS
     p.add_argument("prompt")
     p.add_argument("--negative-prompt", default=d["negative_prompt"])
-    p.add_argument("--frames", type=int, default=d["num_frames"], help="output frames (4k+1 for Wan)")
+    p.add_argument("--frames", type=int, default=d["num_frames"],
+                   help="output frames (4k+1 for Wan); 0: until cancelled (block_pipeline)")
     p.add_argument("--height", type=int, default=d["height"])
     p.add_argument("--width", type=int, default=d["width"])
     p.add_argument("--steps", type=int, default=d["num_inference_steps"])
@@ -23,7 +24,8 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--model", default=d["model"], help="preset (tiny-wan, bench-wan) or a local diffusers folder")
     p.add_argument("--strategy", default=d["strategy"],
-                   help="exact or clip_parallel (default: clip_parallel beyond the model's native length)")
+                   help="exact, clip_parallel or block_pipeline (default: clip_parallel beyond the model's "
+                        "native length, block_pipeline for --frames 0)")
     p.add_argument(workers_flag, dest="workers", type=int, default=2 if workers_flag == "--workers" else 0)
     p.add_argument("--fps", type=float, default=d["fps"])
     g = p.add_argument_group("clip_parallel (dual-scope attention; unset: the model's defaults)")
@@ -32,17 +34,23 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     g.add_argument("--phase-switch-t", type=float, help="timestep at which attention turns from global to local")
     g.add_argument("--phase-bias", type=float, help="logit bias of the active phase (10 ~ hard switch)")
     g.add_argument("--entropy-scaling", action="store_true", default=None, help="scale logits by visible keys")
+    g = p.add_argument_group("block_pipeline (DualParal block queue; unset: the defaults)")
+    g.add_argument("--block-frames", type=int, help="latent frames per block")
+    g.add_argument("--context-frames", type=int, help="latent frames of context shared with the neighbouring blocks")
 
 
 def _request_fields(args) -> dict:
     from clipmesh.v1 import clipmesh_pb2 as pb
 
-    options = {name: getattr(args, name) for name in ("local_halo", "global_frames", "phase_switch_t", "phase_bias",
-                                                       "entropy_scaling") if getattr(args, name) is not None}
+    def given(*names: str) -> dict:
+        return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
     return dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, model=args.model,
                 strategy=args.strategy, num_workers=args.workers, fps=args.fps,
-                clip_parallel=pb.ClipParallelOptions(**options))
+                clip_parallel=pb.ClipParallelOptions(**given("local_halo", "global_frames", "phase_switch_t",
+                                                             "phase_bias", "entropy_scaling")),
+                block_pipeline=pb.BlockPipelineOptions(**given("block_frames", "context_frames")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,20 +149,23 @@ def _run(args) -> int | None:
             job = client.submit(args.prompt, **_request_fields(args))
             print(job.id)
             if args.watch:
-                state = progress.follow(client.watch(job.id))
+                state = progress.follow(client.watch(job.id), num_frames=job.request.num_frames)
                 return 0 if state == pb.SUCCEEDED else 1
         elif args.command == "watch":
-            state = progress.follow(client.watch(args.job_id))
+            num_frames = client.get(args.job_id).request.num_frames
+            state = progress.follow(client.watch(args.job_id), num_frames=num_frames)
             return 0 if state == pb.SUCCEEDED else 1
         elif args.command == "cancel":
-            print(progress.STATE_NAMES[client.cancel(args.job_id).state])
+            job = client.cancel(args.job_id)
+            print(progress.STATE_NAMES[job.state] + (f" (kept {job.video_frames} frames)" if job.video_size else ""))
         elif args.command == "fetch":
             size = client.fetch(args.job_id, args.output)
             print(f"{args.output} ({size} bytes)")
         elif args.command == "jobs":
             for job in client.jobs(args.limit):
                 r = job.request
-                print(f"{job.id}  {progress.STATE_NAMES[job.state]:<9}  {r.num_frames:>4}f {r.width}x{r.height}  "
+                frames = r.num_frames or "∞"  # unbounded: until cancelled
+                print(f"{job.id}  {progress.STATE_NAMES[job.state]:<9}  {frames:>4}f {r.width}x{r.height}  "
                       f"{job.strategy or '-':<6} {','.join(job.worker_ids) or '-'}  {r.prompt[:40]!r}"
                       + (f"  error: {job.error}" if job.error else ""))
         elif args.command == "workers":

@@ -115,7 +115,8 @@ def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = N
             print(f"job {job.id} queued on coordinator {cluster.address}; starting {num_workers} workers",
                   file=sys.stderr)
             cluster.start_workers()
-            state = progress.follow(cluster.client.watch(job.id), world_size=num_workers)
+            state = progress.follow(cluster.client.watch(job.id), world_size=num_workers,
+                                    num_frames=fields["num_frames"])
             job = cluster.client.get(job.id)
             if state != pb.SUCCEEDED:
                 print(f"clipmesh: job {job.id} {progress.STATE_NAMES[job.state]}: {job.error}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Per-worker progress bars (step i/T) and an overall bar, fed by JobEvents.
 
-Rich bars on a terminal; one plain line per event otherwise (logs, CI, pipes).
+Rich bars on a terminal; one plain line per event otherwise (logs, CI, pipes). Under
+block_pipeline every rank steps through a queue of blocks: its bar counts the block-steps
+done and names the current one, and the overall bar counts frames received.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def describe(event: pb.JobEvent) -> str:
         s = event.step
         comm = (f", comm {s.comm_seconds:.2f}s {(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB"
                 if s.bytes_sent or s.bytes_received else "")
-        return (f"[rank {s.rank} {s.worker_id}] step {s.step}/{s.total_steps} "
+        block = f"block {s.block} " if s.HasField("block") else ""
+        return (f"[rank {s.rank} {s.worker_id}] {block}step {s.step}/{s.total_steps} "
                 f"latent [{s.latent_start},{s.latent_end}) {s.seconds:.2f}s{comm}")
     if kind == "frames":
         f = event.frames
@@ -31,11 +34,12 @@ def describe(event: pb.JobEvent) -> str:
     return f"{level} {event.log.worker_id}: {event.log.text}"
 
 
-def follow(events: Iterable[pb.JobEvent], world_size: int = 0, stream=None) -> pb.JobState:
-    """Consumes a WatchJob stream, shows progress, returns the last state seen."""
+def follow(events: Iterable[pb.JobEvent], world_size: int = 0, stream=None, num_frames: int = 0) -> pb.JobState:
+    """Consumes a WatchJob stream, shows progress, returns the last state seen.
+    `num_frames`: the job's frames, 0 when unknown or unbounded."""
     stream = stream or sys.stderr
     if stream.isatty():
-        return _follow_rich(events, world_size, stream)
+        return _follow_rich(events, world_size, num_frames, stream)
     state = pb.QUEUED
     for event in events:
         print(describe(event), file=stream, flush=True)
@@ -44,19 +48,29 @@ def follow(events: Iterable[pb.JobEvent], world_size: int = 0, stream=None) -> p
     return state
 
 
-def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, stream) -> pb.JobState:
+def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, num_frames: int, stream) -> pb.JobState:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(file=stream)
     bars: dict[int, int] = {}
     state = pb.QUEUED
+    frames, blocks = 0, False
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         overall = progress.add_task("overall", total=None)
         for event in events:
             kind = event.WhichOneof("kind")
-            if kind == "step":
+            if kind == "step" and event.step.HasField("block"):
+                s = event.step
+                if not blocks:
+                    blocks = True
+                    progress.update(overall, description="frames", total=num_frames or None, completed=frames)
+                if s.rank not in bars:
+                    bars[s.rank] = progress.add_task("", total=None)  # blocks keep coming until the end
+                progress.update(bars[s.rank], advance=1, description=f"rank {s.rank} {s.worker_id} block {s.block} "
+                                f"step {s.step}/{s.total_steps}")
+            elif kind == "step":
                 s = event.step
                 if s.rank not in bars:
                     bars[s.rank] = progress.add_task(f"rank {s.rank} {s.worker_id} [{s.latent_start},{s.latent_end})",
@@ -69,4 +83,8 @@ def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, stream) -> pb.J
                 progress.console.print(describe(event))
                 if kind == "state":
                     state = event.state.state
+                elif kind == "frames":
+                    frames += event.frames.num_frames
+                    if blocks:
+                        progress.update(overall, completed=frames)
     return state
