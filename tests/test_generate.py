@@ -93,3 +93,21 @@ def test_generate_long_video_with_clip_parallel(tmp_path, model, frames, latent)
     assert f"[rank 1 local-1] step 2/2 latent [{half},{latent})" in proc.stderr
     assert "comm" in proc.stderr  # halos and global K/V moved between the workers
     assert processes_marked(tmp_path) == []
+
+
+def test_generate_long_video_with_block_pipeline(tmp_path):
+    """257 frames on 2 workers splitting tiny-wan's 4 blocks 2+2: 65 latent frames in blocks of 8
+    (the default) stream out block by block; every frame arrives, in order."""
+    out = tmp_path / "blocks.mp4"
+    proc = subprocess.run([*CLI, "generate", "a river through a forest", "--strategy", "block_pipeline",
+                           "--frames", "257", "--workers", "2", "--height", "32", "--width", "32", "--steps", "2",
+                           "--output", str(out), "--keep-data", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=600, env=marked_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert iio.imread(out).shape == (257, 32, 32, 3)
+    for rank in (0, 1):  # both stages ran the last block (latent [64, 65)) through its last step
+        assert f"[rank {rank} local-{rank}] block 8 step 2/2 latent [64,65)" in proc.stderr
+    firsts = [int(line.split("frames ")[1].split("..")[0]) for line in proc.stderr.splitlines()
+              if line.startswith("frames ") and " received from " in line]
+    assert firsts == [0, 29] + [29 + 32 * i for i in range(1, 8)]  # 9 blocks: 29 frames, then 32 each
+    assert processes_marked(tmp_path) == []
