@@ -38,8 +38,7 @@ def test_frames_stream_in_order_while_blocks_are_denoised(cluster, tmp_path):
         received = [(e.seq, e.frames.first_frame, e.frames.num_frames) for e in events if e.HasField("frames")]
         assert [(f, n) for _, f, n in received] == [(0, 9), (9, 12), (21, 12), (33, 8)]  # in order, exact count
         steps = [e for e in events if e.HasField("step")]
-        # streaming: the first block's frames arrived while later blocks were still being denoised
-        assert received[0][0] < max(e.seq for e in steps)
+        # (that frames arrive while the job runs is proven below: an unbounded job never ends by itself)
         # the diagonal: both stages ran every block through both steps
         assert {(e.step.rank, e.step.block, e.step.step) for e in steps} == \
             {(r, b, s) for r in (0, 1) for b in range(4) for s in (1, 2)}
@@ -61,12 +60,12 @@ def test_cancelling_an_unbounded_stream_keeps_a_playable_video(cluster, tmp_path
         for event in client.watch(job.id):
             if event.HasField("frames"):
                 seen += event.frames.num_frames
-                if seen >= 2 * 4 + 5:  # three blocks: 5, 8 and 8 frames (the first block is 1 + 4)
+                if seen == 5 + 8 + 8:  # three blocks: 5, 8 and 8 frames (the first block is 1 + 4); cancel once
                     client.cancel(job.id)
         job = client.get(job.id)
         assert job.state == pb.CANCELLED, job.error + cluster.logs()
         kept = sum(e.frames.num_frames for e in client.watch(job.id) if e.HasField("frames"))
-        assert job.video_frames == kept >= 13
+        assert job.video_frames == kept >= 21
         video = tmp_path / "kept.mp4"
         client.fetch(job.id, video)
         assert iio.imread(video).shape == (kept, 32, 32, 3)  # a playable video of every block finished so far

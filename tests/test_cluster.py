@@ -157,12 +157,23 @@ def test_silent_worker_is_marked_lost_then_reattaches(cluster):
 
 
 @pytest.mark.parametrize("strategy", ["exact"])
-def test_video_is_identical_for_1_2_3_workers(cluster, strategy):
-    """Noise is a function of (seed, frame index) and the strategy is exact, so the split
-    must not change a single pixel."""
+def test_video_is_the_same_for_1_2_3_workers(cluster, strategy, tmp_path):
+    """Noise is a function of (seed, frame index) and the strategy is exact, so the split does
+    not change the video. Not bit for bit: local matmuls over fewer rows may round differently
+    (latents agree within 1e-5, test_exact_equivalence), and H.264 turns a 1-level change into a
+    few levels nearby; a wrong split or noise would change every pixel."""
     with cluster.client() as client:
         cluster.wait_idle(client, WORKERS)
         jobs = [run_job(client, "same video", num_workers=n, seed=7, strategy=strategy) for n in (1, 2, 3)]
         assert [j.state for j in jobs] == [pb.SUCCEEDED] * 3, [j.error for j in jobs]
         assert [len(j.worker_ids) for j in jobs] == [1, 2, 3]
-        assert len({j.video_sha256 for j in jobs}) == 1
+        videos = []
+        for job in jobs:
+            client.fetch(job.id, tmp_path / f"{job.id}.mp4")
+            videos.append(iio.imread(tmp_path / f"{job.id}.mp4").astype(float))
+        other = run_job(client, "same video", num_workers=1, seed=8, strategy=strategy)
+        client.fetch(other.id, tmp_path / "other.mp4")
+        different = abs(iio.imread(tmp_path / "other.mp4").astype(float) - videos[0]).mean()
+        for video in videos[1:]:
+            assert video.shape == videos[0].shape
+            assert abs(video - videos[0]).mean() < 0.5 < different
