@@ -86,8 +86,9 @@ class Item:
     own: int         # the block's own latent frames
     first: bool      # first item of its iteration: the feature caches start empty
 
-    def header(self, kind: int = WORK) -> torch.Tensor:
-        return torch.tensor([kind, self.block, self.step, self.context, self.own, int(self.first)], dtype=torch.int64)
+    def header(self, kind: int = WORK, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor([kind, self.block, self.step, self.context, self.own, int(self.first)],
+                            dtype=torch.int64, device=device)
 
     @staticmethod
     def parse(header: torch.Tensor) -> tuple[int, "Item"]:
@@ -227,7 +228,7 @@ class BlockPipelineStrategy(Strategy):
         # preallocated receive buffers: the largest message, viewed at each message's size
         self.hidden_buf = torch.empty(self.text.shape[0] * tokens * dim, dtype=dtype, device=model.device)
         self.dim = dim
-        self.header_buf = torch.empty(6, dtype=torch.int64)
+        self.header_buf = torch.empty(6, dtype=torch.int64, device=mesh.device)  # NCCL sends device tensors only
 
     # -- one stage ----------------------------------------------------------------
     def _stage(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
@@ -266,7 +267,7 @@ class BlockPipelineStrategy(Strategy):
         if mesh.rank == mesh.world_size - 1:
             self._send(self._head(item, hidden), 0)
         else:
-            self._send(item.header(kind), mesh.rank + 1)
+            self._send(item.header(kind, mesh.device), mesh.rank + 1)
             self._send(hidden.contiguous(), mesh.rank + 1)
 
     def _report(self, on_step, item: Item, began: float, start: int) -> None:
@@ -291,15 +292,16 @@ class BlockPipelineStrategy(Strategy):
         in_flight: deque[Item] = deque()           # items whose prediction has not come back, in order
         local: deque[torch.Tensor] = deque()       # world size 1: predictions made here
 
+        def receive_prediction(item: Item) -> torch.Tensor:
+            # a fresh tensor: a scheduler may keep the model output it is given
+            return mesh.recv(torch.empty((1, self.channels, item.own, self.h, self.w), dtype=self.hidden_buf.dtype,
+                                         device=self.hidden_buf.device), mesh.world_size - 1)
+
         def take_prediction() -> None:
             nonlocal finished_tail
             item = in_flight.popleft()
             block = queue[item.block]
-            if local:
-                pred = local.popleft()
-            else:
-                buf = torch.empty((1, self.channels, item.own, self.h, self.w), dtype=self.hidden_buf.dtype)
-                pred = mesh.recv(buf, mesh.world_size - 1)
+            pred = local.popleft() if local else receive_prediction(item)
             block.latents = self.model.step(block.scheduler, pred, self.timesteps[item.step], block.latents)
             block.step += 1
             if block.step == steps:  # final: it leaves the queue
@@ -312,10 +314,9 @@ class BlockPipelineStrategy(Strategy):
             if should_stop and should_stop():
                 if not local:  # let every message in the ring arrive before the stop
                     for item in in_flight:
-                        mesh.recv(torch.empty((1, self.channels, item.own, self.h, self.w),
-                                              dtype=self.hidden_buf.dtype), mesh.world_size - 1)
+                        receive_prediction(item)
                 if mesh.world_size > 1:
-                    self._send(Item(0, 0, 0, 0, False).header(CANCELLED), 1)
+                    self._send(Item(0, 0, 0, 0, False).header(CANCELLED, mesh.device), 1)
                 self._drain_sends()
                 raise Cancelled(f"cancelled at iteration {iteration}")
             span = next(ranges, None)
@@ -330,11 +331,11 @@ class BlockPipelineStrategy(Strategy):
                     take_prediction()
                 break
             for position, j in enumerate(active):  # tail -> head
+                mesh.take_stats()  # an item's time and traffic include waiting for what it reads
+                began = time.perf_counter()
                 # this block reads its own latents and its predecessor's: wait for those steps only
                 while any(item.block in (j, j - 1) for item in in_flight):
                     take_prediction()
-                mesh.take_stats()
-                began = time.perf_counter()
                 block = queue[j]
                 if j - 1 in queue:
                     before = queue[j - 1].latents
@@ -353,7 +354,7 @@ class BlockPipelineStrategy(Strategy):
                     self._forward(item, hidden)
                 self._report(on_step, item, began, block.start)
         if mesh.world_size > 1:
-            self._send(Item(0, 0, 0, 0, False).header(DONE), 1)
+            self._send(Item(0, 0, 0, 0, False).header(DONE, mesh.device), 1)
         self._drain_sends()
 
     # -- ranks 1..N-1: stages ---------------------------------------------------------
@@ -363,17 +364,17 @@ class BlockPipelineStrategy(Strategy):
         mesh, prev = self.mesh, self.mesh.rank - 1
         batch, per_frame = self.text.shape[0], self.cache.tokens_per_frame
         while True:
-            mesh.take_stats()
+            mesh.take_stats()  # an item's time and traffic include waiting for the previous stage
+            began = time.perf_counter()
             kind, item = Item.parse(mesh.recv(self.header_buf, prev))
             if kind != WORK:
                 if mesh.rank < mesh.world_size - 1:
-                    self._send(item.header(kind), mesh.rank + 1)
+                    self._send(item.header(kind, mesh.device), mesh.rank + 1)
                 self._drain_sends()
                 if kind == CANCELLED:
                     raise Cancelled("cancelled by rank 0")
                 return
             tokens = (item.context + item.own) * per_frame
             hidden = mesh.recv(self.hidden_buf[: batch * tokens * self.dim].view(batch, tokens, self.dim), prev)
-            began = time.perf_counter()
             self._forward(item, self._stage(item, hidden))
             self._report(on_step, item, began, item.block * self.plan.block_pipeline.block_frames)
