@@ -32,8 +32,10 @@ class LocalCluster:
     def _spawn(self, name: str, *args: str) -> None:
         log = open(self.data_dir / f"{name}.log", "wb")
         env = {**os.environ, "CLIPMESH_TOKEN": self.token}
+        # own session: a terminal's Ctrl-C reaches only `generate`, which still needs the
+        # coordinator to cancel a stream and fetch what it kept; stop() ends them
         proc = subprocess.Popen([sys.executable, "-m", "clipmesh.cli", *args], stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL, env=env)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.procs.append((name, proc))
 
     def __enter__(self) -> LocalCluster:
@@ -98,6 +100,13 @@ class LocalCluster:
         self.stop()
 
 
+def _keep_stream(client, job_id: str, output: Path) -> None:
+    job = client.cancel(job_id)
+    if job.video_size:
+        client.fetch(job_id, output)
+        print(f"wrote {output} ({job.video_frames} frames finished before the stop, {job.video_size} bytes)")
+
+
 def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = None) -> int:
     from clipmesh import presets
 
@@ -115,8 +124,13 @@ def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = N
             print(f"job {job.id} queued on coordinator {cluster.address}; starting {num_workers} workers",
                   file=sys.stderr)
             cluster.start_workers()
-            state = progress.follow(cluster.client.watch(job.id), world_size=num_workers,
-                                    num_frames=fields["num_frames"])
+            try:
+                state = progress.follow(cluster.client.watch(job.id), world_size=num_workers,
+                                        num_frames=fields["num_frames"])
+            except KeyboardInterrupt:
+                if fields["num_frames"] == 0:  # an endless stream ends here: keep what it finished
+                    _keep_stream(cluster.client, job.id, output)
+                raise
             job = cluster.client.get(job.id)
             if state != pb.SUCCEEDED:
                 print(f"clipmesh: job {job.id} {progress.STATE_NAMES[job.state]}: {job.error}", file=sys.stderr)

@@ -111,3 +111,24 @@ def test_generate_long_video_with_block_pipeline(tmp_path):
               if line.startswith("frames ") and " received from " in line]
     assert firsts == [0, 29] + [29 + 32 * i for i in range(1, 8)]  # 9 blocks: 29 frames, then 32 each
     assert processes_marked(tmp_path) == []
+
+
+def test_ctrl_c_ends_an_endless_stream_and_keeps_its_frames(tmp_path, tiny_wan_folder):
+    """--frames 0 streams until stopped: Ctrl-C cancels the job and writes the frames finished so far."""
+    out = tmp_path / "endless.mp4"
+    proc = subprocess.Popen([*CLI, "generate", "an endless road", "--frames", "0", "--workers", "2",
+                             "--block-frames", "2", "--context-frames", "1", "--height", "32", "--width", "32",
+                             "--steps", "2", "--output", str(out), "--keep-data", str(tmp_path / "d")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=marked_env(tmp_path))
+    received, deadline = 0, time.monotonic() + 180
+    for line in proc.stderr:  # wait until two blocks have streamed in
+        received += " received from " in line
+        if received == 2 or time.monotonic() > deadline:
+            break
+    assert received == 2
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    kept = int(stdout.split(f"wrote {out} (")[1].split(" frames")[0])
+    assert kept >= 5 + 8 and iio.imread(out).shape == (kept, 32, 32, 3)
+    assert processes_marked(tmp_path) == []

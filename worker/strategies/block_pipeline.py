@@ -221,6 +221,9 @@ class BlockPipelineStrategy(Strategy):
         self.channels, self.h, self.w = model.latent_shape(req.height, req.width)
         self.conditioning: dict[int, tuple] = {}
         self.sending: deque = deque()  # (work, tensor) pairs in flight
+        steps = len(self.timesteps)
+        # hidden states: header + data of two items; predictions: more than rank 0 ever leaves waiting
+        self.send_window = 2 * steps + 4 if mesh.rank == mesh.world_size - 1 else 4
         opts = plan.block_pipeline
         dim = model.denoiser.config.num_attention_heads * model.denoiser.config.attention_head_dim
         tokens = (opts.block_frames + opts.context_frames) * self.cache.tokens_per_frame
@@ -253,9 +256,14 @@ class BlockPipelineStrategy(Strategy):
         return pred[:, :, item.context:].contiguous()
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send without waiting, keeping at most `send_window` messages in flight. A send completes
+        once its receiver takes it (gloo reports nothing before wait()), so the window is what
+        bounds memory. The ring cannot deadlock: the last rank's window is larger than what rank 0
+        may leave unreceived (two iterations of predictions), so the last rank never waits, and
+        every other rank waits only for the next stage, which always moves on."""
         self.sending.append((self.mesh.isend(tensor, dst), tensor))
-        while self.sending and self.sending[0][0].is_completed():
-            self.sending.popleft()
+        while len(self.sending) > self.send_window:
+            self.sending.popleft()[0].wait()
 
     def _drain_sends(self) -> None:
         while self.sending:
