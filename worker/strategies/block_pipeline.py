@@ -40,6 +40,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from clipmesh.plan import frame_seed
 from clipmesh.worker.adapters.wan import WanStages, apply_rope
+from clipmesh.worker.memory import release_free_memory
 from clipmesh.worker.noise import initial_noise
 from clipmesh.worker.strategies.base import Strategy
 
@@ -278,6 +279,13 @@ class BlockPipelineStrategy(Strategy):
             self._send(item.header(kind, mesh.device), mesh.rank + 1)
             self._send(hidden.contiguous(), mesh.rank + 1)
 
+    def _finish_item(self, on_step, item: Item, began: float, start: int) -> None:
+        """Report the item; once per block (its last step) give freed memory back, so a long
+        stream stays at the queue's footprint."""
+        if item.step == len(self.timesteps) - 1:
+            release_free_memory()
+        self._report(on_step, item, began, start)
+
     def _report(self, on_step, item: Item, began: float, start: int) -> None:
         if on_step:
             from clipmesh.worker.render import StepReport
@@ -360,7 +368,7 @@ class BlockPipelineStrategy(Strategy):
                     local.append(self._head(item, hidden))
                 else:
                     self._forward(item, hidden)
-                self._report(on_step, item, began, block.start)
+                self._finish_item(on_step, item, began, block.start)
         if mesh.world_size > 1:
             self._send(Item(0, 0, 0, 0, False).header(DONE, mesh.device), 1)
         self._drain_sends()
@@ -385,4 +393,4 @@ class BlockPipelineStrategy(Strategy):
             tokens = (item.context + item.own) * per_frame
             hidden = mesh.recv(self.hidden_buf[: batch * tokens * self.dim].view(batch, tokens, self.dim), prev)
             self._forward(item, self._stage(item, hidden))
-            self._report(on_step, item, began, item.block * self.plan.block_pipeline.block_frames)
+            self._finish_item(on_step, item, began, item.block * self.plan.block_pipeline.block_frames)
