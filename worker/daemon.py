@@ -23,6 +23,7 @@ import grpc
 from clipmesh.auth import metadata
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
+from clipmesh.worker.memory import release_free_memory
 
 log = logging.getLogger("clipmesh.worker")
 
@@ -205,6 +206,7 @@ class WorkerDaemon:
         finally:
             del store
             self.jobs.pop(a.job_id, None)
+            release_free_memory()  # a daemon lives for many jobs: it idles at the model's footprint
         log.info("job %s: rank %d %s", a.job_id, a.rank, "done" if result.ok else result.error)
         self._send(result=result)
 
