@@ -48,6 +48,19 @@ def follow(events: Iterable[pb.JobEvent], world_size: int = 0, stream=None, num_
     return state
 
 
+QUEUE_SHADES = " ▁▂▃▄▅▆▇█"
+
+
+def queue_picture(steps: dict[int, int], total_steps: int, width: int = 12) -> str:
+    """The block queue's diagonal at a glance: the newest `width` blocks, oldest first, each
+    drawn by how far it is denoised (block -> steps done), e.g. 'b7 █▆▄▂ b10'."""
+    if not steps:
+        return ""
+    shown = sorted(steps)[-width:]
+    shade = "".join(QUEUE_SHADES[round(steps[b] / total_steps * (len(QUEUE_SHADES) - 1))] for b in shown)
+    return f"b{shown[0]} {shade} b{shown[-1]}"
+
+
 def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, num_frames: int, stream) -> pb.JobState:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -56,6 +69,7 @@ def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, num_frames: int
     bars: dict[int, int] = {}
     state = pb.QUEUED
     frames, blocks = 0, False
+    queue: dict[int, int] = {}  # block -> steps its last stage finished
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         overall = progress.add_task("overall", total=None)
@@ -70,6 +84,10 @@ def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, num_frames: int
                     bars[s.rank] = progress.add_task("", total=None)  # blocks keep coming until the end
                 progress.update(bars[s.rank], advance=1, description=f"rank {s.rank} {s.worker_id} block {s.block} "
                                 f"step {s.step}/{s.total_steps}")
+                if s.rank == max(bars):  # the last stage seen so far finishes a block's step
+                    queue[s.block] = max(queue.get(s.block, 0), s.step)
+                    queue.pop(s.block - 64, None)  # an endless stream: keep the recent blocks only
+                    progress.update(overall, description=f"frames  {queue_picture(queue, s.total_steps)}")
             elif kind == "step":
                 s = event.step
                 if s.rank not in bars:
