@@ -5,7 +5,7 @@ Pure logic over protobuf messages (no torch, no gRPC), so every decision here is
 
 from __future__ import annotations
 
-from clipmesh.plan import num_latent_frames, split_clips, split_clips_weighted
+from clipmesh.plan import num_latent_frames, split_clips_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 # Dual-scope defaults per family (ALGORITHMS.md section 1). Wan: Wan2.1 trains on 81 frames =
@@ -60,25 +60,18 @@ def max_workers(req: pb.SubmitJobRequest, model: pb.ModelInfo) -> int:
     return num_latent_frames(req.num_frames, model.temporal_stride)
 
 
-def split_layers(num_layers: int, speeds: list[float]) -> list[tuple[int, int]]:
-    """Contiguous layer ranges sized by measured speed; equal speeds: L//N each, the remainder
-    to the first ranks (DualParal's split)."""
-    if len(set(speeds)) == 1:
-        return split_clips(num_layers, len(speeds))
-    return split_clips_weighted(num_layers, speeds)
-
-
 def make_plan(job: pb.Job, members: list[pb.WorkerInfo], model: pb.ModelInfo, timeout_seconds: int) -> pb.RenderPlan:
     req = job.request
     strategy = choose_strategy(req, model)
     options = resolve_clip_parallel(req, model)
     speeds = [w.speed or 1.0 for w in members]
     if strategy == "block_pipeline":
-        # every rank sees every frame; ranks split the transformer's blocks instead
+        # every rank sees every frame; ranks split the transformer's blocks instead (equal speeds:
+        # L//N each, the remainder to the first ranks, as DualParal does)
         return pb.RenderPlan(
             request=req, strategy=strategy, world_size=len(members),
             num_latent_frames=num_latent_frames(req.num_frames, model.temporal_stride) if req.num_frames else 0,
-            layers=[pb.LayerRange(start=s, end=e) for s, e in split_layers(model.num_layers, speeds)],
+            layers=[pb.LayerRange(start=s, end=e) for s, e in split_clips_weighted(model.num_layers, speeds)],
             block_pipeline=resolve_block_pipeline(req), start_step=0, decode_rank=0,
             group_name=f"clipmesh-{job.id}", timeout_seconds=timeout_seconds)
     latent = num_latent_frames(req.num_frames, model.temporal_stride)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from clipmesh.presets import PRESETS, limits_from_configs
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 
@@ -26,7 +27,12 @@ class ModelAdapter:
 
     # -- what a request must satisfy ---------------------------------------
     def model_info(self, name: str) -> pb.ModelInfo:
-        raise NotImplementedError
+        """What this loaded model accepts, for Register: preset data, or derived from its configs."""
+        if name in PRESETS:
+            limits = PRESETS[name]["limits"]
+        else:
+            limits = limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name)
+        return pb.ModelInfo(name=name, **limits)
 
     # -- the denoising loop's pieces ------------------------------------------
     @property

@@ -25,8 +25,6 @@ from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from diffusers.utils import logging as diffusers_logging
 
-from clipmesh.presets import PRESETS, limits_from_configs
-from clipmesh.v1 import clipmesh_pb2
 from clipmesh.worker.adapters.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -175,14 +173,6 @@ class UNet3DAdapter(ModelAdapter):
     def load(cls, folder, device, dtype) -> "UNet3DAdapter":
         pipe, fps_embedding = load_unet3d(folder, device, dtype)
         return cls(pipe, device, fps_embedding)
-
-    def model_info(self, name: str) -> clipmesh_pb2.ModelInfo:
-        """What this loaded model accepts, for Register: preset data, or derived from its configs."""
-        if name in PRESETS:
-            limits = PRESETS[name]["limits"]
-        else:
-            limits = limits_from_configs(dict(self.pipe.unet.config), dict(self.pipe.vae.config), name)
-        return clipmesh_pb2.ModelInfo(name=name, **limits)
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
-from clipmesh.presets import PRESETS, limits_from_configs
-from clipmesh.v1 import clipmesh_pb2
 from clipmesh.worker.adapters.base import ModelAdapter
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default text length
@@ -157,14 +155,6 @@ class WanAdapter(ModelAdapter):
     @classmethod
     def load(cls, folder, device, dtype) -> "WanAdapter":
         return cls(load_wan(folder, device, dtype), device)
-
-    def model_info(self, name: str) -> clipmesh_pb2.ModelInfo:
-        """What this loaded model accepts, for Register: preset data, or derived from its configs."""
-        if name in PRESETS:
-            limits = PRESETS[name]["limits"]
-        else:
-            limits = limits_from_configs(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
-        return clipmesh_pb2.ModelInfo(name=name, **limits)
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -228,9 +228,10 @@ class BlockPipelineStrategy(Strategy):
         opts = plan.block_pipeline
         dim = model.denoiser.config.num_attention_heads * model.denoiser.config.attention_head_dim
         tokens = (opts.block_frames + opts.context_frames) * self.cache.tokens_per_frame
-        dtype = model.denoiser.dtype
-        # preallocated receive buffers: the largest message, viewed at each message's size
-        self.hidden_buf = torch.empty(self.text.shape[0] * tokens * dim, dtype=dtype, device=model.device)
+        # ranks past 0 receive hidden states into one preallocated buffer: the largest message,
+        # viewed at each message's size
+        self.hidden_buf = (torch.empty(self.text.shape[0] * tokens * dim, dtype=model.denoiser.dtype, device=model.device)
+                           if mesh.rank > 0 else None)
         self.dim = dim
         self.header_buf = torch.empty(6, dtype=torch.int64, device=mesh.device)  # NCCL sends device tensors only
 
@@ -310,8 +311,8 @@ class BlockPipelineStrategy(Strategy):
 
         def receive_prediction(item: Item) -> torch.Tensor:
             # a fresh tensor: a scheduler may keep the model output it is given
-            return mesh.recv(torch.empty((1, self.channels, item.own, self.h, self.w), dtype=self.hidden_buf.dtype,
-                                         device=self.hidden_buf.device), mesh.world_size - 1)
+            return mesh.recv(torch.empty((1, self.channels, item.own, self.h, self.w),
+                                         dtype=self.model.denoiser.dtype, device=self.model.device), mesh.world_size - 1)
 
         def take_prediction() -> None:
             nonlocal finished_tail
