@@ -9,6 +9,30 @@ import sys
 from pathlib import Path
 
 from clipmesh.client import DEFAULT_ADDRESS, REQUEST_DEFAULTS
+from clipmesh.specs import STRATEGY_SPECS
+
+
+def _strategy_help() -> str:
+    names = list(STRATEGY_SPECS)
+    long = next(s.name for s in STRATEGY_SPECS.values() if s.for_long_videos)
+    stream = next(s.name for s in STRATEGY_SPECS.values() if s.streams)
+    return (f"{', '.join(names[:-1])} or {names[-1]} (default: {long} beyond the model's native length, "
+            f"{stream} for --frames 0)")
+
+
+def _add_option_args(p: argparse.ArgumentParser) -> None:
+    """One flag per option of every strategy, from its spec; unset flags leave the option to the defaults."""
+    for spec in STRATEGY_SPECS.values():
+        if not spec.options_field:
+            continue
+        defaults = "the model's defaults" if spec.model_defaults_field else "the defaults"
+        g = p.add_argument_group(f"{spec.name} ({spec.summary}; unset: {defaults})")
+        for o in spec.options:
+            if o.type is bool:
+                g.add_argument(o.flag, action="store_true", default=None, help=o.help)
+            else:
+                high = o.high if isinstance(o.high, str) else f"{o.high:g}"
+                g.add_argument(o.flag, type=o.type, help=f"{o.help} (in [{o.low:g}, {high}])")
 
 
 def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
@@ -23,34 +47,20 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     p.add_argument("--guidance", type=float, default=d["guidance_scale"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--model", default=d["model"], help="preset (tiny-wan, bench-wan) or a local diffusers folder")
-    p.add_argument("--strategy", default=d["strategy"],
-                   help="exact, clip_parallel or block_pipeline (default: clip_parallel beyond the model's "
-                        "native length, block_pipeline for --frames 0)")
+    p.add_argument("--strategy", default=d["strategy"], choices=["", *STRATEGY_SPECS], metavar="STRATEGY",
+                   help=_strategy_help())
     p.add_argument(workers_flag, dest="workers", type=int, default=2 if workers_flag == "--workers" else 0)
     p.add_argument("--fps", type=float, default=d["fps"])
-    g = p.add_argument_group("clip_parallel (dual-scope attention; unset: the model's defaults)")
-    g.add_argument("--local-halo", type=int, help="P: latent frames seen on each side of a frame")
-    g.add_argument("--global-frames", type=int, help="G: frames spread over the video that every frame sees")
-    g.add_argument("--phase-switch-t", type=float, help="timestep at which attention turns from global to local")
-    g.add_argument("--phase-bias", type=float, help="logit bias of the active phase (10 ~ hard switch)")
-    g.add_argument("--entropy-scaling", action="store_true", default=None, help="scale logits by visible keys")
-    g = p.add_argument_group("block_pipeline (DualParal block queue; unset: the defaults)")
-    g.add_argument("--block-frames", type=int, help="latent frames per block")
-    g.add_argument("--context-frames", type=int, help="latent frames of context shared with the neighbouring blocks")
+    _add_option_args(p)
 
 
 def _request_fields(args) -> dict:
-    from clipmesh.v1 import clipmesh_pb2 as pb
-
-    def given(*names: str) -> dict:
-        return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
+    options = {spec.options_field: spec.options_message(**{o.name: getattr(args, o.name) for o in spec.options
+                                                           if getattr(args, o.name) is not None})
+               for spec in STRATEGY_SPECS.values() if spec.options_field}
     return dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, model=args.model,
-                strategy=args.strategy, num_workers=args.workers, fps=args.fps,
-                clip_parallel=pb.ClipParallelOptions(**given("local_halo", "global_frames", "phase_switch_t",
-                                                             "phase_bias", "entropy_scaling")),
-                block_pipeline=pb.BlockPipelineOptions(**given("block_frames", "context_frames")))
+                strategy=args.strategy, num_workers=args.workers, fps=args.fps, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:

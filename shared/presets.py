@@ -13,12 +13,14 @@ are imported only inside `_build`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
 import tempfile
 
 from clipmesh.plan import num_output_frames
+from clipmesh.specs import strategies_for
 
 # Scheduler of real Wan 2.1 (its scheduler_config.json), shared by every preset.
 _WAN_SCHEDULER = dict(
@@ -53,14 +55,16 @@ _UNET3D_SCHEDULER = dict(
 UNET3D_VAE_SCALE = 8  # AutoencoderKL with 4 blocks: 3 spatial halvings, no temporal compression
 
 
-def _unet3d(channels: tuple[int, ...], groups: int, heads: int, text_dim: int, layers: int = 1) -> dict:
-    # UNet3DConditionModel's `attention_head_dim` is really the number of heads (a diffusers
-    # naming quirk); every block but the last is a cross-attention block, as in ModelScope.
+def _unet3d(channels: tuple[int, ...], groups: int, head_dim: int, text_dim: int, layers: int = 1) -> dict:
+    # Every block but the last is a cross-attention block, as in ModelScope. `attention_head_dim`
+    # is what it says in the 3D blocks: their attentions have channels // head_dim heads (see
+    # _unet3d_heads); only the 2D UNet's blocks read it as the number of heads.
     n = len(channels)
     return dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=list(channels),
                 down_block_types=["CrossAttnDownBlock3D"] * (n - 1) + ["DownBlock3D"],
                 up_block_types=["UpBlock3D"] + ["CrossAttnUpBlock3D"] * (n - 1),
-                layers_per_block=layers, norm_num_groups=groups, cross_attention_dim=text_dim, attention_head_dim=heads)
+                layers_per_block=layers, norm_num_groups=groups, cross_attention_dim=text_dim,
+                attention_head_dim=head_dim)
 
 
 def _vae_kl(width: int) -> dict:
@@ -77,7 +81,28 @@ def _clip_text(hidden: int) -> dict:
                 pad_token_id=513, hidden_act="quick_gelu", projection_dim=hidden)
 
 
-WAN_STRATEGIES = ["exact", "clip_parallel", "block_pipeline"]
+def _unet3d_heads(unet_cfg: dict) -> int:
+    """Heads every temporal attention of a UNet3DConditionModel has (so a split of heads over
+    workers fits them all): transformer_in has 8; each cross-attention block's (and the mid
+    block's) have channels // attention_head_dim."""
+    channels = unet_cfg.get("block_out_channels", [320, 640, 1280, 1280])
+    head_dims = unet_cfg.get("attention_head_dim", 64)
+    head_dims = head_dims if isinstance(head_dims, list) else [head_dims] * len(channels)
+    down = unet_cfg.get("down_block_types", ["CrossAttnDownBlock3D"] * (len(channels) - 1) + ["DownBlock3D"])
+    heads = [c // d for c, d, kind in zip(channels, head_dims, down) if kind.startswith("CrossAttn")]
+    return math.gcd(8, channels[-1] // head_dims[-1], *heads)
+
+
+def _with_shape(limits: dict, denoiser_cfg: dict) -> dict:
+    """`limits` plus what follows from the family and the denoiser: the family's strategies, and
+    the transformer blocks and attention heads that strategies split."""
+    if limits["family"] == "unet3d":
+        shape = dict(attention_heads=_unet3d_heads(denoiser_cfg))
+    else:  # defaults: Wan2.1-T2V-1.3B
+        shape = dict(num_layers=denoiser_cfg.get("num_layers", 30),
+                     attention_heads=denoiser_cfg.get("num_attention_heads", 12))
+    return {**limits, "strategies": strategies_for(limits["family"]), **shape}
+
 
 PRESETS: dict[str, dict] = {
     # Seconds on CPU at 64x64: the CI / demo model.
@@ -90,7 +115,7 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _umt5(32),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=WAN_STRATEGIES, native_latent_frames=21, num_layers=4),
+                       max_side=512, native_latent_frames=21),
     },
     # 256x256, hundreds of frames: long token sequences where attention dominates.
     "bench-wan": {
@@ -102,32 +127,35 @@ PRESETS: dict[str, dict] = {
         "text_encoder": _umt5(64),
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, strategies=WAN_STRATEGIES, native_latent_frames=21, num_layers=4),
+                       max_side=512, native_latent_frames=21),
     },
     # UNet3D (zeroscope / ModelScope / VideoCrafter2 architecture): seconds on CPU at 64x64.
     "tiny-unet3d": {
-        "unet": _unet3d((32, 64), groups=8, heads=4, text_dim=32),
+        "unet": _unet3d((32, 64), groups=8, head_dim=4, text_dim=32),
         "vae": _vae_kl(8),
         "text_encoder": _clip_text(32),
         "scheduler": _UNET3D_SCHEDULER,
         "limits": dict(family="unet3d", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1, max_frames=1024,
-                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=16),
+                       max_side=512, native_latent_frames=16),
         "branch_init": 0.1,  # see _build_unet3d
         "version": "v2",
     },
     # The real block layout (4 levels, 2 layers each: the same 34 temporal attentions and 22
     # temporal convs as zeroscope) at 1/5 of the width: 256x256, hundreds of frames.
     "bench-unet3d": {
-        "unet": _unet3d((64, 128, 256, 256), groups=32, heads=8, text_dim=64, layers=2),
+        "unet": _unet3d((64, 128, 256, 256), groups=32, head_dim=8, text_dim=64, layers=2),
         "vae": _vae_kl(8),
         "text_encoder": _clip_text(64),
         "scheduler": _UNET3D_SCHEDULER,
         "limits": dict(family="unet3d", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1, max_frames=1024,
-                       max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=16),
+                       max_side=512, native_latent_frames=16),
         "branch_init": 0.1,
         "version": "v2",
     },
 }
+
+for _preset in PRESETS.values():  # as a folder of these configs reports them: strategies, layers, heads
+    _preset["limits"] = _with_shape(_preset["limits"], _preset.get("transformer") or _preset["unet"])
 
 _VERSION = "v2"  # bump when a preset's config changes, so stale cached folders are not reused
 # (a preset's own "version" overrides it: bump that when only that preset's weights change)
@@ -275,8 +303,8 @@ def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "") -> di
     """Limits of a model folder from its config json files: the denoiser's (transformer/ for
     Wan, unet/ for UNet3D) and the VAE's. `name`: the folder's name or path (a hint only)."""
     if _is_unet3d(denoiser_cfg):
-        return _unet3d_limits(denoiser_cfg, vae_cfg, name)
-    return _wan_limits(denoiser_cfg, vae_cfg)
+        return _with_shape(_unet3d_limits(vae_cfg, name), denoiser_cfg)
+    return _with_shape(_wan_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
 
 
 def _is_unet3d(denoiser_cfg: dict) -> bool:
@@ -296,13 +324,11 @@ def _wan_limits(transformer_cfg: dict, vae_cfg: dict) -> dict:
         # the RoPE table has rope_max_seq_len rows: latent frames (global positions) must fit
         max_frames=num_output_frames(rope // p_t, temporal),
         max_side=min(rope * spatial * p_h, 1280),  # 1280: Wan's largest trained side (720p)
-        strategies=WAN_STRATEGIES,
         native_latent_frames=21,  # Wan 2.1/2.2 train on 81 frames = 21 latent frames
-        num_layers=transformer_cfg.get("num_layers", 30),
     )
 
 
-def _unet3d_limits(unet_cfg: dict, vae_cfg: dict, name: str) -> dict:
+def _unet3d_limits(vae_cfg: dict, name: str) -> dict:
     """Limits of a UNet3D folder (zeroscope_v2, ModelScope text-to-video-ms-1.7b, VideoCrafter2 in
     diffusers layout): 2D AutoencoderKL decoded frame by frame, so one latent frame per frame.
     UNet3D has no positional table in time or space: the frame and side caps are practical ones."""
@@ -311,7 +337,7 @@ def _unet3d_limits(unet_cfg: dict, vae_cfg: dict, name: str) -> dict:
     # tell zeroscope from ModelScope (same architecture), so the folder name decides.
     native = 24 if "zeroscope" in name.lower() else 16
     return dict(family="unet3d", spatial_multiple=spatial, temporal_stride=1, max_frames=1024, max_side=1024,
-                strategies=["exact", "clip_parallel"], native_latent_frames=native)
+                native_latent_frames=native)
 
 
 def model_limits(name_or_path: str) -> dict:

@@ -1,0 +1,289 @@
+"""Strategy specs: what each strategy is and what a job under it must satisfy, as data.
+
+The one registry of strategy names. The planner, the request validation, the model presets,
+the CLI and the worker all read it: the worker looks a strategy's implementation up by
+`StrategySpec.name`, and checks its plan against the spec (`check_plan`) before any collective.
+Adding a strategy is one entry in STRATEGY_SPECS plus the worker's strategy file.
+
+Pure Python over the generated protobuf messages (no torch, no gRPC).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from clipmesh.plan import num_latent_frames
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+FRAMES = "frames"  # ranks split the latent frames: plan.clips tile [0, num_latent_frames)
+LAYERS = "layers"  # ranks split the transformer's blocks: plan.layers tile [0, ModelInfo.num_layers)
+MAX_STREAM_FRAMES = 100_001  # a streaming strategy's memory is flat in length: the cap is the disk's
+
+
+class SpecError(ValueError):
+    """A value a spec does not allow; `field` names it (dotted: "clip_parallel.local_halo")."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
+        self.field, self.detail = field, detail
+
+
+def check_range(field: str, value: float, low: float, high: float) -> None:
+    """Raises SpecError unless low <= value <= high (and finite)."""
+    if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
+        raise SpecError(field, f"must be in [{low:g}, {high:g}], got {value:g}")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One field of a strategy's options message."""
+
+    name: str
+    type: type                  # int, float or bool (as the message field)
+    default: Any = dataclasses.field(hash=False)  # a value, or {family: value} where the families differ
+    help: str                   # the CLI's help text
+    low: float | None = None    # allowed range, inclusive (None: any value of the type)
+    high: float | str | None = None  # a str names an earlier option whose value bounds this one
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def default_for(self, family: str) -> Any:
+        """The default for a model family (an unknown family gets the first family's)."""
+        if isinstance(self.default, Mapping):
+            return self.default.get(family, next(iter(self.default.values())))
+        return self.default
+
+    def bounds(self, resolved) -> tuple[float, float] | None:
+        """(low, high) with a named bound read from `resolved` (the options message in effect)."""
+        if self.low is None:
+            return None
+        return self.low, getattr(resolved, self.high) if isinstance(self.high, str) else self.high
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    partition: str                        # FRAMES or LAYERS
+    families: tuple[str, ...]             # model families (ModelInfo.family) it runs on
+    summary: str                          # one line for the CLI
+    streams: bool = False                 # can run unbounded (num_frames 0) and past the model's max_frames
+    for_long_videos: bool = False         # the planner's choice beyond the model's native length
+    options_field: str | None = None      # SubmitJobRequest / RenderPlan field holding its options
+    options: tuple[OptionSpec, ...] = ()
+    min_clip_option: str | None = None    # the option no clip may be shorter than (as frames allow)
+    splits_heads: bool = False            # ranks split attention heads: workers divide ModelInfo.attention_heads
+
+    def option(self, name: str) -> OptionSpec:
+        return next(o for o in self.options if o.name == name)
+
+    @property
+    def model_defaults_field(self) -> str | None:
+        """ModelInfo's field of a model's own option defaults (clip_parallel_defaults), if it has one."""
+        name = f"{self.options_field}_defaults"
+        return name if self.options_field and name in pb.ModelInfo.DESCRIPTOR.fields_by_name else None
+
+    def options_message(self, **values):
+        """A fresh options message (pb.ClipParallelOptions, ...) with `values` set."""
+        field = pb.SubmitJobRequest.DESCRIPTOR.fields_by_name[self.options_field]
+        return getattr(pb, field.message_type.name)(**values)
+
+
+# Fixed order: the first is the default; choices, help and model strategy lists follow it.
+STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
+    StrategySpec(
+        name="exact", partition=FRAMES, families=("wan", "unet3d"),
+        summary="every frame attends to every frame, as on one device"),
+    StrategySpec(
+        name="clip_parallel", partition=FRAMES, families=("wan", "unet3d"), for_long_videos=True,
+        summary="dual-scope attention", options_field="clip_parallel", min_clip_option="local_halo",
+        # ALGORITHMS.md section 1. Wan: Wan2.1 trains on 81 frames = 21 latent frames, so a +-10
+        # window is exactly the native length; UNet3D: the reference's P=8.
+        options=(
+            OptionSpec("local_halo", int, {"wan": 10, "unet3d": 8},
+                       "P: latent frames seen on each side of a frame", 1, 64),
+            OptionSpec("global_frames", int, 16, "G: frames spread over the video that every frame sees", 0, 256),
+            OptionSpec("phase_switch_t", float, 800.0, "timestep at which attention turns from global to local",
+                       0.0, 1000.0),
+            OptionSpec("phase_bias", float, 10.0, "logit bias of the active phase (10 ~ hard switch)", 0.0, 100.0),
+            OptionSpec("entropy_scaling", bool, False, "scale logits by visible keys"),
+        )),
+    StrategySpec(
+        name="block_pipeline", partition=LAYERS, families=("wan",), streams=True,
+        summary="DualParal block queue", options_field="block_pipeline",
+        # ALGORITHMS.md section 2: blocks of 8 latent frames (29 video frames for the first)
+        # with 4 frames of context each way.
+        options=(
+            OptionSpec("block_frames", int, 8, "latent frames per block", 1, 64),
+            # the cache holds the next block's first frames, so a block must have that many
+            OptionSpec("context_frames", int, 4, "latent frames of context shared with the neighbouring blocks",
+                       0, "block_frames"),
+        )),
+    StrategySpec(
+        name="ulysses", partition=FRAMES, families=("wan",), splits_heads=True,
+        summary="exact attention by sequence<->head all-to-all (heads divide by workers)"),
+)}
+DEFAULT_STRATEGY = next(iter(STRATEGY_SPECS))
+
+
+def spec_named(name: str) -> StrategySpec:
+    """The spec of a strategy name ("" is the default); SpecError("strategy") if unknown."""
+    try:
+        return STRATEGY_SPECS[name or DEFAULT_STRATEGY]
+    except KeyError:
+        raise SpecError("strategy", f"unknown strategy {name!r}; known: {', '.join(STRATEGY_SPECS)}") from None
+
+
+def strategies_for(family: str) -> list[str]:
+    """The strategies a model family supports, in table order (ModelInfo.strategies)."""
+    return [spec.name for spec in STRATEGY_SPECS.values() if family in spec.families]
+
+
+def choose_spec(req: pb.SubmitJobRequest, model: pb.ModelInfo) -> StrategySpec:
+    """The request's strategy, else the first streaming one for an unbounded video (num_frames 0),
+    else the long-video one beyond the model's native length (where the model supports it),
+    else the default. Never raises on a bad num_frames (validation reports that)."""
+    if req.strategy:
+        return spec_named(req.strategy)
+    if req.num_frames == 0:
+        return next(spec for spec in STRATEGY_SPECS.values() if spec.streams)
+    stride = model.temporal_stride or 1
+    if model.native_latent_frames and req.num_frames >= 1 and (req.num_frames - 1) % stride == 0 \
+            and num_latent_frames(req.num_frames, stride) > model.native_latent_frames:
+        for spec in STRATEGY_SPECS.values():
+            if spec.for_long_videos and spec.name in model.strategies:
+                return spec
+    return STRATEGY_SPECS[DEFAULT_STRATEGY]
+
+
+def max_frames(spec: StrategySpec, model: pb.ModelInfo) -> int:
+    """The longest video (output frames) a job may ask for: a streaming strategy positions
+    tokens within a block, so its length is not bound by the model's positional table."""
+    return MAX_STREAM_FRAMES if spec.streams else model.max_frames
+
+
+def resolve_options(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo | None = None):
+    """The spec's options message with every field set: the request's value where set, else the
+    model's (ModelInfo.<options_field>_defaults, where that field exists), else the spec's default
+    for the model's family; a default bounded by another option shrinks to fit it. None for a
+    spec without options."""
+    if spec.options_field is None:
+        return None
+    sources = [getattr(req, spec.options_field)]
+    if model is not None and spec.model_defaults_field:
+        sources.append(getattr(model, spec.model_defaults_field))
+    resolved = spec.options_message()
+    for option in spec.options:  # in order: a bound names an earlier option
+        source = next((s for s in sources if s.HasField(option.name)), None)
+        if source is not None:
+            setattr(resolved, option.name, getattr(source, option.name))
+            continue
+        value = option.default_for(model.family if model is not None else "")
+        if isinstance(option.high, str):
+            value = min(value, getattr(resolved, option.high))
+        setattr(resolved, option.name, value)
+    return resolved
+
+
+def check_options(spec: StrategySpec, options, resolved, require_all: bool) -> None:
+    """SpecError for the first option of `options` out of its range (bounds read from `resolved`,
+    the options in effect); with require_all, also for an unset one."""
+    for option in spec.options:
+        field = f"{spec.options_field}.{option.name}"
+        if not options.HasField(option.name):
+            if require_all:
+                raise SpecError(field, "is unset (the planner resolves every option)")
+            continue
+        bounds = option.bounds(resolved)
+        if bounds is not None:
+            check_range(field, getattr(options, option.name), *bounds)
+
+
+def worker_limit(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo) -> int:
+    """How many workers a job can use: one per latent frame (frames partition) or per transformer
+    block (layers partition); a heads split gives each at least one attention head."""
+    if spec.partition == LAYERS:
+        limit = model.num_layers
+    else:
+        limit = num_latent_frames(req.num_frames, model.temporal_stride)
+    return min(limit, model.attention_heads) if spec.splits_heads else limit
+
+
+def check_divides(spec: StrategySpec, field: str, workers: int, model: pb.ModelInfo) -> None:
+    """SpecError(field) unless the worker count suits the spec: a heads split needs the model's
+    attention heads known, and a count (0: not chosen yet) that divides them."""
+    if not spec.splits_heads:
+        return
+    if model.attention_heads < 1:
+        raise SpecError("model.attention_heads", f"unknown for {model.name} ({spec.name} splits attention heads)")
+    if workers > 0 and model.attention_heads % workers:
+        raise SpecError(field, f"must divide the {model.attention_heads} attention heads of {model.name} "
+                               f"({spec.name} splits heads), got {workers}")
+
+
+def usable_workers(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo, available: int) -> int:
+    """The most workers out of `available` a job can use (0: none fits)."""
+    for count in range(min(available, worker_limit(spec, req, model)), 0, -1):
+        if not spec.splits_heads or model.attention_heads % count == 0:
+            return count
+    return 0
+
+
+def min_clip_length(spec: StrategySpec, options, num_latent: int, world_size: int) -> int:
+    """The shortest clip a plan gives a rank: the spec's min_clip_option (clip_parallel: the halo,
+    so a clip covers what its neighbours ask of it) where the frames allow, else 1."""
+    wanted = getattr(options, spec.min_clip_option) if spec.min_clip_option else 1
+    return max(1, min(wanted, num_latent // max(world_size, 1)))
+
+
+def clip_lengths(plan: pb.RenderPlan) -> list[int]:
+    """Latent frames of each rank's clip, in rank order."""
+    return [c.end - c.start for c in plan.clips]
+
+
+def check_tiling(field: str, ranges, world_size: int, total: int) -> None:
+    """SpecError(field) unless `ranges` (ClipRange / LayerRange, in rank order) tile [0, total), one per rank."""
+    pairs, edge = [(r.start, r.end) for r in ranges], 0
+    for start, end in pairs:
+        if start != edge or end <= start:
+            break
+        edge = end
+    else:
+        if len(pairs) == world_size and edge == total:
+            return
+    raise SpecError(field, f"{pairs} do not tile [0, {total}) over {world_size} ranks")
+
+
+def check_plan(plan: pb.RenderPlan, model: pb.ModelInfo) -> StrategySpec:
+    """A plan's checks against its spec and the model, before any collective: SpecError (a
+    ValueError) naming the field and the limit. Returns the spec (the worker's registry key)."""
+    spec = spec_named(plan.strategy)
+    if model.family not in spec.families:
+        raise SpecError("model.family", f"{spec.name} runs on {', '.join(spec.families)}, not {model.family!r}")
+    req, stride = plan.request, model.temporal_stride
+    if stride < 1:
+        raise SpecError("model.temporal_stride", f"must be >= 1, got {stride}")
+    if req.num_frames == 0 and not spec.streams:
+        raise SpecError("request.num_frames", f"0 (unbounded) needs a streaming strategy, not {spec.name}")
+    try:
+        latent = num_latent_frames(req.num_frames, stride) if req.num_frames else 0
+    except ValueError as exc:
+        raise SpecError("request.num_frames", str(exc)) from None
+    if plan.num_latent_frames != latent:
+        raise SpecError("num_latent_frames",
+                        f"must be {latent} for {req.num_frames} frames, got {plan.num_latent_frames}")
+    check_divides(spec, "world_size", plan.world_size, model)
+    check_range("world_size", plan.world_size, 1, worker_limit(spec, req, model))
+    if spec.partition == LAYERS:
+        check_tiling("layers", plan.layers, plan.world_size, model.num_layers)
+    else:
+        check_tiling("clips", plan.clips, plan.world_size, latent)
+    options = getattr(plan, spec.options_field) if spec.options_field else None
+    if options is not None:
+        check_options(spec, options, options, require_all=True)
+    return spec
