@@ -1,14 +1,15 @@
 """gRPC servicers: thin translators over CoordinatorCore (MLServer style).
 
-Domain errors are mapped to status codes in one decorator at the edge.
+Each handler only converts between the wire and a core call, streams included (a
+worker's Attach pump lives in the core). Domain errors are mapped to status codes in one
+decorator at the edge, `grpc_errors`, on every handler.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
-import logging
+from contextlib import aclosing
 
 import grpc
 
@@ -17,8 +18,6 @@ from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
 
 from .core import CoordinatorCore
 from .errors import AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, NotFound
-
-log = logging.getLogger("clipmesh.coordinator")
 
 _CODES = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -34,13 +33,16 @@ def _status_for(exc: CoordinatorError) -> grpc.StatusCode:
 
 
 def grpc_errors(method):
-    """Maps CoordinatorError to its status code; works for unary and streaming handlers."""
+    """Maps CoordinatorError to its status code: the only place that does. Works for every
+    handler shape: unary or client-streaming (`request` is then the request iterator), and
+    server- or bidi-streaming (an async generator, closed at once when the call ends)."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
-                async for item in method(self, request, context):
-                    yield item
+                async with aclosing(method(self, request, context)) as items:
+                    async for item in items:
+                        yield item
             except CoordinatorError as exc:
                 await context.abort(_status_for(exc), str(exc))
         return stream
@@ -95,44 +97,12 @@ class WorkerGatewayService(pb_grpc.WorkerGatewayServicer):
     def __init__(self, core: CoordinatorCore):
         self.core = core
 
+    @grpc_errors
     async def Attach(self, request_iterator, context):
-        first = await anext(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "register":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register: the first message must be register")
-        try:
-            session = await self.core.attach(first.register)
-        except CoordinatorError as exc:
-            await context.abort(_status_for(exc), str(exc))
-        worker_id = first.register.worker_id
+        async with aclosing(self.core.serve_worker(request_iterator)) as outbound:
+            async for message in outbound:
+                yield message
 
-        async def pump_inbound():
-            try:
-                async for msg in request_iterator:
-                    await self.core.on_message(worker_id, msg)
-            except Exception as exc:  # stream broken: the finally below reports the loss
-                log.info("worker %s stream ended: %s", worker_id, exc)
-            finally:
-                await self.core.detach(worker_id, "stream closed")
-
-        reader = asyncio.get_running_loop().create_task(pump_inbound())
-        try:
-            while (out := await session.outbox.get()) is not None:
-                yield out
-        finally:
-            reader.cancel()
-            await self.core.detach(worker_id, "stream closed")
-
+    @grpc_errors
     async def UploadFrames(self, request_iterator, context):
-        first = await anext(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header: the first chunk must be a header")
-
-        async def data():
-            async for chunk in request_iterator:
-                yield chunk.data
-
-        try:
-            count = await self.core.receive_frames(first.header, data())
-        except CoordinatorError as exc:
-            await context.abort(_status_for(exc), str(exc))
-        return pb.UploadFramesResponse(frames_received=count)
+        return pb.UploadFramesResponse(frames_received=await self.core.upload_frames(request_iterator))

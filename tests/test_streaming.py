@@ -148,7 +148,7 @@ def test_parts_out_of_order_are_streamed_into_an_ordered_video(coordinator, tmp_
         assert part_files(daemons, job.id) == []  # 3..5 filled the gap: 3..8 written
         assert client.get(job.id).state == pb.RUNNING
 
-        worker.send(result=pb.JobResult(job_id=job.id, ok=True))
+        worker.send(result=pb.JobResult(job_id=job.id, outcome=pb.JOB_OUTCOME_DONE))
         assert events.final().state == pb.SUCCEEDED
         job = client.get(job.id)
         assert (job.state, job.video_frames) == (pb.SUCCEEDED, 9), job.error
@@ -189,7 +189,7 @@ def test_unbounded_job_cancelled_keeps_the_frames_streamed_so_far(coordinator, t
         with pytest.raises(grpc.RpcError) as late:  # a block finished as the cancel arrived
             worker.upload(job_id, 13, 17)
         assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        worker.send(result=pb.JobResult(job_id=job_id, cancelled=True, error="cancelled"))
+        worker.send(result=pb.JobResult(job_id=job_id, outcome=pb.JOB_OUTCOME_CANCELLED, error="cancelled"))
 
         out = tmp_path / "kept.mp4"
         assert cli.main(["fetch", job_id, "--output", str(out), *address]) == 0
@@ -215,7 +215,7 @@ def test_missing_part_fails_the_job_and_the_next_job_is_served(coordinator, tmp_
         with pytest.raises(grpc.RpcError) as overlap:
             worker.upload(job.id, 2, 4)
         assert overlap.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        worker.send(result=pb.JobResult(job_id=job.id, ok=True))
+        worker.send(result=pb.JobResult(job_id=job.id, outcome=pb.JOB_OUTCOME_DONE))
         assert events.final().state == pb.FAILED
         job = client.get(job.id)
         assert job.state == pb.FAILED and "frames [3, 6) missing" in job.error, job.error
@@ -226,7 +226,7 @@ def test_missing_part_fails_the_job_and_the_next_job_is_served(coordinator, tmp_
         assert worker.expect("assignment").job_id == nxt.id  # the worker was freed, the coordinator serves on
         events = Events(client, nxt.id)
         worker.upload(nxt.id, 0, 9)
-        worker.send(result=pb.JobResult(job_id=nxt.id, ok=True))
+        worker.send(result=pb.JobResult(job_id=nxt.id, outcome=pb.JOB_OUTCOME_DONE))
         assert events.final().state == pb.SUCCEEDED
         out = tmp_path / "next.mp4"
         client.fetch(nxt.id, out)

@@ -175,7 +175,7 @@ class WorkerDaemon:
 
     async def _run_job(self, ctx: JobContext) -> None:
         from clipmesh.worker import mesh
-        from clipmesh.worker.render import Cancelled
+        from clipmesh.worker.job import Cancelled
 
         a, plan = ctx.assignment, ctx.assignment.plan
         part = (f"layers [{plan.layers[a.rank].start}, {plan.layers[a.rank].end})" if plan.layers else
@@ -195,19 +195,20 @@ class WorkerDaemon:
             finally:  # what was rendered is delivered, also when the job stops early
                 for upload in uploads:
                     await asyncio.wrap_future(upload)
-            result.ok = True
+            result.outcome = pb.JOB_OUTCOME_DONE
         except (Cancelled, asyncio.CancelledError):
-            result.cancelled = True
+            result.outcome = pb.JOB_OUTCOME_CANCELLED
             result.error = "cancelled"
         except Exception as exc:
             log.exception("job %s failed on %s", a.job_id, self.worker_id)
             result.error = f"{type(exc).__name__}: {exc}"
-            result.cancelled = ctx.cancel.is_set()
+            result.outcome = pb.JOB_OUTCOME_FAILED_AFTER_CANCEL if ctx.cancel.is_set() else pb.JOB_OUTCOME_FAILED
         finally:
             del store
             self.jobs.pop(a.job_id, None)
             release_free_memory()  # a daemon lives for many jobs: it idles at the model's footprint
-        log.info("job %s: rank %d %s", a.job_id, a.rank, "done" if result.ok else result.error)
+        log.info("job %s: rank %d %s", a.job_id, a.rank,
+                 "done" if result.outcome == pb.JOB_OUTCOME_DONE else result.error)
         self._send(result=result)
 
     def _render(self, ctx: JobContext, rdv: pb.Rendezvous, store, uploads: list) -> None:

@@ -25,6 +25,14 @@ class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IDLE: _ClassVar[WorkerState]
     BUSY: _ClassVar[WorkerState]
     LOST: _ClassVar[WorkerState]
+
+class JobOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_OUTCOME_UNSPECIFIED: _ClassVar[JobOutcome]
+    JOB_OUTCOME_DONE: _ClassVar[JobOutcome]
+    JOB_OUTCOME_CANCELLED: _ClassVar[JobOutcome]
+    JOB_OUTCOME_FAILED: _ClassVar[JobOutcome]
+    JOB_OUTCOME_FAILED_AFTER_CANCEL: _ClassVar[JobOutcome]
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -35,6 +43,11 @@ WORKER_STATE_UNSPECIFIED: WorkerState
 IDLE: WorkerState
 BUSY: WorkerState
 LOST: WorkerState
+JOB_OUTCOME_UNSPECIFIED: JobOutcome
+JOB_OUTCOME_DONE: JobOutcome
+JOB_OUTCOME_CANCELLED: JobOutcome
+JOB_OUTCOME_FAILED: JobOutcome
+JOB_OUTCOME_FAILED_AFTER_CANCEL: JobOutcome
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline")
@@ -275,7 +288,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers")
+    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers", "attention_heads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SPATIAL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +299,7 @@ class ModelInfo(_message.Message):
     NATIVE_LATENT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     CLIP_PARALLEL_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     spatial_multiple: int
@@ -296,7 +310,8 @@ class ModelInfo(_message.Message):
     native_latent_frames: int
     clip_parallel_defaults: ClipParallelOptions
     num_layers: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    attention_heads: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ..., attention_heads: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("register", "heartbeat", "store_ready", "progress", "result", "log")
@@ -345,16 +360,14 @@ class StoreReady(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "ok", "error", "cancelled")
+    __slots__ = ("job_id", "outcome", "error")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    OK_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    CANCELLED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    ok: bool
+    outcome: JobOutcome
     error: str
-    cancelled: bool
-    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., cancelled: _Optional[bool] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., outcome: _Optional[_Union[JobOutcome, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
     __slots__ = ("registered", "assignment", "rendezvous", "cancel")

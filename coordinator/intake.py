@@ -1,0 +1,86 @@
+"""Frame intake: a worker's UploadFrames stream, checked and handed to the job's video.
+
+An upload is a header, then raw RGB24 bytes. The part is checked against the running
+job (its member, its size, its frame range), spooled to the job's scratch folder, then
+given to the stitcher under the job's video lock, so it either makes the video or is
+refused with a reason the worker can act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+from .errors import FailedPrecondition, InvalidArgument
+from .jobs import ActiveJob, Jobs, shielded
+from .stitcher import FramePart, VideoClosed
+from .store import FINAL_STATES
+
+
+class FrameIntake:
+    def __init__(self, jobs: Jobs):
+        self.jobs = jobs
+        self._upload_ids = itertools.count()  # part files never share a name, even for a repeated upload
+
+    async def upload(self, chunks: AsyncIterator[pb.FrameChunk]) -> int:
+        """One UploadFrames stream: a header chunk first, then the data chunks."""
+        first = await anext(chunks, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidArgument("header", "the first chunk must be a header")
+
+        async def data():
+            async for chunk in chunks:
+                yield chunk.data
+
+        return await self.receive(first.header, data())
+
+    async def receive(self, header: pb.FrameHeader, chunks: AsyncIterator[bytes]) -> int:
+        active = self.jobs.active.get(header.job_id)
+        if active is None or header.worker_id not in active.members:
+            raise FailedPrecondition(f"job {header.job_id!r} is not running on worker {header.worker_id!r}")
+        if self.jobs.get(header.job_id).state in FINAL_STATES:
+            raise self.jobs.already_ended(header.job_id)
+        req = active.plan.request
+        if (header.height, header.width) != (req.height, req.width):
+            raise InvalidArgument("header.height/width", f"must be {req.height}x{req.width}")
+        end = header.first_frame + header.num_frames
+        if header.first_frame < 0 or header.num_frames < 1 or (req.num_frames and end > req.num_frames):
+            # an unbounded job (num_frames 0) takes any frame index
+            raise InvalidArgument("header.first_frame/num_frames",
+                                  f"must lie within [0, {req.num_frames or 'unbounded'})")
+        expected = header.num_frames * header.height * header.width * 3
+        folder = self.jobs.scratch_dir(header.job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"frames-{header.first_frame:06d}-{next(self._upload_ids)}.rgb"
+        received = 0
+        with open(path, "wb") as f:
+            async for data in chunks:
+                received += len(data)
+                if received > expected:
+                    break
+                f.write(data)
+        if received != expected:
+            path.unlink(missing_ok=True)
+            raise InvalidArgument("data", f"expected {expected} bytes of RGB24, got {received}")
+        try:
+            await self._add_part(active, FramePart(header.first_frame, header.num_frames, header.height,
+                                                   header.width, path))
+        except VideoClosed:  # the job ended while this part was on its way
+            raise self.jobs.already_ended(header.job_id) from None
+        except ValueError as exc:
+            raise InvalidArgument("header.first_frame/num_frames", str(exc)) from None
+        except RuntimeError as exc:  # ffmpeg died: no video can come of this job
+            await self.jobs.fail(header.job_id, f"video encoding failed: {exc}")
+            raise FailedPrecondition(f"job {header.job_id} failed: video encoding failed") from None
+        await self.jobs.emit(header.job_id, frames=pb.FramesReceived(
+            worker_id=header.worker_id, first_frame=header.first_frame, num_frames=header.num_frames))
+        return header.num_frames
+
+    @shielded
+    async def _add_part(self, active: ActiveJob, part: FramePart) -> None:
+        """The lock is held until the writer thread is done, even if the upload's caller went away."""
+        async with active.video_lock:
+            await asyncio.to_thread(active.video.add, part)
