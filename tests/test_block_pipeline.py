@@ -22,7 +22,7 @@ from clipmesh import presets
 from clipmesh.coordinator.planner import make_plan
 from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
-from clipmesh.worker.strategies.block_pipeline import BlockPipelineStrategy, coordinated_noise
+from clipmesh.worker.strategies.block_queue import coordinated_noise
 from ranks import run_ranks, single_thread_model
 
 SIDE, STEPS, GUIDANCE, SEED = 32, 3, 5.0, 99
@@ -53,12 +53,13 @@ def model(folder):
 def _run(mesh, folder, plan_bytes):
     """One rank of the pipeline; rank 0 returns the blocks it finished, in order."""
     from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.render import render
 
     plan = pb.RenderPlan.FromString(plan_bytes)
     model = load_adapter(folder, "cpu", torch.float32)
     blocks = []
-    BlockPipelineStrategy().run(model, plan, mesh.rank, mesh,
-                                on_block=lambda start, end, latents: blocks.append((start, end, latents.numpy().copy())))
+    render(model, plan, mesh.rank, mesh, decode=False,
+           on_latents=lambda piece: blocks.append((piece.start, piece.end, piece.latents.numpy().copy())))
     return blocks
 
 
@@ -225,14 +226,13 @@ def test_coordinated_noise_reuses_the_pool_without_the_previous_tail():
 def test_streamed_frames_are_the_whole_video(model, frames, block):
     """Exactly num_frames frames, in order, equal to decoding the whole latent video at once."""
     from clipmesh.worker.mesh import Mesh, host_store
+    from clipmesh.worker.render import render
 
     plan = _plan(1, frames, block, min(1, block), steps=1)
     pieces, blocks = [], []
     store, port = host_store("127.0.0.1", 30)
-    strategy = BlockPipelineStrategy()
     with Mesh.open("127.0.0.1", port, 0, 1, f"stream-{frames}", timeout_s=30, store=store) as mesh:
-        strategy.render(model, plan, 0, mesh, on_frames=pieces.append)
-        strategy.run(model, plan, 0, mesh, on_block=lambda s, e, x: blocks.append(x))
+        render(model, plan, 0, mesh, on_frames=pieces.append, on_latents=lambda piece: blocks.append(piece.latents))
     assert [p.first_frame for p in pieces] == [0] + [sum(len(p.frames) for p in pieces[:i]) for i in range(1, len(pieces))]
     streamed = torch.from_numpy(np.concatenate([p.frames for p in pieces]))
     assert streamed.shape[0] == frames

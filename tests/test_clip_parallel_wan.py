@@ -111,7 +111,7 @@ def _core_rank(mesh):
         for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
             core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy), rank, native_frames=NATIVE,
                              chunk_frames=chunk)
-            core.set_timestep(t)
+            core.begin_step(t)
             res = core.attend(q[:, start:end], k[:, start:end], v[:, start:end],
                               rekey=synthetic_rekey if rekey else None)
             out["attend"][(si, ci)] = res.numpy()
@@ -279,19 +279,28 @@ def _one_worker(model, policy):
 
 
 @pytest.fixture(scope="module")
-def one_worker(model):
+def by_policy(model):
+    """policy -> the one-worker latents under that global RoPE policy, computed on first use and
+    cached for the module: every test asking for a policy gets it, whichever runs first or alone."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(policy: str) -> torch.Tensor:
+        if policy not in cache:
+            cache[policy] = _one_worker(model, policy)
+        return cache[policy]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def one_worker(by_policy):
     from clipmesh.worker.strategies.clip_parallel import GLOBAL_ROPE_POLICY
-    return _one_worker(model, GLOBAL_ROPE_POLICY)
-
-
-_BY_POLICY: dict[str, torch.Tensor] = {}
+    return by_policy(GLOBAL_ROPE_POLICY)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_one_worker_equals_dense_reference(model, policy, one_worker):
-    from clipmesh.worker.strategies.clip_parallel import GLOBAL_ROPE_POLICY
-    got = one_worker if policy == GLOBAL_ROPE_POLICY else _one_worker(model, policy)
-    _BY_POLICY[policy] = got
+def test_one_worker_equals_dense_reference(model, policy, by_policy):
+    got = by_policy(policy)
     want = _dense_run(model, policy)
     diff = (got - want).abs().max().item()
     print(f"policy={policy} 1 worker vs dense reference: max|diff|={diff:.3e}")
@@ -318,12 +327,13 @@ def test_workers_equal_one_worker(world_size, folder, one_worker):
         assert diff <= TOL
 
 
-def test_policies_differ():
+def test_policies_differ(by_policy):
     """The RoPE policies are really different (so the dense comparison above tells them apart)."""
-    assert len(_BY_POLICY) == len(POLICIES), "run with test_one_worker_equals_dense_reference"
+    results = {policy: by_policy(policy) for policy in POLICIES}
+    assert len(results) == len(POLICIES)
     for i, a in enumerate(POLICIES):
         for b in POLICIES[i + 1:]:
-            assert (_BY_POLICY[a] - _BY_POLICY[b]).abs().max() > 1e-3, (a, b)
+            assert (results[a] - results[b]).abs().max() > 1e-3, (a, b)
 
 
 def test_clip_parallel_is_not_exact(model, one_worker):

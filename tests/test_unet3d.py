@@ -105,12 +105,13 @@ def test_rounding_floor(model, reference, reference64):
 
 
 def _halo_check(mesh, lengths: list[int]) -> tuple[float, bool]:
-    """temporal_ops alone on a random float64 TemporalConvLayer (a random last conv: diffusers
+    """unet3d_temporal alone on a random float64 TemporalConvLayer (a random last conv: diffusers
     zero-initialises it): this rank's clip of the layer's output against the whole video's.
     Returns (max abs diff, whether the layer is still patched after remove)."""
     from diffusers.models.resnet import TemporalConvLayer
 
-    from clipmesh.worker.strategies.temporal_ops import TemporalPatches
+    from clipmesh.worker.adapters.unet3d_temporal import TemporalOps
+    from clipmesh.worker.patches import Patches
 
     torch.manual_seed(0)
     layer = TemporalConvLayer(8, 8, norm_num_groups=4).double().eval()
@@ -120,8 +121,8 @@ def _halo_check(mesh, lengths: list[int]) -> tuple[float, bool]:
         want = layer(x, num_frames=sum(lengths))
     start = sum(lengths[:mesh.rank])
     mine = lambda t: t.unflatten(0, (2, -1))[:, start:start + lengths[mesh.rank]].flatten(0, 1)  # noqa: E731
-    patches = TemporalPatches(mesh, [(sum(lengths[:r]), sum(lengths[:r + 1])) for r in range(len(lengths))])
-    patches.halo_conv(layer)
+    patches = Patches()
+    TemporalOps(mesh, lengths, patches).halo_conv(layer)
     with torch.no_grad():
         got = layer(mine(x), num_frames=lengths[mesh.rank])
     patches.remove()
@@ -133,7 +134,7 @@ def _norm_check(mesh, lengths: list[int]) -> tuple[float, float]:
     UNet3D's norms get it) against torch's GroupNorm over the whole video: (max abs diff,
     fraction of bitwise-equal outputs). It repeats torch's arithmetic, so only torch's own
     float32 statistics (an ulp off here and there) make outputs differ."""
-    from clipmesh.worker.strategies.temporal_ops import sync_group_norm
+    from clipmesh.worker.adapters.unet3d_temporal import sync_group_norm
 
     torch.manual_seed(1)
     norm = torch.nn.GroupNorm(4, 16)

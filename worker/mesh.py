@@ -145,6 +145,21 @@ class Mesh:
         self._count(mine * per_entry * (self.world_size - 1), (sum(sizes) - mine) * per_entry, began)
         return out
 
+    def all_to_all(self, tensor: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+        """Rank r gets the send_sizes[r] entries along dim 0 that follow those for ranks before it;
+        returns what every rank sent here, concatenated in rank order (recv_sizes[r] from rank r).
+        One all_to_all_single (gloo and NCCL both take uneven splits)."""
+        if len(send_sizes) != self.world_size or sum(send_sizes) != tensor.shape[0]:
+            raise ValueError(f"rank {self.rank}: {tensor.shape[0]} entries, send sizes {send_sizes}")
+        began = time.perf_counter()
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((sum(recv_sizes), *tensor.shape[1:]))
+        dist.all_to_all_single(out, tensor, recv_sizes, send_sizes, group=self.group)
+        per_entry = _nbytes(tensor[:1]) if tensor.shape[0] else 0
+        self._count((sum(send_sizes) - send_sizes[self.rank]) * per_entry,
+                    (sum(recv_sizes) - recv_sizes[self.rank]) * per_entry, began)
+        return out
+
     def any(self, flag: bool) -> bool:
         """True on every rank if any rank says True: all ranks stop at the same step boundary,
         so no rank is left waiting in a collective its peers will never enter."""

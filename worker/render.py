@@ -1,130 +1,144 @@
-"""The denoising loop, driven by a RenderPlan: one rank's share of a job.
+"""The runner: one rank's part of a job, for every strategy and every model family.
 
-Why our own loop instead of WanPipeline.__call__: each rank holds only its clip of latent
-frames, must start from split-independent noise, must check for cancellation at the same
-step on every rank, and reports per-step progress. The loop is otherwise step for step
-WanPipeline's (two transformer calls for CFG, UniPC step), which the equivalence test checks.
+It owns what every job has: prompt encoding, the timesteps and schedulers, the cancel vote,
+per-step reports, and the decode of final latents into frames. The strategy (strategies/) only
+patches the model, names its partition of the work, and brings a schedule (which step of which
+latent frames runs next). The loop is otherwise step for step WanPipeline's /
+TextToVideoSDPipeline's (text encoding, CFG, scheduler step), which the equivalence tests check.
+
+Why our own loop instead of the pipelines' __call__: each rank holds only its clip (or its
+layers), must start from split-independent noise, must stop at the same step as every other
+rank, and reports every step.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
-from clipmesh.worker.noise import initial_noise
+from clipmesh.plan import num_output_frames
+from clipmesh.specs import check_plan as check_against_spec
+from clipmesh.specs import clip_lengths
+from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, RenderedFrames, StepReport  # noqa: F401
+from clipmesh.worker.patches import Patches
 from clipmesh.worker.strategies import get_strategy
 
 
-class Cancelled(Exception):
-    """The job was cancelled; every rank raises it at the same step boundary."""
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one rank reports after each step (becomes a StepProgress event)."""
-
-    step: int                 # 1-based steps finished
-    total: int
-    seconds: float            # wall time of the step
-    bytes_sent: int = 0       # data-plane traffic of the step
-    bytes_received: int = 0
-    comm_seconds: float = 0.0
-    latent_start: int = 0     # the latent frames the step was on
-    latent_end: int = 0
-    block: int | None = None  # block_pipeline: the block this step advanced
-
-
-@dataclass(frozen=True)
-class RenderedFrames:
-    """Decoded frames of the video starting at global frame `first_frame`."""
-
-    first_frame: int
-    frames: np.ndarray        # uint8 [N, H, W, 3]
-
-
-def plan_clips(plan) -> list[tuple[int, int]]:
-    """clips[rank] = (start, end); checked to tile [0, num_latent_frames) in rank order."""
-    clips, edge = [(c.start, c.end) for c in plan.clips], 0
-    for start, end in clips:
-        if start != edge or end <= start:
-            break
-        edge = end
-    else:
-        if len(clips) == plan.world_size and edge == plan.num_latent_frames:
-            return clips
-    raise ValueError(f"plan clips {clips} do not tile [0, {plan.num_latent_frames}) over {plan.world_size} ranks")
+def check_plan(model, plan, rank: int, mesh) -> None:
+    """Once, before any collective: the plan fits this mesh and this model (clipmesh.specs)."""
+    if mesh.world_size != plan.world_size or mesh.rank != rank:
+        raise ValueError(f"mesh is rank {mesh.rank}/{mesh.world_size}, plan says {rank}/{plan.world_size}")
+    check_against_spec(plan, model.model_info(plan.request.model))
 
 
 @torch.no_grad()
-def denoise_clip(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Run this rank's clip through steps [plan.start_step, steps); return its latents
-    [1, C, clip frames, h, w].
+def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_stop: Callable[[], bool] | None = None,
+        on_finished: Callable[[FinishedLatents], None] | None = None, latents: torch.Tensor | None = None) -> None:
+    """Denoise this rank's part of the job; hand every piece of final latents to `on_finished`.
 
-    `latents`: this rank's clip to resume from at start_step (default: the initial noise).
-    """
-    req, clips = plan.request, plan_clips(plan)
-    if mesh.world_size != plan.world_size or mesh.rank != rank:
-        raise ValueError(f"mesh is rank {mesh.rank}/{mesh.world_size}, plan says {rank}/{plan.world_size}")
-    start, end = clips[rank]
-
+    `latents`: this rank's clip to resume from at plan.start_step (default: the initial noise)."""
+    model, req, mesh = job.model, job.request, job.mesh
+    check_plan(model, job.plan, job.rank, mesh)
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
-    scheduler = model.new_scheduler()
-    scheduler.set_timesteps(req.num_inference_steps, device=model.device)
-    if hasattr(scheduler, "set_begin_index"):  # multistep schedulers; DDIM's step needs only t
-        scheduler.set_begin_index(plan.start_step)
-    timesteps = scheduler.timesteps
-    if latents is None:
-        channels, h, w = model.latent_shape(req.height, req.width)
-        latents = initial_noise(req.seed, start, end, channels, h, w, torch.float32, model.device)
-        latents = latents * scheduler.init_noise_sigma
-
-    with get_strategy(plan.strategy).install(model, mesh, plan, rank) as strategy:
-        for i in range(plan.start_step, len(timesteps)):
-            # collective at every boundary: one rank's cancel stops all ranks here, none hangs
-            if mesh.any(bool(should_stop and should_stop())):
-                raise Cancelled(f"cancelled before step {i + 1}")
-            mesh.take_stats()  # the step's traffic starts here (the cancel vote is not the step's)
+    timesteps_of = model.new_scheduler()
+    timesteps_of.set_timesteps(req.num_inference_steps, device=model.device)
+    denoising = Denoising(job, cond, uncond, timesteps_of.timesteps)
+    strategy = get_strategy(job.plan.strategy)
+    with Patches() as patches:
+        strategy.install(job, patches)
+        schedule = strategy.schedule(job, denoising, latents)
+        done = 0
+        while True:
+            if schedule.agree_stop(bool(should_stop and should_stop())):
+                raise Cancelled(f"cancelled after {done} steps")
+            mesh.take_stats()  # the unit's traffic starts here (the cancel vote is not the unit's)
             began = time.perf_counter()
-            t = timesteps[i]
-            strategy.begin_step(float(t))
-            pred = model.predict(latents, t, scheduler, cond, uncond, req.guidance_scale)
-            # the schedulers we use are elementwise over the latents, so stepping each clip alone is exact
-            latents = model.step(scheduler, pred, t, latents)
+            work = schedule.next()
+            if work is None:
+                break
+            if work.fresh:
+                patches.reset_state()
+            patches.begin_step(float(work.t))
+            finished = schedule.run(work)
+            done += 1
             if on_step:
                 sent, received, comm_seconds = mesh.take_stats()
-                on_step(StepReport(i + 1, len(timesteps), time.perf_counter() - began, sent, received, comm_seconds,
-                                   start, end))
+                on_step(StepReport(work.step + 1, schedule.total, time.perf_counter() - began, sent, received,
+                                   comm_seconds, work.latent_start, work.latent_end, work.block))
+            for piece in finished:
+                if on_finished:
+                    on_finished(piece)
+        for piece in schedule.finish():
+            if on_finished:
+                on_finished(piece)
 
-    return latents
+
+def denoise_clip(model, plan, rank: int, mesh, on_step=None, should_stop=None, latents=None) -> torch.Tensor:
+    """This rank's clip of final latents [1, C, clip frames, h, w] (frames partitions)."""
+    pieces: list[FinishedLatents] = []
+    run(Job(model, plan, rank, mesh), on_step, should_stop, pieces.append, latents)
+    return torch.cat([p.latents for p in pieces], dim=2)
 
 
-def denoise(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] | None = None,
-            should_stop: Callable[[], bool] | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+def denoise(model, plan, rank: int, mesh, on_step=None, should_stop=None, latents=None) -> torch.Tensor:
     """denoise_clip, then the whole video's latents [1, C, num_latent_frames, h, w] on every rank."""
     local = denoise_clip(model, plan, rank, mesh, on_step, should_stop, latents)
-    return mesh.all_gather_uneven(local, [c.end - c.start for c in plan.clips], dim=2)
+    return mesh.all_gather_uneven(local, clip_lengths(plan), dim=2)
 
 
-def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None],
-           should_stop: Callable[[], bool], on_frames: Callable[[RenderedFrames], None]) -> None:
-    """Run this rank's part of the plan; hand every decoded piece of the video to `on_frames`.
+class Decoder:
+    """Final latents -> frames. A frame-wise VAE (UNet3D) decodes each piece where it is, exactly.
+    Wan's VAE is causal in time: pieces that arrive in order on one rank (block_pipeline's blocks)
+    go through one streaming decoder; clips spread over the ranks are gathered to the decode rank,
+    which decodes the whole video."""
 
-    A strategy with a loop of its own (block_pipeline) streams blocks as they finish. Otherwise:
-    a frame-wise VAE (UNet3D family) decodes each clip exactly on its own rank, in parallel;
-    a causal video VAE (Wan) needs the whole video, so the decode rank decodes it all."""
-    strategy = get_strategy(plan.strategy)
-    if hasattr(strategy, "render"):
-        return strategy.render(model, plan, rank, mesh, on_step, should_stop, on_frames)
-    local = denoise_clip(model, plan, rank, mesh, on_step, should_stop)
-    with torch.no_grad():
+    def __init__(self, job: Job, on_frames: Callable[[RenderedFrames], None]):
+        self.job, self.on_frames = job, on_frames
+        self.streaming = None
+        self.clips: list[FinishedLatents] = []
+
+    def add(self, piece: FinishedLatents) -> None:
+        model = self.job.model
         if model.decodes_per_frame:
-            on_frames(RenderedFrames(first_frame=plan.clips[rank].start, frames=model.decode(local)))
+            self._emit(piece.start, model.decode(piece.latents))
+        elif self.job.plan.layers:  # the pieces arrive in order: the causal cache carries across them
+            self.streaming = self.streaming or model.stream_decoder()
+            self._emit(piece.start, self.streaming.decode(piece.latents))
+        else:
+            self.clips.append(piece)
+
+    def finish(self) -> None:
+        """Clips of a causal VAE: the whole video, decoded on the decode rank."""
+        if not self.clips:
             return
-        full = mesh.all_gather_uneven(local, [c.end - c.start for c in plan.clips], dim=2)
-        if rank == plan.decode_rank:
-            on_frames(RenderedFrames(first_frame=0, frames=model.decode(full)))
+        plan, local = self.job.plan, torch.cat([p.latents for p in self.clips], dim=2)
+        full = self.job.mesh.all_gather_uneven(local, self.job.clip_lengths, dim=2)
+        if self.job.rank == plan.decode_rank:
+            self._emit(0, self.job.model.decode(full))
+
+    def _emit(self, latent_start: int, frames) -> None:
+        first = num_output_frames(latent_start, self.job.model.temporal_stride) if latent_start else 0
+        self.on_frames(RenderedFrames(first_frame=first, frames=frames))
+
+
+def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] | None = None,
+           should_stop: Callable[[], bool] | None = None, on_frames: Callable[[RenderedFrames], None] | None = None,
+           on_latents: Callable[[FinishedLatents], None] | None = None, decode: bool = True) -> None:
+    """Run this rank's part of the plan; hand every decoded piece of the video to `on_frames` as
+    soon as it is decoded (and, first, its final latents to `on_latents`). `decode=False`
+    denoises only."""
+    job = Job(model, plan, rank, mesh)
+    decoder = Decoder(job, on_frames or (lambda rendered: None)) if decode else None
+
+    def finished(piece: FinishedLatents) -> None:
+        if on_latents:
+            on_latents(piece)
+        if decoder:
+            decoder.add(piece)
+
+    run(job, on_step, should_stop, finished)
+    if decoder:
+        with torch.no_grad():
+            decoder.finish()

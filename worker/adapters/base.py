@@ -1,14 +1,18 @@
 """The model-family interface the render loop and the strategies use.
 
-An adapter wraps one loaded diffusers pipeline and says *where* things are (which modules
-mix frames, how a denoiser call is made, how latents become pixels) so the denoising loop
-(render.py) and the strategies (strategies/) stay family-agnostic. Patching happens only
-through diffusers' extension points (attention processors, hooks), never by editing models.
+An adapter wraps one loaded diffusers pipeline and says *where* things are, as data: its
+`frame_mixers()` lists every module that mixes frames and of which kind (diffusers' `_cp_plan`
+is the model), each with the family's own helpers for it. A strategy supplies one handler per
+kind (strategies/base.py), so neither the runner (render.py) nor a strategy knows a family.
+Everything else in a model is per frame, so a clip of frames is exact on its own. Patching
+happens only through processors, hooks and instance forwards (worker/patches.py), never by
+editing model code.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,10 +21,49 @@ from clipmesh.presets import PRESETS, limits_from_configs
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 
+# The kinds of frame-mixing module (FrameMixer.kind):
+ATTENTION = "attention"          # self-attention across frames; ops: the family's AttentionOps
+POSITIONS = "positions"          # a module that gives tokens their position in time (Wan's RoPE)
+TEMPORAL_CONV = "temporal_conv"  # a convolution along time (UNet3D's TemporalConvLayer)
+FRAME_NORM = "frame_norm"        # a GroupNorm whose statistics span frames
+KINDS = (POSITIONS, ATTENTION, TEMPORAL_CONV, FRAME_NORM)
+
+
+@dataclass(frozen=True)
+class FrameMixer:
+    kind: str
+    module: torch.nn.Module
+    ops: object = None   # ATTENTION: how this family's q/k/v and output are made (AttentionOps);
+    #                      POSITIONS: ops(frame_start) -> a forward hook that starts positions there
+    layer: int = 0       # ATTENTION: the transformer block it sits in (layer partitions)
+
+
+class AttentionOps:
+    """A family's view of one kind of frame-mixing self-attention, in one layout for every
+    strategy: q, k, v and the attention output are [B, F, S, H, D] (F frames of S tokens)."""
+
+    def qkv(self, attn, hidden_states: torch.Tensor, frames: int, rotary_emb=None) -> tuple[torch.Tensor, ...]:
+        """q, k, v of `frames` frames as the stock processor makes them (k position-encoded)."""
+        raise NotImplementedError
+
+    def out(self, attn, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The module's output from the attention output [B, F, S, H, Dv] (projection, residual)."""
+        raise NotImplementedError
+
+    def scale(self, attn) -> float | None:
+        """The logit scale (None: 1/sqrt(D))."""
+        return None
+
+    def global_rekey(self, policy: str, halo: int, native: int):
+        """How global frames are presented to a query frame (dual_scope.Rekey), None: as they are."""
+        return None
+
+
 class ModelAdapter:
     family = ""
     pipeline_class = ""  # model_index.json `_class_name` this adapter loads
     decodes_per_frame = False  # True: the VAE decodes frame by frame, so each rank decodes its own clip
+    temporal_stride = 1        # video frames per latent frame (after the first)
 
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)
@@ -33,6 +76,13 @@ class ModelAdapter:
         else:
             limits = limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name)
         return pb.ModelInfo(name=name, **limits)
+
+    # -- what mixes frames (for strategies) ------------------------------------
+    def frame_mixers(self) -> list[FrameMixer]:
+        """Every frame-mixing module of the denoiser, in model order; a strategy that cannot
+        handle one of its kinds refuses the model. Raises NotImplementedError where the loaded
+        model is a variant clipmesh cannot split."""
+        raise NotImplementedError
 
     # -- the denoising loop's pieces ------------------------------------------
     @property

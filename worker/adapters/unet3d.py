@@ -25,7 +25,7 @@ from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from diffusers.utils import logging as diffusers_logging
 
-from clipmesh.worker.adapters.base import ModelAdapter
+from clipmesh.worker.adapters.base import ATTENTION, FRAME_NORM, TEMPORAL_CONV, AttentionOps, FrameMixer, ModelAdapter
 
 log = logging.getLogger(__name__)
 DEFAULT_FPS = 24  # VideoCrafter2's conditioning frame rate (its reference pipeline's default)
@@ -117,23 +117,29 @@ def temporal_attentions(unet) -> list[torch.nn.Module]:
     return attns
 
 
-def temporal_attention_qkv(attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v [B*h*w, F, inner] of a temporal self-attention as diffusers' AttnProcessor makes
-    them: the per-frame part of the attention, hence local to each clip."""
-    if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
-        raise NotImplementedError("temporal attention is expected as a plain Attention on [B*h*w, F, C]")
-    q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    if attn.norm_q is not None:
-        q, k = attn.norm_q(q), attn.norm_k(k)
-    return q, k, v
+class TemporalAttentionOps(AttentionOps):
+    """A temporal self-attention as diffusers' AttnProcessor runs it on [B*h*w, F, C], in the
+    [B, F, S, H, D] layout with B = the latent pixels and S = 1 (no positions in time)."""
 
+    def qkv(self, attn, hidden_states, frames, rotary_emb=None):
+        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
+            raise NotImplementedError("temporal attention is expected as a plain Attention on [B*h*w, F, C]")
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        rows = hidden_states.shape[0]
+        return tuple(t.reshape(rows, frames, 1, attn.heads, -1) for t in (q, k, v))
 
-def temporal_attention_out(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """The attention's output projection, residual and rescale, as AttnProcessor ends."""
-    out = attn.to_out[1](attn.to_out[0](out))
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
+    def out(self, attn, out, hidden_states):
+        """The output projection, residual and rescale, as AttnProcessor ends."""
+        out = out.reshape(*hidden_states.shape[:2], -1).to(hidden_states.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def scale(self, attn):
+        return attn.scale
 
 
 def temporal_convs(unet) -> list[TemporalConvLayer]:
@@ -179,6 +185,12 @@ class UNet3DAdapter(ModelAdapter):
         return self.pipe.unet
 
     # -- where the frame-mixing modules are (for strategies) ----------------
+    def frame_mixers(self) -> list[FrameMixer]:
+        ops = TemporalAttentionOps()
+        return [*(FrameMixer(ATTENTION, attn, ops) for attn in self.temporal_attentions()),
+                *(FrameMixer(TEMPORAL_CONV, conv) for conv in self.temporal_convs()),
+                *(FrameMixer(FRAME_NORM, norm) for norm in self.frame_norms())]
+
     def temporal_attentions(self) -> list[torch.nn.Module]:
         return temporal_attentions(self.pipe.unet)
 

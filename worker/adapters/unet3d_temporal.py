@@ -1,5 +1,6 @@
-"""Frame-spanning operators of UNet3D-style models made exact across clips: shared by the
-`exact` and `clip_parallel` strategies.
+"""Frame-spanning operators of UNet3D-style models made exact across clips: what every
+frames-partition strategy (exact, clip_parallel, ulysses) does with UNet3D's temporal convs
+and frame norms.
 
 Each rank holds a clip [start, end) of the video's latent frames. Two kinds of UNet3D module
 see beyond a frame besides attention:
@@ -28,8 +29,8 @@ see beyond a frame besides attention:
   take their statistics over the clip's frames only (halo frames belong to a neighbour, which
   counts them), so the whole layer equals the single-device one.
 
-Patches replace a module instance's `forward` (never the class) and `remove` restores the
-instance exactly as found.
+Patches replace a module instance's `forward` (never the class), recorded in the job's
+Patches (worker/patches.py), whose `remove` restores the instance exactly as found.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import torch
 import torch.nn.functional as F
 
 HALO = 4  # frames each side a TemporalConvLayer needs: 4 stacked kernel-3 convs
-_MISSING = object()
 
 
 def _multiply_add(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -142,36 +142,23 @@ class HaloTemporalConv:
         return out.unflatten(0, (-1, padded))[:, n_left:n_left + num_frames].flatten(0, 1)
 
 
-class TemporalPatches:
-    """The frame-spanning patches of one job on one rank; `remove` undoes them all."""
+class TemporalOps:
+    """The frame-spanning patches of one job on one rank, recorded in `patches`."""
 
-    def __init__(self, mesh, clips: list[tuple[int, int]], halo: int = HALO):
-        self.mesh, self.halo = mesh, halo
-        self.lengths = [end - start for start, end in clips]
-        self._saved: list[tuple[torch.nn.Module, object]] = []  # (module, its instance `forward` or _MISSING)
+    def __init__(self, mesh, lengths: list[int], patches, halo: int = HALO):
+        self.mesh, self.lengths, self.patches, self.halo = mesh, lengths, patches, halo
         self._norms: dict[int, SyncGroupNorm] = {}
-
-    def _patch(self, module: torch.nn.Module, forward) -> None:
-        self._saved.append((module, module.__dict__.get("forward", _MISSING)))
-        module.forward = forward
 
     def sync_norm(self, norm: torch.nn.GroupNorm) -> SyncGroupNorm:
         """Synchronise one GroupNorm's statistics (idempotent per norm)."""
         if id(norm) not in self._norms:
             patch = SyncGroupNorm(norm, self.mesh)
-            self._patch(norm, patch)
+            self.patches.replace_forward(norm, patch)
             self._norms[id(norm)] = patch
         return self._norms[id(norm)]
 
     def halo_conv(self, layer: torch.nn.Module) -> None:
         """Give one TemporalConvLayer input halos; its GroupNorms are synchronised over clip frames."""
         norms = [self.sync_norm(m) for m in layer.modules() if isinstance(m, torch.nn.GroupNorm)]
-        self._patch(layer, HaloTemporalConv(layer, layer.forward, self.mesh, self.lengths, norms, self.halo))
-
-    def remove(self) -> None:
-        for module, saved in reversed(self._saved):
-            if saved is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = saved
-        self._saved, self._norms = [], {}
+        self.patches.replace_forward(layer, HaloTemporalConv(layer, layer.forward, self.mesh, self.lengths, norms,
+                                                             self.halo))

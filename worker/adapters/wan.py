@@ -5,12 +5,14 @@ forward hooks) so the stock model is never edited and can serve many jobs.
 
 from __future__ import annotations
 
+import functools
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
-from clipmesh.worker.adapters.base import ModelAdapter
+from clipmesh.worker.adapters.base import ATTENTION, POSITIONS, AttentionOps, FrameMixer, ModelAdapter
+from clipmesh.worker.adapters.wan_rope import WanGlobalRope, apply_rope, global_positions_hook, rope_rows
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default text length
 
@@ -23,65 +25,38 @@ def load_wan(folder, device: torch.device | str, dtype: torch.dtype) -> WanPipel
     return pipe
 
 
-def self_attentions(transformer) -> list[torch.nn.Module]:
-    """The modules that mix tokens across frames: attn1 of every block (attn2 is text cross-attention)."""
-    return [block.attn1 for block in transformer.blocks]
+class WanAttentionOps(AttentionOps):
+    """Wan's attn1 (WanAttnProcessor's self-attention) in the [B, F, S, H, D] layout: tokens are
+    frame-major, S = h*w patches per latent frame."""
 
+    def __init__(self, rope: torch.nn.Module):
+        self.rope = rope
 
-def rope_rows(transformer, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stock rope module's (cos, sin) for a latent video of `frames` frames of height x width:
-    rope reads only the shape, so it is asked with a shape-only meta tensor."""
-    stand_in = torch.empty((1, transformer.config.in_channels, frames, height, width), device="meta")
-    return type(transformer.rope).forward(transformer.rope, stand_in)
+    def project(self, attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Raw q, k, v [B, tokens, inner] (fused or not): before the norms and RoPE."""
+        if getattr(attn, "fused_projections", False):
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
+    def heads(self, attn, q, k, v) -> tuple[torch.Tensor, ...]:
+        """RMSNorm across heads on q and k (per token), then [B, tokens, H, D]."""
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        return tuple(t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
 
-def install_global_rope(transformer, frame_start: int):
-    """Make `transformer.rope` return the RoPE of global latent frames [frame_start, frame_start+F)
-    for a local clip of F frames, instead of [0, F). Returns the hook handle (call .remove()).
+    def qkv(self, attn, hidden_states, frames, rotary_emb=None):
+        q, k, v = self.heads(attn, *self.project(attn, hidden_states))
+        if rotary_emb is not None:
+            q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
+        if q.shape[1] % frames:
+            raise ValueError(f"{q.shape[1]} tokens are not {frames} frames of equal size")
+        return tuple(t.unflatten(1, (frames, -1)) for t in (q, k, v))
 
-    The hook asks the stock rope module for a video of frame_start+F frames (a shape-only
-    meta tensor: rope reads only the shape) and keeps the last F frames' rows, so the
-    frequencies are the module's own, bit for bit. Rows are frame-major (f, h, w).
-    """
-    p_t, p_h, p_w = transformer.config.patch_size
-    if p_t != 1:
-        raise NotImplementedError(f"clip-parallel Wan needs temporal patch size 1, this model has {p_t}")
-    rope = transformer.rope
-    limit = rope.max_seq_len
+    def out(self, attn, out, hidden_states):
+        out = out.flatten(1, 2).flatten(2, 3).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))
 
-    def hook(module, args, output):
-        b, c, f, h, w = args[0].shape
-        if frame_start + f > limit:
-            raise ValueError(f"latent frames up to {frame_start + f} exceed the model's RoPE table ({limit})")
-        cos, sin = rope_rows(transformer, frame_start + f, h, w)
-        skip = frame_start * (h // p_h) * (w // p_w)
-        return cos[:, skip:], sin[:, skip:]
-
-    return rope.register_forward_hook(hook)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Wan's interleaved-pair rotation, op for op as in diffusers' WanAttnProcessor.
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
-    """q, k, v [B, tokens, H, D] of a Wan attn1 exactly as WanAttnProcessor makes them (fused or
-    not, RMSNorm across heads, RoPE): the part of self-attention that is per token, hence local."""
-    if getattr(attn, "fused_projections", False):
-        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    q, k = attn.norm_q(q), attn.norm_k(k)
-    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
-    if rotary_emb is not None:
-        q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
-    return q, k, v
+    def global_rekey(self, policy, halo, native):
+        return None if policy == "true" else WanGlobalRope(self.rope, policy, halo, native)
 
 
 class WanStages:
@@ -160,8 +135,22 @@ class WanAdapter(ModelAdapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
+    @property
+    def temporal_stride(self) -> int:
+        return self.pipe.vae_scale_factor_temporal
+
     def self_attentions(self) -> list[torch.nn.Module]:
-        return self_attentions(self.pipe.transformer)
+        """The modules that mix tokens across frames: attn1 of every block (attn2 is text cross-attention)."""
+        return [block.attn1 for block in self.pipe.transformer.blocks]
+
+    def frame_mixers(self) -> list[FrameMixer]:
+        """RoPE (positions in time) and every block's attn1; everything else in Wan is per token."""
+        if getattr(self.pipe, "transformer_2", None) is not None:
+            raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported yet")
+        transformer = self.pipe.transformer
+        ops = WanAttentionOps(transformer.rope)
+        return [FrameMixer(POSITIONS, transformer.rope, functools.partial(global_positions_hook, transformer)), *(
+            FrameMixer(ATTENTION, attn, ops, layer) for layer, attn in enumerate(self.self_attentions()))]
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.pipe.vae_scale_factor_spatial

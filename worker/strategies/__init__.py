@@ -1,19 +1,18 @@
-"""Strategy registry: the names a RenderPlan's `strategy` may take."""
+"""Strategy implementations, one module each, found by the name in the strategy spec table
+(clipmesh.specs, the one registry of strategy names): `clipmesh.worker.strategies.<name>`
+defines STRATEGY, the class."""
 
 from __future__ import annotations
 
-from clipmesh.worker.strategies.base import Strategy
-from clipmesh.worker.strategies.block_pipeline import BlockPipelineStrategy
-from clipmesh.worker.strategies.clip_parallel import ClipParallelStrategy
-from clipmesh.worker.strategies.exact import ExactStrategy
+import importlib
 
-STRATEGIES: dict[str, type[Strategy]] = {"exact": ExactStrategy, "clip_parallel": ClipParallelStrategy,
-                                     "block_pipeline": BlockPipelineStrategy}
+from clipmesh.specs import STRATEGY_SPECS
+from clipmesh.worker.strategies.base import Strategy
 
 
 def get_strategy(name: str) -> Strategy:
     """A fresh strategy instance for one job ("" means the default, exact)."""
-    try:
-        return STRATEGIES[name or "exact"]()
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}") from None
+    name = name or "exact"
+    if name not in STRATEGY_SPECS:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_SPECS)}")
+    return importlib.import_module(f"{__name__}.{name}").STRATEGY()

@@ -1,70 +1,129 @@
-"""The strategy interface: how a model is made to work on one clip of a video.
+"""The strategy interface: how the work of a job is split over the ranks.
 
-Why install/remove: a worker loads its model once and serves many jobs with different
-meshes and clips, so a strategy patches the live model for one job and must leave it
-exactly as it found it afterwards (use it as a context manager).
+A strategy supplies three things and no loop (the runner, render.py, owns the loop):
+- patches: one handler per kind of frame-mixing module (`patch_<kind>`, the kinds of
+  adapters/base.py); `install` is the generic applier that walks the adapter's frame_mixers()
+  and records everything in the job's Patches. A kind without a handler refuses the model.
+- its partition of the work: the plan's clips (frames) or layers, as its spec says (clipmesh.specs).
+- a schedule: which denoising step of which latent frames comes next. The default, StepSchedule,
+  steps this rank's clip through every timestep; block_pipeline brings its block queue.
 """
 
 from __future__ import annotations
+
+from clipmesh.worker.adapters.unet3d_temporal import TemporalOps
+from clipmesh.worker.job import FinishedLatents, Job, Work
+
+
+class Schedule:
+    """What comes next, for the runner: `next()` a Work (None when done), `run(work)` computes it
+    and returns the latents that became final; `agree_stop` is the cancel decision, the same on
+    every rank; `finish()` the final latents left once the schedule is done."""
+
+    total = 0  # steps per latent frame
+
+    def agree_stop(self, asked: bool) -> bool:
+        raise NotImplementedError
+
+    def next(self) -> Work | None:
+        raise NotImplementedError
+
+    def run(self, work: Work) -> list[FinishedLatents]:
+        raise NotImplementedError
+
+    def finish(self) -> list[FinishedLatents]:
+        return []
+
+
+class StepSchedule(Schedule):
+    """Every rank steps its own clip through the timesteps [plan.start_step, T), all in lockstep;
+    the schedulers we use are elementwise over the latents, so stepping each clip alone is exact."""
+
+    def __init__(self, job: Job, denoising, latents=None):
+        self.job, self.d = job, denoising
+        self.scheduler = denoising.new_scheduler()
+        self.start, self.end = job.clip
+        self.latents = latents if latents is not None else denoising.noise(self.start, self.end, self.scheduler)
+        self.i, self.total = job.plan.start_step, len(denoising.timesteps)
+
+    def agree_stop(self, asked: bool) -> bool:
+        # a collective at every boundary: one rank's cancel stops all ranks here, none hangs
+        return self.i < self.total and self.job.mesh.any(asked)
+
+    def next(self) -> Work | None:
+        if self.i >= self.total:
+            return None
+        return Work(self.i, self.d.timesteps[self.i], self.start, self.end)
+
+    def run(self, work: Work) -> list[FinishedLatents]:
+        model, d = self.job.model, self.d
+        pred = model.predict(self.latents, work.t, self.scheduler, d.cond, d.uncond, d.guidance_scale)
+        self.latents = model.step(self.scheduler, pred, work.t, self.latents)
+        self.i += 1
+        return []
+
+    def finish(self) -> list[FinishedLatents]:
+        return [FinishedLatents(self.start, self.end, self.latents)]
 
 
 class Strategy:
     name = ""
 
-    def __init__(self):
-        self._saved: list[tuple[object, object]] = []  # (attention module, its stock processor)
-        self._hooks: list = []                          # removable hook handles
-        self._patches = None                            # temporal_ops.TemporalPatches, where used
+    def install(self, job: Job, patches) -> None:
+        """Patch the job's model through `patches`: one handler call per frame-mixing module."""
+        for mixer in job.model.frame_mixers():
+            handler = getattr(self, f"patch_{mixer.kind}", None)
+            if handler is None:
+                raise NotImplementedError(f"{self.name} cannot split {job.model.family} models: it has no handler "
+                                          f"for {mixer.kind} ({type(mixer.module).__name__})")
+            handler(job, mixer, patches)
 
-    def install(self, model, mesh, plan, rank: int) -> "Strategy":
-        """Patch `model` (a ModelAdapter) so its denoiser, fed this rank's clip
-        plan.clips[rank] of latent frames, computes that clip's part of the result. Returns self.
+    def schedule(self, job: Job, denoising, latents=None) -> Schedule:
+        return StepSchedule(job, denoising, latents)
 
-        Dispatches to the subclass's `_install_<family>`, which patches through the helpers
-        below; a failure part-way undoes what was already patched."""
-        installer = getattr(self, f"_install_{model.family}", None)
-        if installer is None:
-            raise NotImplementedError(f"{self.name} does not support the {model.family!r} family")
-        if getattr(model.pipe, "transformer_2", None) is not None:
-            raise NotImplementedError(f"two-transformer Wan (2.2 A14B) is not supported by {self.name!r} yet")
-        try:
-            installer(model, mesh, plan, rank)
-        except BaseException:
-            self.remove()
-            raise
-        return self
 
-    def _set_processor(self, attn, processor) -> None:
-        """Give `attn` a job-specific processor, remembering the stock one for remove()."""
-        self._saved.append((attn, attn.processor))
-        attn.set_processor(processor)
+class FrameStrategy(Strategy):
+    """Ranks split the latent frames: each runs the whole model on its clip. Positions are made
+    global, temporal convs get input halos and frame norms synchronised statistics (exact for
+    every such strategy); the subclass says what its attention does (`attention`)."""
 
-    def _patch_temporal_ops(self, model, mesh, plan) -> None:
-        """UNet3D-style models: input halos for every temporal conv and synchronised statistics for
-        every frame-spanning GroupNorm, so both are exact across clips (temporal_ops)."""
-        from clipmesh.worker.strategies.temporal_ops import TemporalPatches
+    def install(self, job: Job, patches) -> None:
+        self._temporal = TemporalOps(job.mesh, job.clip_lengths, patches)
+        super().install(job, patches)
 
-        self._patches = TemporalPatches(mesh, [(c.start, c.end) for c in plan.clips])
-        for layer in model.temporal_convs():
-            self._patches.halo_conv(layer)  # also synchronises the layer's own norms
-        for norm in model.frame_norms():
-            self._patches.sync_norm(norm)   # TransformerTemporalModel.norm (the rest: already done)
+    def attention(self, job: Job, ops, backend):
+        """The attention processor for one frame-mixing self-attention of this job."""
+        raise NotImplementedError
 
-    def begin_step(self, t: float) -> None:
-        """Called before every denoiser call of a step with its timestep (phase-dependent strategies)."""
+    def patch_attention(self, job, mixer, patches) -> None:
+        backend = getattr(mixer.module.processor, "_attention_backend", None)  # keep the stock backend
+        patches.set_processor(mixer.module, self.attention(job, mixer.ops, backend))
 
-    def remove(self) -> None:
-        """Undo install (idempotent): the stock processors, hooks and patched modules come back."""
-        for attn, stock in reversed(self._saved):
-            attn.set_processor(stock)
-        for handle in self._hooks:
-            handle.remove()
-        if self._patches is not None:
-            self._patches.remove()
-        self._saved, self._hooks, self._patches = [], [], None
+    def patch_positions(self, job, mixer, patches) -> None:
+        patches.forward_hook(mixer.module, mixer.ops(job.clip[0]))
 
-    def __enter__(self) -> "Strategy":
-        return self
+    def patch_temporal_conv(self, job, mixer, patches) -> None:
+        self._temporal.halo_conv(mixer.module)
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def patch_frame_norm(self, job, mixer, patches) -> None:
+        self._temporal.sync_norm(mixer.module)
+
+
+class FrameAttention:
+    """Base of a frames strategy's attention processor: the family's ops make q, k, v
+    [B, F, S, H, D] of this rank's frames and the module's output; `attend` is the strategy."""
+
+    def __init__(self, ops, frames: int, backend=None):
+        self.ops, self.frames = ops, frames
+        self._attention_backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} is for self-attention without a mask")
+        q, k, v = self.ops.qkv(attn, hidden_states, self.frames, rotary_emb)  # per token: local is exact
+        return self.ops.out(attn, self.attend(attn, q, k, v), hidden_states)
+
+    def attend(self, attn, q, k, v):
+        """q, k, v [B, F, S, H, D] of this rank's frames -> the attention output [B, F, S, H, Dv]."""
+        raise NotImplementedError

@@ -80,13 +80,14 @@ class DualScope:
         self.owned_global = [g - self.start for g in self.global_frames if self.start <= g < self.end]
         self.t: float | None = None
 
-    def set_timestep(self, t: float) -> None:
+    def begin_step(self, t: float) -> None:
+        """The timestep of the step about to run (the runner calls it through the job's Patches)."""
         self.t = float(t)
 
     @property
     def global_phase(self) -> bool:
         if self.t is None:
-            raise RuntimeError("DualScope.set_timestep was not called before attend")
+            raise RuntimeError("DualScope.begin_step was not called before attend")
         return self.t >= self.phase_switch_t
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rekey: Rekey | None = None,

@@ -1,0 +1,120 @@
+"""What one rank knows of a job, and what it hands back: the types the runner, the strategies
+and the daemon share. Imports nothing of the worker but noise.py, so it can form no cycle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clipmesh.specs import clip_lengths
+from clipmesh.worker.noise import initial_noise
+
+
+class Cancelled(Exception):
+    """The job was cancelled; every rank raises it at the same step boundary."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one rank reports after each unit of work (becomes a StepProgress event)."""
+
+    step: int                 # 1-based steps finished
+    total: int
+    seconds: float            # wall time of the step
+    bytes_sent: int = 0       # data-plane traffic of the step
+    bytes_received: int = 0
+    comm_seconds: float = 0.0
+    latent_start: int = 0     # the latent frames the step was on
+    latent_end: int = 0
+    block: int | None = None  # block_pipeline: the block this step advanced
+
+
+@dataclass(frozen=True)
+class RenderedFrames:
+    """Decoded frames of the video starting at global frame `first_frame`."""
+
+    first_frame: int
+    frames: np.ndarray        # uint8 [N, H, W, 3]
+
+
+@dataclass(frozen=True)
+class FinishedLatents:
+    """Final latents of global latent frames [start, end) of the video: [1, C, end - start, h, w]."""
+
+    start: int
+    end: int
+    latents: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit a schedule hands the runner: a denoising step of some latent frames."""
+
+    step: int                  # 0-based step
+    t: torch.Tensor            # its timestep
+    latent_start: int          # the latent frames it advances
+    latent_end: int
+    fresh: bool = True         # per-iteration state (feature caches) starts empty here
+    block: int | None = None   # block_pipeline: the block it advances
+
+
+@dataclass
+class Job:
+    """One rank's part of a job: the loaded model, the plan, this rank, its process group."""
+
+    model: object              # a ModelAdapter
+    plan: object               # pb.RenderPlan (checked against its strategy's spec)
+    rank: int
+    mesh: object               # a Mesh
+
+    @property
+    def request(self):
+        return self.plan.request
+
+    @property
+    def clip_lengths(self) -> list[int]:
+        return clip_lengths(self.plan)
+
+    @property
+    def clip(self) -> tuple[int, int]:
+        """This rank's latent frames [start, end) (frames partitions)."""
+        c = self.plan.clips[self.rank]
+        return c.start, c.end
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        """This rank's transformer blocks [start, end) (layers partitions)."""
+        r = self.plan.layers[self.rank]
+        return r.start, r.end
+
+
+@dataclass
+class Denoising:
+    """What the runner prepares once per job for every schedule: text conditioning, timesteps,
+    fresh schedulers and initial noise."""
+
+    job: Job
+    cond: torch.Tensor
+    uncond: torch.Tensor | None    # None without CFG
+    timesteps: torch.Tensor
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.job.request.guidance_scale
+
+    def new_scheduler(self):
+        """A fresh scheduler (multistep schedulers keep state), its timesteps set, at plan.start_step."""
+        model, req = self.job.model, self.job.request
+        scheduler = model.new_scheduler()
+        scheduler.set_timesteps(req.num_inference_steps, device=model.device)
+        if hasattr(scheduler, "set_begin_index"):  # multistep schedulers; DDIM's step needs only t
+            scheduler.set_begin_index(self.job.plan.start_step)
+        return scheduler
+
+    def noise(self, start: int, end: int, scheduler) -> torch.Tensor:
+        """The initial latents of global latent frames [start, end): split-independent noise."""
+        model, req = self.job.model, self.job.request
+        channels, h, w = model.latent_shape(req.height, req.width)
+        return initial_noise(req.seed, start, end, channels, h, w, torch.float32, model.device) * scheduler.init_noise_sigma

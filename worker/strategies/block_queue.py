@@ -1,0 +1,289 @@
+"""block_pipeline's schedule (strategies/block_pipeline.py has the method): rank 0 keeps the
+queue of video blocks and sends each item through the stages; ranks 1..N-1 run the items their
+previous stage sends them. Both are Schedules the runner drives (render.py): `next()` is the
+next item, `run(item)` this rank's layers on it.
+
+Timing: the runner starts an item's clock before `next()`, so an item's time and traffic include
+waiting for what it reads (a follower's header, rank 0's predictions of the blocks it reads).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from clipmesh.plan import frame_seed
+from clipmesh.worker.job import Cancelled, FinishedLatents, Work
+from clipmesh.worker.memory import release_free_memory
+from clipmesh.worker.noise import initial_noise
+from clipmesh.worker.strategies.base import Schedule
+
+WORK, DONE, CANCELLED = 1, 0, 2  # header kinds
+PERMUTATION_STREAM = -1          # frame_seed index of the permutation generator: no frame has it
+
+
+def block_ranges(num_latent: int, block_frames: int) -> Iterator[tuple[int, int]]:
+    """Latent [start, end) of each block in order; endless when num_latent is 0 (unbounded)."""
+    for start in itertools.count(0, block_frames):
+        if num_latent and start >= num_latent:
+            return
+        yield start, min(start + block_frames, num_latent) if num_latent else start + block_frames
+
+
+def coordinated_noise(seed: int, block_frames: int, context_frames: int, channels: int, h: int, w: int,
+                      dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+    """Initial noise of block 0, 1, 2, ... [1, C, block_frames, h, w] (a shorter last block takes
+    the first frames of its draw). The pool is the job's per-frame noise of frames
+    [0, block_frames + c); a block never reuses the frames its predecessor ended with."""
+    pool = initial_noise(seed, 0, block_frames + context_frames, channels, h, w, dtype)
+    gen = torch.Generator("cpu").manual_seed(frame_seed(seed, PERMUTATION_STREAM))
+    tail: list[int] = []
+    while True:
+        allowed = [i for i in range(block_frames + context_frames) if i not in tail]
+        picks = [allowed[i] for i in torch.randperm(len(allowed), generator=gen)[:block_frames].tolist()]
+        yield pool[:, :, picks]
+        tail = picks[len(picks) - context_frames:] if context_frames else []
+
+
+@dataclass(frozen=True)
+class Item:
+    """One block's step on its way through the stages (the header of a stage message)."""
+
+    block: int
+    step: int        # 0-based step this block is at
+    context: int     # context frames prepended
+    own: int         # the block's own latent frames
+    first: bool      # first item of its iteration: the feature caches start empty
+
+    def header(self, kind: int = WORK, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor([kind, self.block, self.step, self.context, self.own, int(self.first)],
+                            dtype=torch.int64, device=device)
+
+    @staticmethod
+    def parse(header: torch.Tensor) -> tuple[int, "Item"]:
+        kind, block, step, context, own, first = header.tolist()
+        return kind, Item(block, step, context, own, bool(first))
+
+
+@dataclass
+class QueuedBlock:
+    """Rank 0's state of one block in the queue."""
+
+    start: int                  # latent frames [start, end)
+    end: int
+    latents: torch.Tensor       # [1, C, end - start, h, w]
+    scheduler: object           # its own multistep scheduler
+    step: int = 0               # steps applied
+    issued: int = 0             # steps sent through the stages (ahead of `step` while in flight)
+
+
+class _Stage(Schedule):
+    """One rank's stage: its layers, the message ring, and (last rank) the output head."""
+
+    def __init__(self, job, denoising, stages, cache):
+        self.job, self.mesh, self.d, self.stages, self.cache = job, job.mesh, denoising, stages, cache
+        self.layers = job.layers
+        self.text = denoising.cond if denoising.uncond is None else torch.cat([denoising.cond, denoising.uncond])
+        self.total = len(denoising.timesteps)
+        self.last = job.rank == job.mesh.world_size - 1  # the last stage runs the head
+        self.conditioning: dict[int, tuple] = {}
+        self.sending: deque = deque()  # (work, tensor) pairs in flight
+        # hidden states: header + data of two items; predictions: more than rank 0 ever leaves waiting
+        self.send_window = 2 * self.total + 4 if self.last else 4
+        self.header_buf = torch.empty(6, dtype=torch.int64, device=self.mesh.device)  # NCCL sends device tensors
+        self.block_frames = job.plan.block_pipeline.block_frames
+
+    def agree_stop(self, asked: bool) -> bool:
+        return False  # a stop reaches the stages as a header from rank 0
+
+    def _stage(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's layers on one item: hidden [B, tokens, dim] -> the same."""
+        self.cache.item = item
+        if item.step not in self.conditioning:
+            t = self.d.timesteps[item.step].expand(self.text.shape[0])
+            self.conditioning[item.step] = self.stages.condition(t, self.text)
+        _, proj, text = self.conditioning[item.step]
+        rope = self.cache.rope(item.context + item.own)
+        return self.stages.blocks(hidden, *self.layers, text, proj, rope)
+
+    def _head(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
+        """Last rank: output head, CFG, context dropped -> the block's prediction [1, C, own, h, w]."""
+        temb = self.conditioning[item.step][0]
+        out = self.stages.head(hidden, temb, item.context + item.own, self.cache.h, self.cache.w)
+        pred = out[:1]
+        if out.shape[0] == 2:  # WanPipeline's CFG: uncond + g * (cond - uncond)
+            pred = out[1:] + self.d.guidance_scale * (pred - out[1:])
+        return pred[:, :, item.context:].contiguous()
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send without waiting, keeping at most `send_window` messages in flight. A send completes
+        once its receiver takes it (gloo reports nothing before wait()), so the window is what
+        bounds memory. The ring cannot deadlock: the last rank's window is larger than what rank 0
+        may leave unreceived (two iterations of predictions), so the last rank never waits, and
+        every other rank waits only for the next stage, which always moves on."""
+        self.sending.append((self.mesh.isend(tensor, dst), tensor))
+        while len(self.sending) > self.send_window:
+            self.sending.popleft()[0].wait()
+
+    def _drain_sends(self) -> None:
+        while self.sending:
+            self.sending.popleft()[0].wait()
+
+    def _pass_on(self, item: Item, hidden: torch.Tensor) -> torch.Tensor | None:
+        """After this rank's layers: to the next stage; or (last rank) the prediction, sent back
+        to rank 0, or returned where rank 0 is the last rank itself."""
+        if not self.last:
+            self._send(item.header(WORK, self.mesh.device), self.mesh.rank + 1)
+            self._send(hidden.contiguous(), self.mesh.rank + 1)
+            return None
+        pred = self._head(item, hidden)
+        if self.mesh.rank == 0:
+            return pred
+        self._send(pred, 0)
+        return None
+
+    def _signal(self, kind: int) -> None:
+        """Pass DONE or CANCELLED down the ring, then let every send arrive."""
+        if not self.last:
+            self._send(Item(0, 0, 0, 0, False).header(kind, self.mesh.device), self.mesh.rank + 1)
+        self._drain_sends()
+
+    @staticmethod
+    def _work(item: Item, t, start: int) -> Work:
+        return Work(item.step, t, start, start + item.own, fresh=item.first, block=item.block)
+
+    def _done_with(self, item: Item) -> None:
+        if item.step == self.total - 1:  # once per block: freed memory back, so a stream stays flat
+            release_free_memory()
+
+
+class BlockQueue(_Stage):
+    """Rank 0: the queue. Each iteration a new block enters and every queued block advances one
+    step, tail -> head; the head block leaves after its last step."""
+
+    def __init__(self, job, denoising, stages, cache):
+        super().__init__(job, denoising, stages, cache)
+        opts, (self.channels, self.h, self.w) = job.plan.block_pipeline, job.model.latent_shape(
+            job.request.height, job.request.width)
+        self.context_frames = opts.context_frames
+        self.ranges = block_ranges(job.plan.num_latent_frames, opts.block_frames)
+        self.noises = coordinated_noise(job.request.seed, opts.block_frames, opts.context_frames,
+                                        self.channels, self.h, self.w)
+        self.queue: dict[int, QueuedBlock] = {}
+        self.finished_tail: torch.Tensor | None = None  # the last block that left: its last c frames
+        self.in_flight: deque[Item] = deque()          # items whose prediction has not come back, in order
+        self.local: deque[torch.Tensor] = deque()      # predictions made here (rank 0 is the last stage)
+        self.pending: deque[Item] = deque()            # the rest of this iteration's items
+        self.finished: list[FinishedLatents] = []
+        self.iteration, self.done = 0, False
+
+    def agree_stop(self, asked: bool) -> bool:
+        """Stops only between iterations: every message in the ring arrives, then CANCELLED."""
+        if not asked or self.pending or self.done:
+            return False
+        while self.in_flight and not self.local:
+            self._receive(self.in_flight.popleft())
+        self._signal(CANCELLED)
+        return True
+
+    def next(self) -> Work | None:
+        if not self.pending and not self._start_iteration():
+            while self.in_flight:
+                self._take_prediction()
+            self._signal(DONE)
+            self.done = True
+            return None
+        item = self.pending.popleft()
+        return self._work(item, self.d.timesteps[item.step], self.queue[item.block].start)
+
+    def _start_iteration(self) -> bool:
+        """A new block of pure noise enters at the tail; the iteration's items, tail -> head."""
+        span = next(self.ranges, None)
+        if span is not None:
+            scheduler = self.d.new_scheduler()
+            noise = next(self.noises)[:, :, : span[1] - span[0]].to(self.job.model.device)
+            self.queue[self.iteration] = QueuedBlock(*span, noise * scheduler.init_noise_sigma, scheduler)
+        self.iteration += 1
+        active = sorted((j for j, block in self.queue.items() if block.issued < self.total), reverse=True)
+        for position, j in enumerate(active):  # the context is known once the predecessor is waited for
+            block = self.queue[j]
+            self.pending.append(Item(j, block.issued, 0, block.latents.shape[2], position == 0))
+            block.issued += 1
+        return bool(active)
+
+    def run(self, work: Work) -> list[FinishedLatents]:
+        j = work.block
+        # this block reads its own latents and its predecessor's: wait for those steps only
+        while any(item.block in (j, j - 1) for item in self.in_flight):
+            self._take_prediction()
+        block = self.queue[j]
+        before = self.queue[j - 1].latents if j - 1 in self.queue else self.finished_tail
+        item = Item(j, work.step, 0, block.latents.shape[2], work.fresh)
+        x = block.latents
+        if j > 0 and self.context_frames and before is not None:
+            context = before[:, :, before.shape[2] - self.context_frames:]
+            x, item = torch.cat([context, x], 2), Item(j, work.step, context.shape[2], item.own, item.first)
+        hidden = self.stages.embed(x).repeat(self.text.shape[0], 1, 1)
+        pred = self._pass_on(item, self._stage(item, hidden))
+        self.in_flight.append(item)
+        if pred is not None:
+            self.local.append(pred)
+        self._done_with(item)
+        finished, self.finished = self.finished, []
+        return finished
+
+    def finish(self) -> list[FinishedLatents]:
+        finished, self.finished = self.finished, []
+        return finished
+
+    def _receive(self, item: Item) -> torch.Tensor:
+        # a fresh tensor: a scheduler may keep the model output it is given
+        return self.mesh.recv(torch.empty((1, self.channels, item.own, self.h, self.w), dtype=self.job.model.denoiser.dtype,
+                                          device=self.job.model.device), self.mesh.world_size - 1)
+
+    def _take_prediction(self) -> None:
+        item = self.in_flight.popleft()
+        block = self.queue[item.block]
+        pred = self.local.popleft() if self.local else self._receive(item)
+        block.latents = self.job.model.step(block.scheduler, pred, self.d.timesteps[item.step], block.latents)
+        block.step += 1
+        if block.step == self.total:  # final: it leaves the queue
+            del self.queue[item.block]
+            self.finished_tail = block.latents[:, :, block.latents.shape[2] - self.context_frames:]
+            self.finished.append(FinishedLatents(block.start, block.end, block.latents))
+
+
+class StageFollower(_Stage):
+    """Ranks 1..N-1: run whatever the previous stage sends, until it says DONE or CANCELLED."""
+
+    def __init__(self, job, denoising, stages, cache):
+        super().__init__(job, denoising, stages, cache)
+        dim = job.model.denoiser.config.num_attention_heads * job.model.denoiser.config.attention_head_dim
+        opts = job.plan.block_pipeline
+        tokens = (opts.block_frames + opts.context_frames) * cache.tokens_per_frame
+        # hidden states arrive in one preallocated buffer: the largest message, viewed at each size
+        self.hidden_buf = torch.empty(self.text.shape[0] * tokens * dim, dtype=job.model.denoiser.dtype,
+                                      device=job.model.device)
+        self.dim, self.item = dim, None
+
+    def next(self) -> Work | None:
+        kind, self.item = Item.parse(self.mesh.recv(self.header_buf, self.mesh.rank - 1))
+        if kind != WORK:
+            self._signal(kind)
+            if kind == CANCELLED:
+                raise Cancelled("cancelled by rank 0")
+            return None
+        return self._work(self.item, self.d.timesteps[self.item.step], self.item.block * self.block_frames)
+
+    def run(self, work: Work) -> list[FinishedLatents]:
+        item, batch = self.item, self.text.shape[0]
+        tokens = (item.context + item.own) * self.cache.tokens_per_frame
+        hidden = self.mesh.recv(self.hidden_buf[: batch * tokens * self.dim].view(batch, tokens, self.dim),
+                                self.mesh.rank - 1)
+        self._pass_on(item, self._stage(item, hidden))
+        self._done_with(item)
+        return []
