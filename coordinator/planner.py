@@ -8,6 +8,7 @@ strategy specs (clipmesh.specs).
 from __future__ import annotations
 
 from clipmesh import specs
+from clipmesh.savers import resolve_savers
 from clipmesh.plan import num_latent_frames, split_clips_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
 
@@ -56,6 +57,7 @@ def make_plan(job: pb.Job, members: list[pb.WorkerInfo], model: pb.ModelInfo, ti
     speeds = [w.speed or 1.0 for w in members]
     plan = pb.RenderPlan(request=req, strategy=spec.name, world_size=len(members), num_latent_frames=latent,
                          start_step=0, decode_rank=0, group_name=f"clipmesh-{job.id}", timeout_seconds=timeout_seconds)
+    plan.savers.CopyFrom(resolve_savers(req, model.family))
     options = specs.resolve_options(spec, req, model)
     if options is not None:
         getattr(plan, spec.options_field).CopyFrom(options)

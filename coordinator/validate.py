@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from clipmesh import specs
 from clipmesh.plan import num_latent_frames
+from clipmesh.savers import check_savers
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .errors import InvalidArgument
@@ -62,6 +63,8 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
         if option_spec.options_field:
             resolved = specs.resolve_options(option_spec, req, model)
             specs.check_options(option_spec, getattr(req, option_spec.options_field), resolved, require_all=False)
+
+    check_savers(req.savers, model.family)  # any strategy, any family: per family what it allows
 
     # Every worker must own at least one latent frame (one transformer block where ranks split layers).
     specs.check_divides(spec, "num_workers", req.num_workers, model)

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from clipmesh.client import DEFAULT_ADDRESS, REQUEST_DEFAULTS
+from clipmesh.savers import AUTO, MAX_SLICE_CHUNKS, STEP_CACHES
 from clipmesh.specs import STRATEGY_SPECS
+from clipmesh.v1 import clipmesh_pb2 as pb
 
 
 def _strategy_help() -> str:
@@ -52,6 +54,17 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     p.add_argument(workers_flag, dest="workers", type=int, default=2 if workers_flag == "--workers" else 0)
     p.add_argument("--fps", type=float, default=d["fps"])
     _add_option_args(p)
+    g = p.add_argument_group("savers (Streamlined Inference; any strategy)")
+    g.add_argument("--slice-chunks", type=_slice_chunks, metavar="N|auto",
+                   help=f"feature slicer: run each sliced operator group in N chunks (exact; 0 off, "
+                        f"up to {MAX_SLICE_CHUNKS}; auto: the family's default)")
+    g.add_argument("--step-cache", metavar="SPEC", help="; ".join(
+        ["off"] + [f"{kind}:{'K' if isinstance(rng[0], int) else 'X'} ({', '.join(fams)}): {what}"
+                   for kind, (fams, rng, _, what) in STEP_CACHES.items()]) + " (approximate)")
+
+
+def _slice_chunks(text: str) -> int:
+    return AUTO if text == "auto" else int(text)
 
 
 def _request_fields(args) -> dict:
@@ -60,7 +73,9 @@ def _request_fields(args) -> dict:
                for spec in STRATEGY_SPECS.values() if spec.options_field}
     return dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, model=args.model,
-                strategy=args.strategy, num_workers=args.workers, fps=args.fps, **options)
+                strategy=args.strategy, num_workers=args.workers, fps=args.fps, **options,
+                savers=pb.SaverOptions(**{k: v for k, v in (("slice_chunks", args.slice_chunks),
+                                                            ("step_cache", args.step_cache)) if v is not None}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int | None:
     from clipmesh import progress
     from clipmesh.client import Client
-    from clipmesh.v1 import clipmesh_pb2 as pb
 
     if args.command == "coordinator":
         import uvloop

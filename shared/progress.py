@@ -26,12 +26,18 @@ def describe(event: pb.JobEvent) -> str:
                 if s.bytes_sent or s.bytes_received else "")
         block = f"block {s.block} " if s.HasField("block") else ""
         return (f"[rank {s.rank} {s.worker_id}] {block}step {s.step}/{s.total_steps} "
-                f"latent [{s.latent_start},{s.latent_end}) {s.seconds:.2f}s{comm}")
+                f"latent [{s.latent_start},{s.latent_end}) {s.seconds:.2f}s{comm}{_memory(s)}")
     if kind == "frames":
         f = event.frames
         return f"frames {f.first_frame}..{f.first_frame + f.num_frames - 1} received from {f.worker_id}"
     level = pb.LogMessage.Level.Name(event.log.level)
     return f"{level} {event.log.worker_id}: {event.log.text}"
+
+
+def _memory(s: pb.StepProgress) -> str:
+    """", peak 812 MB" (and ", cached" when a step cache skipped the full denoiser)."""
+    peak = f", peak {s.peak_memory_bytes / 2**20:.0f} MB" if s.peak_memory_bytes else ""
+    return peak + (", cached" if s.HasField("full_pass") and not s.full_pass else "")
 
 
 def follow(events: Iterable[pb.JobEvent], world_size: int = 0, stream=None, num_frames: int = 0) -> pb.JobState:
@@ -83,7 +89,7 @@ def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, num_frames: int
                 if s.rank not in bars:
                     bars[s.rank] = progress.add_task("", total=None)  # blocks keep coming until the end
                 progress.update(bars[s.rank], advance=1, description=f"rank {s.rank} {s.worker_id} block {s.block} "
-                                f"step {s.step}/{s.total_steps}")
+                                f"step {s.step}/{s.total_steps}{_memory(s)}")
                 if s.rank == max(bars):  # the last stage seen so far finishes a block's step
                     queue[s.block] = max(queue.get(s.block, 0), s.step)
                     queue.pop(s.block - 64, None)  # an endless stream: keep the recent blocks only
@@ -91,9 +97,9 @@ def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, num_frames: int
             elif kind == "step":
                 s = event.step
                 if s.rank not in bars:
-                    bars[s.rank] = progress.add_task(f"rank {s.rank} {s.worker_id} [{s.latent_start},{s.latent_end})",
-                                                     total=s.total_steps)
-                progress.update(bars[s.rank], completed=s.step)
+                    bars[s.rank] = progress.add_task("", total=s.total_steps)
+                progress.update(bars[s.rank], completed=s.step, description=f"rank {s.rank} {s.worker_id} "
+                                f"[{s.latent_start},{s.latent_end}){_memory(s)}")
                 world = max(world_size, len(bars))
                 progress.update(overall, total=world * s.total_steps,
                                 completed=sum(progress.tasks[t].completed for t in bars.values()))

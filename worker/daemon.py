@@ -225,7 +225,8 @@ class WorkerDaemon:
                 worker_id=self.worker_id, rank=a.rank, step=report.step, total_steps=report.total,
                 latent_start=report.latent_start, latent_end=report.latent_end, seconds=report.seconds,
                 bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
-                comm_seconds=report.comm_seconds, block=report.block))
+                comm_seconds=report.comm_seconds, block=report.block, peak_memory_bytes=report.peak_memory_bytes,
+                full_pass=report.full_pass))
 
         def on_frames(rendered) -> None:
             previous = uploads[-1] if uploads else None

@@ -29,6 +29,8 @@ class StepReport:
     latent_start: int = 0     # the latent frames the step was on
     latent_end: int = 0
     block: int | None = None  # block_pipeline: the block this step advanced
+    peak_memory_bytes: int = 0  # the worker's peak memory during the step (memory.PeakMemory)
+    full_pass: bool = True      # False: a step cache reused features instead of the full denoiser
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Why one object: a worker loads its model once and serves many jobs, so a job mus
 model exactly as it found it, also when installing fails half-way. Per-step and per-iteration
 state goes through the same object: anything installed (or `track`ed) that defines
 `begin_step(t)` or `reset_state()` is called by the runner at every step / every fresh
-iteration, so no patch keeps its own counters (diffusers' ModelHook has the same verbs).
+iteration, so no patch keeps its own counters (diffusers' ModelHook has the same verbs); one
+that has `full_pass` says whether the step ran the whole denoiser (step caches).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class Patches:
         """Let `obj` hear begin_step/reset_state (idempotent); returns it."""
         if any(o is obj for o in self._stateful):
             return obj
-        if hasattr(obj, "begin_step") or hasattr(obj, "reset_state"):
+        if any(hasattr(obj, verb) for verb in ("begin_step", "reset_state", "full_pass")):
             self._stateful.append(obj)
         return obj
 
@@ -55,6 +56,11 @@ class Patches:
         for obj in self._stateful:
             if hasattr(obj, "begin_step"):
                 obj.begin_step(t)
+
+    @property
+    def full_pass(self) -> bool:
+        """False when a step cache (anything tracked with `full_pass` False) skipped work this step."""
+        return all(getattr(obj, "full_pass", True) for obj in self._stateful)
 
     def reset_state(self) -> None:
         for obj in self._stateful:

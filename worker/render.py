@@ -22,7 +22,9 @@ from clipmesh.plan import num_output_frames
 from clipmesh.specs import check_plan as check_against_spec
 from clipmesh.specs import clip_lengths
 from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, RenderedFrames, StepReport  # noqa: F401
+from clipmesh.worker.memory import PeakMemory
 from clipmesh.worker.patches import Patches
+from clipmesh.worker.savers import install_savers
 from clipmesh.worker.strategies import get_strategy
 
 
@@ -45,15 +47,17 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
     timesteps_of = model.new_scheduler()
     timesteps_of.set_timesteps(req.num_inference_steps, device=model.device)
     denoising = Denoising(job, cond, uncond, timesteps_of.timesteps)
-    strategy = get_strategy(job.plan.strategy)
+    strategy, memory = get_strategy(job.plan.strategy), PeakMemory(model.device)
     with Patches() as patches:
         strategy.install(job, patches)
+        install_savers(job, patches)  # after the strategy: savers wrap whatever it installed
         schedule = strategy.schedule(job, denoising, latents)
         done = 0
         while True:
             if schedule.agree_stop(bool(should_stop and should_stop())):
                 raise Cancelled(f"cancelled after {done} steps")
             mesh.take_stats()  # the unit's traffic starts here (the cancel vote is not the unit's)
+            memory.reset()
             began = time.perf_counter()
             work = schedule.next()
             if work is None:
@@ -66,7 +70,8 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
             if on_step:
                 sent, received, comm_seconds = mesh.take_stats()
                 on_step(StepReport(work.step + 1, schedule.total, time.perf_counter() - began, sent, received,
-                                   comm_seconds, work.latent_start, work.latent_end, work.block))
+                                   comm_seconds, work.latent_start, work.latent_end, work.block,
+                                   peak_memory_bytes=memory.peak(), full_pass=patches.full_pass))
             for piece in finished:
                 if on_finished:
                     on_finished(piece)

@@ -50,7 +50,7 @@ JOB_OUTCOME_FAILED: JobOutcome
 JOB_OUTCOME_FAILED_AFTER_CANCEL: JobOutcome
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline")
+    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class SubmitJobRequest(_message.Message):
     FPS_FIELD_NUMBER: _ClassVar[int]
     CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    SAVERS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_frames: int
@@ -79,7 +80,16 @@ class SubmitJobRequest(_message.Message):
     fps: float
     clip_parallel: ClipParallelOptions
     block_pipeline: BlockPipelineOptions
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ...) -> None: ...
+    savers: SaverOptions
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ...) -> None: ...
+
+class SaverOptions(_message.Message):
+    __slots__ = ("slice_chunks", "step_cache")
+    SLICE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    slice_chunks: int
+    step_cache: str
+    def __init__(self, slice_chunks: _Optional[int] = ..., step_cache: _Optional[str] = ...) -> None: ...
 
 class ClipParallelOptions(_message.Message):
     __slots__ = ("local_halo", "global_frames", "phase_switch_t", "phase_bias", "entropy_scaling")
@@ -200,7 +210,7 @@ class StateChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StepProgress(_message.Message):
-    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds", "block")
+    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds", "block", "peak_memory_bytes", "full_pass")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +222,8 @@ class StepProgress(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     COMM_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FULL_PASS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     step: int
@@ -223,7 +235,9 @@ class StepProgress(_message.Message):
     bytes_received: int
     comm_seconds: float
     block: int
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ..., block: _Optional[int] = ...) -> None: ...
+    peak_memory_bytes: int
+    full_pass: bool
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ..., block: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., full_pass: _Optional[bool] = ...) -> None: ...
 
 class FramesReceived(_message.Message):
     __slots__ = ("worker_id", "first_frame", "num_frames")
@@ -398,7 +412,7 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[RenderPlan, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
-    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "decode_rank", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline")
+    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "decode_rank", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline", "savers")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -412,6 +426,7 @@ class RenderPlan(_message.Message):
     CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    SAVERS_FIELD_NUMBER: _ClassVar[int]
     request: SubmitJobRequest
     strategy: str
     world_size: int
@@ -425,7 +440,8 @@ class RenderPlan(_message.Message):
     clip_parallel: ClipParallelOptions
     layers: _containers.RepeatedCompositeFieldContainer[LayerRange]
     block_pipeline: BlockPipelineOptions
-    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., decode_rank: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ...) -> None: ...
+    savers: SaverOptions
+    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., decode_rank: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ...) -> None: ...
 
 class ClipRange(_message.Message):
     __slots__ = ("start", "end")

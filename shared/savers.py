@@ -1,0 +1,82 @@
+"""Per-worker savers (Streamlined Inference, ALGORITHMS.md section 3) as data: what a request may
+ask for, per model family, and what the planner resolves. They compose with every strategy:
+the feature slicer (with operator grouping) is exact, a step cache is an approximation.
+
+Pure Python over the generated protobuf messages (no torch): the coordinator validates and
+resolves with it, the worker (clipmesh.worker.savers) reads the resolved plan.savers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clipmesh.specs import SpecError, check_range
+from clipmesh.v1 import clipmesh_pb2 as pb
+
+MAX_SLICE_CHUNKS = 64
+AUTO = -1  # slice_chunks: the family's default
+# Chunks per sliced operator when the request says "auto": enough to cut the peak activation
+# well below a third at the sizes that matter, few enough that each chunk still fills the cores.
+AUTO_SLICE_CHUNKS = {"wan": 4, "unet3d": 4, "animatediff": 4}
+MAX_CACHE_INTERVAL = 50
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """A parsed step_cache: kind "off", "every" / "auto" (step rehash of the deep path,
+    UNet-style families) or "fbc" / "taylorseer" (diffusers' caches, Wan)."""
+
+    kind: str
+    value: float = 0.0  # every / taylorseer: a full pass every K steps; fbc: the threshold; auto: threshold
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "off" else f"{self.kind}:{self.value:g}"
+
+
+# kind -> (families, (low, high) of its value, default value, what it means)
+STEP_CACHES = {
+    "every": (("unet3d", "animatediff"), (2, MAX_CACHE_INTERVAL), 3, "step rehash: a full pass every K steps"),
+    "auto": (("unet3d", "animatediff"), (0.0, 1.0), 0.1,
+             "step rehash while the deep features change by less than this (relative L2) per step"),
+    "fbc": (("wan",), (0.0, 1.0), 0.05, "FirstBlockCache: skip the other blocks while the first block's "
+                                        "residual changes by less than this"),
+    "taylorseer": (("wan",), (2, MAX_CACHE_INTERVAL), 3, "TaylorSeer: a full pass every K steps, forecast between"),
+}
+
+
+def parse_step_cache(text: str, family: str | None = None) -> StepCache:
+    """"off", "every:3", "auto", "auto:0.1", "fbc:0.05", "taylorseer:3" -> StepCache; SpecError
+    (savers.step_cache) naming what is allowed for `family` when it does not parse or fit."""
+    field = "savers.step_cache"
+    kinds = [k for k, (fams, *_rest) in STEP_CACHES.items() if family is None or family in fams]
+    allowed = ", ".join(["off"] + [f"{k}:{'K' if isinstance(STEP_CACHES[k][1][0], int) else 'X'}" for k in kinds])
+    text = (text or "off").strip().lower()
+    if text == "off":
+        return StepCache("off")
+    kind, _, value = text.partition(":")
+    if kind not in kinds:
+        raise SpecError(field, f"{text!r} is not one of {allowed}" + (f" for {family} models" if family else ""))
+    families, (low, high), default, _ = STEP_CACHES[kind]
+    try:
+        number = type(low)(value) if value else default
+    except ValueError:
+        raise SpecError(field, f"{text!r}: {kind} takes a {type(low).__name__} in [{low:g}, {high:g}]") from None
+    check_range(field, number, low, high)
+    return StepCache(kind, float(number))
+
+
+def check_savers(savers: pb.SaverOptions, family: str) -> None:
+    """SpecError for the first saver option a request may not ask for."""
+    if savers.HasField("slice_chunks"):
+        check_range("savers.slice_chunks", savers.slice_chunks, AUTO, MAX_SLICE_CHUNKS)
+    if savers.HasField("step_cache"):
+        parse_step_cache(savers.step_cache, family)
+
+
+def resolve_savers(req: pb.SubmitJobRequest, family: str) -> pb.SaverOptions:
+    """Every field set: "auto" slicing becomes the family's chunk count; the step cache is spelled
+    canonically ("every:3")."""
+    chunks = req.savers.slice_chunks if req.savers.HasField("slice_chunks") else 0
+    if chunks == AUTO:
+        chunks = AUTO_SLICE_CHUNKS.get(family, 4)
+    return pb.SaverOptions(slice_chunks=chunks, step_cache=str(parse_step_cache(req.savers.step_cache, family)))
