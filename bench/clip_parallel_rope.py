@@ -15,7 +15,8 @@ full attention is the model's own behaviour. Relative L2 errors against `exact`:
 One process, a world of one (clip_parallel's result does not depend on the worker count:
 the tests check N=2,3 are bit-identical to N=1), 1 thread.
 
-    python bench/clip_parallel_rope.py --latent 21,25,31,41 --size 128
+    python -m bench.clip_parallel_rope --latent 21,25,31,41 --size 128
+    python -m bench.clip_parallel_rope --latent 21 --size 32 --steps 2   # smoke test
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def main():
     from clipmesh.presets import model_folder
     from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.mesh import Mesh, host_store
+    from clipmesh.worker.job import Job
     from clipmesh.worker.noise import initial_noise
+    from clipmesh.worker.patches import Patches
     from clipmesh.worker.render import denoise
     from clipmesh.worker.strategies import clip_parallel, get_strategy
 
@@ -88,8 +91,10 @@ def main():
             hook = model.self_attentions()[0].register_forward_hook(lambda mod, args, out: seen.append(out))
             try:
                 with mock.patch.object(clip_parallel, "GLOBAL_ROPE_POLICY", policy or "true"), \
-                        get_strategy(plan.strategy).install(model, mesh, plan, 0) as strategy, torch.no_grad():
-                    strategy.begin_step(t)
+                        Patches() as patches, torch.no_grad():
+                    get_strategy(plan.strategy).install(Job(model, plan, 0, mesh), patches)
+                    patches.reset_state()
+                    patches.begin_step(t)
                     out = model.denoiser(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=cond,
                                          return_dict=False)[0]
             finally:
