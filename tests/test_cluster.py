@@ -7,6 +7,7 @@ import hashlib
 import signal
 import threading
 
+import grpc
 import imageio.v3 as iio
 import pytest
 
@@ -27,6 +28,43 @@ def cluster(tmp_path_factory, tiny_wan_folder):
     d.pids = pids
     yield d
     d.stop()
+
+
+def worker_proc(cluster, name: str):
+    return next(p for p in cluster.procs if p.pid == cluster.pids[name])
+
+
+def restore(cluster, client) -> None:
+    """Back to the fixture's cluster: no job left running, every worker thawed (SIGCONT) or, if
+    it died, started again, and all of them IDLE."""
+    for job in client.jobs():
+        if job.state in (pb.QUEUED, pb.RUNNING):
+            try:
+                client.cancel(job.id)
+            except grpc.RpcError:
+                pass  # it ended meanwhile
+
+    def whole() -> bool:
+        states = {w.id: w.state for w in client.workers()}
+        for name in sorted(WORKERS):
+            proc = worker_proc(cluster, name)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a no-op unless it is frozen
+            elif states.get(name, pb.LOST) == pb.LOST:  # dead, and its old session is gone: start it again
+                cluster.procs.remove(proc)  # the tests check that every daemon in procs lives
+                cluster.pids[name] = cluster.worker(name).pid
+        return all(states.get(name) == pb.IDLE for name in WORKERS)
+
+    wait_until(whole, 120, f"workers {sorted(WORKERS)} back and idle", cluster)
+
+
+@pytest.fixture
+def restores_cluster(cluster):
+    """For a test that kills or freezes workers of the module's cluster: afterwards, passed or
+    failed, the cluster is whole again, so the tests after it do not fail for this one."""
+    yield cluster
+    with cluster.client() as client:
+        restore(cluster, client)
 
 
 def run_job(client, prompt: str, **fields) -> pb.Job:
@@ -58,6 +96,8 @@ def test_watch_reports_every_step_of_every_worker_and_replays(cluster):
         step_events = [e.step for e in live if e.HasField("step")]
         assert all(s.bytes_sent > 0 and s.bytes_received > 0 and 0 < s.comm_seconds < s.seconds
                    for s in step_events)
+        # each step carries the worker's peak memory (at least the loaded model) and ran in full
+        assert all(s.peak_memory_bytes > 50 * 2**20 and s.full_pass for s in step_events)
         assert [e.state.state for e in live if e.HasField("state")] == [pb.QUEUED, pb.RUNNING, pb.SUCCEEDED]
 
         replay = list(client.watch(job.id))  # after completion: the same events, then the stream ends
@@ -118,7 +158,7 @@ def test_cancel_running_job_frees_workers(cluster):
         assert run_job(client, "after cancel", num_workers=2).state == pb.SUCCEEDED
 
 
-def test_worker_killed_mid_job_fails_the_job_and_others_serve_on(cluster):
+def test_worker_killed_mid_job_fails_the_job_and_others_serve_on(cluster, restores_cluster):
     with cluster.client() as client:
         cluster.wait_idle(client, WORKERS)
         job = client.submit("doomed", num_workers=3, **{**SMALL, "num_inference_steps": 200})
@@ -126,7 +166,7 @@ def test_worker_killed_mid_job_fails_the_job_and_others_serve_on(cluster):
             if event.HasField("step"):
                 break
         victim = client.get(job.id).worker_ids[2]
-        proc = next(p for p in cluster.procs if p.pid == cluster.pids[victim])
+        proc = worker_proc(cluster, victim)
         proc.kill()
         for _ in client.watch(job.id):
             pass
@@ -136,17 +176,18 @@ def test_worker_killed_mid_job_fails_the_job_and_others_serve_on(cluster):
         cluster.wait_idle(client, survivors, timeout=90)  # peers left the broken group, daemons live on
         assert {w.id: w.state for w in client.workers()}[victim] == pb.LOST
         assert run_job(client, "after the crash", num_workers=2).state == pb.SUCCEEDED
-        # Restore the fixture's three workers for the tests after this one.
-        cluster.pids[victim] = cluster.worker(victim).pid
-        cluster.wait_idle(client, WORKERS)
+        # Restore the fixture's three workers for the tests after this one (restores_cluster
+        # does it again, also when this test fails early).
+        restore(cluster, client)
+        assert worker_proc(cluster, victim).pid != proc.pid  # the victim was started again
 
 
-def test_silent_worker_is_marked_lost_then_reattaches(cluster):
+def test_silent_worker_is_marked_lost_then_reattaches(cluster, restores_cluster):
     """A frozen worker (SIGSTOP: its stream stays open, heartbeats stop) is lost after the
     heartbeat timeout (5 s here); once thawed it re-dials and serves again."""
     with cluster.client() as client:
         name = sorted(w.id for w in client.workers() if w.state == pb.IDLE)[0]
-        proc = next(p for p in cluster.procs if p.pid == cluster.pids[name])
+        proc = worker_proc(cluster, name)
         proc.send_signal(signal.SIGSTOP)
         try:
             wait_until(lambda: {w.id: w.state for w in client.workers()}[name] == pb.LOST, 30,
@@ -177,3 +218,22 @@ def test_video_is_the_same_for_1_2_3_workers(cluster, strategy, tmp_path):
         for video in videos[1:]:
             assert video.shape == videos[0].shape
             assert abs(video - videos[0]).mean() < 0.5 < different
+
+
+def test_ulysses_through_the_daemons_makes_the_exact_video(cluster, tmp_path):
+    """The fourth strategy through real daemons: 2 workers splitting tiny-wan's 2 heads make the
+    video of 1-worker `exact` (compared decoded, as above); another seed differs."""
+    with cluster.client() as client:
+        cluster.wait_idle(client, WORKERS)
+        jobs = [run_job(client, "same video", num_workers=n, seed=7, strategy=s) for s, n in
+                (("exact", 1), ("ulysses", 2))]
+        assert [j.state for j in jobs] == [pb.SUCCEEDED] * 2, [j.error for j in jobs]
+        assert jobs[1].strategy == "ulysses" and len(jobs[1].worker_ids) == 2
+        client.fetch(jobs[0].id, tmp_path / "exact.mp4")
+        client.fetch(jobs[1].id, tmp_path / "ulysses.mp4")
+        exact, ulysses = (iio.imread(tmp_path / f"{n}.mp4").astype(float) for n in ("exact", "ulysses"))
+        other = run_job(client, "same video", num_workers=1, seed=8, strategy="exact")
+        client.fetch(other.id, tmp_path / "other.mp4")
+        different = abs(iio.imread(tmp_path / "other.mp4").astype(float) - exact).mean()
+        assert ulysses.shape == exact.shape
+        assert abs(ulysses - exact).mean() < 0.5 < different

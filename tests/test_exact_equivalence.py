@@ -123,8 +123,77 @@ def test_plan_math_and_noise_independent_of_split():
     assert not torch.equal(whole, initial_noise(SEED + 1, 0, 5, 16, 4, 4))
 
 
-def test_model_limits_without_torch(folder):
-    code = ("import sys, clipmesh.presets as p; "
-            "print(p.model_limits('tiny-wan'), p.model_limits(sys.argv[1])); assert 'torch' not in sys.modules")
-    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True).stdout
-    assert "'spatial_multiple': 16" in out and "'temporal_stride': 4" in out
+def _expected_wan_limits(transformer: dict, vae: dict) -> dict:
+    """Wan limits worked out here from a transformer and a VAE config, independently of
+    clipmesh.presets: each halving of the VAE's dim_mult levels halves the side, each True in
+    temperal_downsample halves time; a patch covers patch_size pixels of latent; RoPE has one row
+    per latent frame (after temporal patching); 1280 is Wan's largest trained side (720p);
+    21 latent frames = Wan's 81 trained frames; the strategies: those of the strategy table
+    (clipmesh.specs) for the Wan family."""
+    from clipmesh.specs import STRATEGY_SPECS
+    p_t, p_h, p_w = transformer["patch_size"]
+    assert p_h == p_w
+    spatial = 2 ** (len(vae["dim_mult"]) - 1)
+    temporal = 2 ** sum(bool(d) for d in vae["temperal_downsample"])
+    rope = transformer["rope_max_seq_len"]
+    want = {"family": "wan", "spatial_multiple": spatial * p_h, "temporal_stride": temporal,
+            "max_frames": (rope // p_t - 1) * temporal + 1, "max_side": min(rope * spatial * p_h, 1280),
+            "strategies": [name for name, spec in STRATEGY_SPECS.items() if "wan" in spec.families],
+            "native_latent_frames": 21, "num_layers": transformer["num_layers"]}
+    assert {"exact", "clip_parallel", "block_pipeline"} <= set(want["strategies"])
+    return want
+
+
+def _check_limits(got: dict, want: dict, name: str, transformer: dict) -> None:
+    assert got.pop("name") == name
+    heads = got.pop("attention_heads", None)  # a field being added: checked when present
+    if heads is not None:
+        assert heads == transformer["num_attention_heads"], (name, heads)
+    wrong = {key: (got.get(key), want.get(key)) for key in got.keys() | want.keys() if got.get(key) != want.get(key)}
+    assert not wrong, f"{name}: limits (got, want): {wrong}"
+    assert got == want
+
+
+def test_model_limits_without_torch(folder, tmp_path):
+    import json
+
+    from clipmesh.presets import PRESETS
+    preset = PRESETS["tiny-wan"]
+    # A second folder holding only config files (as a downloaded real Wan folder: no
+    # scale_factor_* in the VAE config) whose every derived limit differs from tiny-wan's, so a
+    # limit that is a constant, or read from the wrong key, shows.
+    other = tmp_path / "other-wan"
+    other_transformer = {**preset["transformer"], "patch_size": [2, 2, 2], "num_layers": 7, "num_attention_heads": 3,
+                         "rope_max_seq_len": 40}
+    other_vae = {**preset["vae"], "dim_mult": [1, 2, 4], "temperal_downsample": [False, True, False]}
+    for sub, cfg in (("transformer", {"_class_name": "WanTransformer3DModel", **other_transformer}),
+                     ("vae", {"_class_name": "AutoencoderKLWan", **other_vae})):
+        (other / sub).mkdir(parents=True)
+        (other / sub / "config.json").write_text(json.dumps(cfg))
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+
+    code = ("import json, sys, clipmesh.presets as p; "
+            "print(json.dumps([p.model_limits('tiny-wan')] + [p.model_limits(f) for f in sys.argv[1:]])); "
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder), str(other)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    by_name, from_folder, from_other = json.loads(proc.stdout)
+
+    # the folder built from the preset: limits from its config files
+    want = _expected_wan_limits(preset["transformer"], preset["vae"])
+    assert (want["spatial_multiple"], want["temporal_stride"], want["max_frames"], want["max_side"]) == (16, 4, 4093, 1280)
+    _check_limits(from_folder, want, str(folder), preset["transformer"])
+    # a folder with other configs: other limits
+    want_other = _expected_wan_limits(other_transformer, other_vae)
+    assert (want_other["spatial_multiple"], want_other["temporal_stride"], want_other["max_frames"],
+            want_other["max_side"], want_other["num_layers"]) == (8, 2, 39, 320, 7)
+    _check_limits(from_other, want_other, str(other), other_transformer)
+    # the preset name: the same model as its folder, its frame and side caps tighter (a CPU demo model)
+    assert by_name["spatial_multiple"] == 16 and by_name["temporal_stride"] == 4
+    for key in ("family", "spatial_multiple", "temporal_stride", "strategies", "native_latent_frames", "num_layers"):
+        assert by_name[key] == want[key], key
+    assert by_name["max_frames"] <= want["max_frames"] and (by_name["max_frames"] - 1) % want["temporal_stride"] == 0
+    assert by_name["max_side"] <= want["max_side"] and by_name["max_side"] % want["spatial_multiple"] == 0
+    heads = by_name.get("attention_heads")
+    assert heads is None or heads == preset["transformer"]["num_attention_heads"]

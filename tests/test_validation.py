@@ -33,6 +33,7 @@ BAD_FIELDS = [
     ("block_pipeline.block_frames", dict(block_pipeline=pb.BlockPipelineOptions(block_frames=0))),
     ("block_pipeline.context_frames", dict(block_pipeline=pb.BlockPipelineOptions(block_frames=2, context_frames=3))),
     ("num_workers", dict(num_workers=5, strategy="block_pipeline")),  # tiny-wan has 4 layers to split
+    ("num_workers", dict(num_workers=3, strategy="ulysses")),  # tiny-wan has 2 attention heads to split
     ("num_workers", dict(num_workers=-1)),
     ("num_workers", dict(num_workers=6)),         # 17 frames = 5 latent frames: at most 5 workers
 ]
