@@ -37,6 +37,11 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
     if model is None:
         raise InvalidArgument("model", f"unknown model {req.model!r}; known: {', '.join(sorted(known_models)) or 'none'}")
     if req.strategy and req.strategy not in model.strategies:
+        known = specs.STRATEGY_SPECS.get(req.strategy)
+        why = known and known.refusal(model.family)
+        if why:
+            raise InvalidArgument("strategy", f"{req.strategy} cannot run {model.name} ({model.family}): {why}; "
+                                              f"allowed: {', '.join(model.strategies)}")
         raise InvalidArgument("strategy", f"unknown strategy {req.strategy!r} for {model.name}; allowed: {', '.join(model.strategies)}")
 
     stride, spec = model.temporal_stride, specs.choose_spec(req, model)
@@ -64,7 +69,7 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
             resolved = specs.resolve_options(option_spec, req, model)
             specs.check_options(option_spec, getattr(req, option_spec.options_field), resolved, require_all=False)
 
-    check_savers(req.savers, model.family)  # any strategy, any family: per family what it allows
+    check_savers(req.savers, model.family, spec.name)  # per family what it allows; no step cache under block_pipeline
 
     # Every worker must own at least one latent frame (one transformer block where ranks split layers).
     specs.check_divides(spec, "num_workers", req.num_workers, model)

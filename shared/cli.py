@@ -54,13 +54,18 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     p.add_argument(workers_flag, dest="workers", type=int, default=2 if workers_flag == "--workers" else 0)
     p.add_argument("--fps", type=float, default=d["fps"])
     _add_option_args(p)
-    g = p.add_argument_group("savers (Streamlined Inference; any strategy)")
+    g = p.add_argument_group("savers (Streamlined Inference; slicing with any strategy, step caches with all but "
+                             "block_pipeline)")
     g.add_argument("--slice-chunks", type=_slice_chunks, metavar="N|auto",
                    help=f"feature slicer: run each sliced operator group in N chunks (exact; 0 off, "
                         f"up to {MAX_SLICE_CHUNKS}; auto: the family's default)")
     g.add_argument("--step-cache", metavar="SPEC", help="; ".join(
         ["off"] + [f"{kind}:{'K' if isinstance(rng[0], int) else 'X'} ({', '.join(fams)}): {what}"
                    for kind, (fams, rng, _, what) in STEP_CACHES.items()]) + " (approximate)")
+
+
+    g.add_argument("--tiled-decode", action="store_true", default=None,
+                   help="decode in blended spatial tiles where one frame does not fit (approximate)")
 
 
 def _slice_chunks(text: str) -> int:
@@ -75,7 +80,8 @@ def _request_fields(args) -> dict:
                 num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, model=args.model,
                 strategy=args.strategy, num_workers=args.workers, fps=args.fps, **options,
                 savers=pb.SaverOptions(**{k: v for k, v in (("slice_chunks", args.slice_chunks),
-                                                            ("step_cache", args.step_cache)) if v is not None}))
+                                                            ("step_cache", args.step_cache),
+                                                            ("tiled_decode", args.tiled_decode)) if v is not None}))
 
 
 def build_parser() -> argparse.ArgumentParser:

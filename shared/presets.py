@@ -1,10 +1,11 @@
-"""Model presets (random-weight Wan and UNet3D models built offline) and model folders.
+"""Model presets (random-weight Wan, UNet3D and AnimateDiff models built offline) and model folders.
 
 Why presets: tests, demos and benchmarks need a real *architecture* without a model hub
 or a GPU. A preset is built once per machine into a diffusers folder, so it is loaded
 exactly like the real thing: a Wan preset like Wan2.1-T2V-1.3B-Diffusers
 (`WanPipeline.from_pretrained`), a UNet3D preset like zeroscope_v2_576w / ModelScope
-text-to-video-ms-1.7b (`TextToVideoSDPipeline.from_pretrained`).
+text-to-video-ms-1.7b (`TextToVideoSDPipeline.from_pretrained`), an AnimateDiff preset like
+a saved AnimateDiffPipeline (an SD 1.5 UNet with a MotionAdapter: `AnimateDiffPipeline.from_pretrained`).
 
 This module is imported by the coordinator, which has no torch: torch/diffusers
 are imported only inside `_build`.
@@ -55,14 +56,16 @@ _UNET3D_SCHEDULER = dict(
 UNET3D_VAE_SCALE = 8  # AutoencoderKL with 4 blocks: 3 spatial halvings, no temporal compression
 
 
-def _unet3d(channels: tuple[int, ...], groups: int, head_dim: int, text_dim: int, layers: int = 1) -> dict:
-    # Every block but the last is a cross-attention block, as in ModelScope. `attention_head_dim`
-    # is what it says in the 3D blocks: their attentions have channels // head_dim heads (see
-    # _unet3d_heads); only the 2D UNet's blocks read it as the number of heads.
+def _unet(channels: tuple[int, ...], groups: int, head_dim: int, text_dim: int, layers: int = 1, dims: int = 3) -> dict:
+    # A UNet3DConditionModel (dims 3) or an SD 1.5-style UNet2DConditionModel (dims 2): every
+    # block but the last is a cross-attention block, as in ModelScope and SD 1.5.
+    # `attention_head_dim` is what it says in the 3D blocks: their attentions have
+    # channels // head_dim heads (see _unet3d_heads); only the 2D UNet's blocks read it as the
+    # number of heads (SD 1.5's 8).
     n = len(channels)
     return dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=list(channels),
-                down_block_types=["CrossAttnDownBlock3D"] * (n - 1) + ["DownBlock3D"],
-                up_block_types=["UpBlock3D"] + ["CrossAttnUpBlock3D"] * (n - 1),
+                down_block_types=[f"CrossAttnDownBlock{dims}D"] * (n - 1) + [f"DownBlock{dims}D"],
+                up_block_types=[f"UpBlock{dims}D"] + [f"CrossAttnUpBlock{dims}D"] * (n - 1),
                 layers_per_block=layers, norm_num_groups=groups, cross_attention_dim=text_dim,
                 attention_head_dim=head_dim)
 
@@ -93,15 +96,57 @@ def _unet3d_heads(unet_cfg: dict) -> int:
     return math.gcd(8, channels[-1] // head_dims[-1], *heads)
 
 
+# AnimateDiff's usual scheduler (its documentation's DDIM on an SD 1.5 base): linear betas, no
+# clipping, linspace spacing; epsilon prediction, no thresholding: a step is elementwise.
+_ANIMATEDIFF_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="linspace",
+    prediction_type="epsilon", thresholding=False,
+)
+MOTION_MAX_SEQ_LENGTH = 32  # MotionAdapter's default positional table: the frames one video may have
+
+
+def _motion_adapter(channels: tuple[int, ...], groups: int, heads: int, layers: int = 1) -> dict:
+    # MotionAdapter v1.5-2's layout: motion modules after every resnet of every block
+    # (`layers` per down block, one more per up block) and one in the mid block.
+    return dict(block_out_channels=list(channels), motion_layers_per_block=layers,
+                motion_mid_block_layers_per_block=1, motion_num_attention_heads=heads,
+                motion_norm_num_groups=groups, motion_max_seq_length=MOTION_MAX_SEQ_LENGTH,
+                use_motion_mid_block=True)
+
+
+def _motion_unet_config(preset: dict) -> dict:
+    """The UNetMotionModel config an AnimateDiff preset's folder has: the UNet's, with the
+    motion adapter's keys that UNetMotionModel.from_unet2d copies into it."""
+    adapter = preset["motion_adapter"]
+    return {**preset["unet"], "_class_name": "UNetMotionModel",
+            **{k: adapter[k] for k in ("motion_num_attention_heads", "motion_max_seq_length", "use_motion_mid_block")}}
+
+
+def _motion_heads(unet_cfg: dict) -> int:
+    """Heads every motion module's temporal attention has (one count, or one per block)."""
+    heads = unet_cfg.get("motion_num_attention_heads", 8)
+    return math.gcd(*heads) if isinstance(heads, (list, tuple)) else heads
+
+
 def _with_shape(limits: dict, denoiser_cfg: dict) -> dict:
     """`limits` plus what follows from the family and the denoiser: the family's strategies, and
     the transformer blocks and attention heads that strategies split."""
     if limits["family"] == "unet3d":
         shape = dict(attention_heads=_unet3d_heads(denoiser_cfg))
+    elif limits["family"] == "animatediff":
+        shape = dict(attention_heads=_motion_heads(denoiser_cfg))
     else:  # defaults: Wan2.1-T2V-1.3B
         shape = dict(num_layers=denoiser_cfg.get("num_layers", 30),
                      attention_heads=denoiser_cfg.get("num_attention_heads", 12))
     return {**limits, "strategies": strategies_for(limits["family"]), **shape}
+
+
+def _denoiser_config(preset: dict) -> dict:
+    """The denoiser config a preset's folder has (transformer/ or unet/)."""
+    if "motion_adapter" in preset:
+        return _motion_unet_config(preset)
+    return preset.get("transformer") or preset["unet"]
 
 
 PRESETS: dict[str, dict] = {
@@ -131,7 +176,7 @@ PRESETS: dict[str, dict] = {
     },
     # UNet3D (zeroscope / ModelScope / VideoCrafter2 architecture): seconds on CPU at 64x64.
     "tiny-unet3d": {
-        "unet": _unet3d((32, 64), groups=8, head_dim=4, text_dim=32),
+        "unet": _unet((32, 64), groups=8, head_dim=4, text_dim=32),
         "vae": _vae_kl(8),
         "text_encoder": _clip_text(32),
         "scheduler": _UNET3D_SCHEDULER,
@@ -143,7 +188,7 @@ PRESETS: dict[str, dict] = {
     # The real block layout (4 levels, 2 layers each: the same 34 temporal attentions and 22
     # temporal convs as zeroscope) at 1/5 of the width: 256x256, hundreds of frames.
     "bench-unet3d": {
-        "unet": _unet3d((64, 128, 256, 256), groups=32, head_dim=8, text_dim=64, layers=2),
+        "unet": _unet((64, 128, 256, 256), groups=32, head_dim=8, text_dim=64, layers=2),
         "vae": _vae_kl(8),
         "text_encoder": _clip_text(64),
         "scheduler": _UNET3D_SCHEDULER,
@@ -152,10 +197,33 @@ PRESETS: dict[str, dict] = {
         "branch_init": 0.1,
         "version": "v2",
     },
+    # AnimateDiff (an SD 1.5 UNet + MotionAdapter): seconds on CPU at 64x64.
+    "tiny-animatediff": {
+        "unet": _unet((32, 64), groups=8, head_dim=2, text_dim=32, dims=2),
+        "motion_adapter": _motion_adapter((32, 64), groups=8, heads=2),
+        "vae": _vae_kl(8),
+        "text_encoder": _clip_text(32),
+        "scheduler": _ANIMATEDIFF_SCHEDULER,
+        "limits": dict(family="animatediff", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1,
+                       max_frames=MOTION_MAX_SEQ_LENGTH, max_side=512, native_latent_frames=16),
+        "branch_init": 0.1,  # see _init_like_trained
+    },
+    # SD 1.5's module counts (4 levels, 2 layers each, 8 heads; with MotionAdapter v1.5-2: 21
+    # motion modules, 42 temporal attentions) at 1/5 of the width: 256x256, up to 32 frames.
+    "bench-animatediff": {
+        "unet": _unet((64, 128, 256, 256), groups=32, head_dim=8, text_dim=64, layers=2, dims=2),
+        "motion_adapter": _motion_adapter((64, 128, 256, 256), groups=32, heads=8, layers=2),
+        "vae": _vae_kl(8),
+        "text_encoder": _clip_text(64),
+        "scheduler": _ANIMATEDIFF_SCHEDULER,
+        "limits": dict(family="animatediff", spatial_multiple=UNET3D_VAE_SCALE, temporal_stride=1,
+                       max_frames=MOTION_MAX_SEQ_LENGTH, max_side=512, native_latent_frames=16),
+        "branch_init": 0.1,
+    },
 }
 
 for _preset in PRESETS.values():  # as a folder of these configs reports them: strategies, layers, heads
-    _preset["limits"] = _with_shape(_preset["limits"], _preset.get("transformer") or _preset["unet"])
+    _preset["limits"] = _with_shape(_preset["limits"], _denoiser_config(_preset))
 
 _VERSION = "v2"  # bump when a preset's config changes, so stale cached folders are not reused
 # (a preset's own "version" overrides it: bump that when only that preset's weights change)
@@ -230,8 +298,11 @@ def _build(name: str, out: pathlib.Path) -> None:
     import torch
 
     torch.manual_seed(_SEED)  # same weights on every host (same torch version)
-    if PRESETS[name]["limits"]["family"] == "unet3d":
+    family = PRESETS[name]["limits"]["family"]
+    if family == "unet3d":
         return _build_unet3d(name, out)
+    if family == "animatediff":
+        return _build_animatediff(name, out)
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -248,23 +319,39 @@ def _build(name: str, out: pathlib.Path) -> None:
     pipe.save_pretrained(out)
 
 
-def _build_unet3d(name: str, out: pathlib.Path) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+def _sd_parts(cfg: dict) -> dict:
+    """The Stable Diffusion-style components of a UNet preset's pipeline beside its unet: VAE,
+    CLIP text encoder and tokenizer, DDIM (made after the unet, in this order: same weights)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = PRESETS[name]
     tokenizer = _clip_tokenizer()
     assert len(tokenizer) == cfg["text_encoder"]["vocab_size"], len(tokenizer)
+    return dict(vae=AutoencoderKL(**cfg["vae"]).eval(),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).eval(),
+                tokenizer=tokenizer, scheduler=DDIMScheduler(**cfg["scheduler"]))
+
+
+def _build_unet3d(name: str, out: pathlib.Path) -> None:
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    cfg = PRESETS[name]
     unet = UNet3DConditionModel(**cfg["unet"]).eval()
     _init_like_trained(unet, cfg["branch_init"])
-    pipe = TextToVideoSDPipeline(
-        vae=AutoencoderKL(**cfg["vae"]).eval(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**cfg["scheduler"]),
-    )
-    pipe.save_pretrained(out)
+    TextToVideoSDPipeline(unet=unet, **_sd_parts(cfg)).save_pretrained(out)
+
+
+def _build_animatediff(name: str, out: pathlib.Path) -> None:
+    """As a user makes an AnimateDiff pipeline: an SD UNet2DConditionModel and a MotionAdapter,
+    which AnimateDiffPipeline turns into a UNetMotionModel (UNetMotionModel.from_unet2d); saved
+    with both, as a saved AnimateDiffPipeline folder is."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel
+
+    cfg = PRESETS[name]
+    unet, adapter = UNet2DConditionModel(**cfg["unet"]).eval(), MotionAdapter(**cfg["motion_adapter"]).eval()
+    for part in (unet, adapter):  # before the merge: the saved adapter is the unet's motion modules
+        _init_like_trained(part, cfg["branch_init"])
+    AnimateDiffPipeline(unet=unet, motion_adapter=adapter, **_sd_parts(cfg)).save_pretrained(out)
 
 
 def _init_like_trained(unet, scale: float) -> None:
@@ -278,17 +365,19 @@ def _init_like_trained(unet, scale: float) -> None:
     differences grow through the network (this preset's 3-step DDIM at CFG 9 amplified them to
     4e-5 in the final latents, far above the 1e-5 the tests check). These layers get
     `scale` x their default init (weights and biases): every branch, every temporal path
-    included, still changes the output, none is the identity."""
+    included, still changes the output, none is the identity. AnimateDiff's training starts
+    every motion module's proj_out at zero too: `unet` may also be a MotionAdapter (no conv_out)."""
     import torch
     from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
-    layers = [unet.conv_out]
+    layers = [unet.conv_out] if hasattr(unet, "conv_out") else []
     for module in unet.modules():
         if isinstance(module, ResnetBlock2D):
             layers.append(module.conv2)
-        elif isinstance(module, (Transformer2DModel, TransformerTemporalModel)):
+        elif isinstance(module, (Transformer2DModel, TransformerTemporalModel, AnimateDiffTransformer3D)):
             layers.append(module.proj_out)
         elif isinstance(module, TemporalConvLayer):
             module.conv4[-1].reset_parameters()  # diffusers zeroes it
@@ -301,10 +390,16 @@ def _init_like_trained(unet, scale: float) -> None:
 
 def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "") -> dict:
     """Limits of a model folder from its config json files: the denoiser's (transformer/ for
-    Wan, unet/ for UNet3D) and the VAE's. `name`: the folder's name or path (a hint only)."""
+    Wan, unet/ for UNet3D and AnimateDiff) and the VAE's. `name`: the folder's name or path (a hint only)."""
+    if _is_animatediff(denoiser_cfg):
+        return _with_shape(_animatediff_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
     if _is_unet3d(denoiser_cfg):
         return _with_shape(_unet3d_limits(vae_cfg, name), denoiser_cfg)
     return _with_shape(_wan_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
+
+
+def _is_animatediff(denoiser_cfg: dict) -> bool:
+    return denoiser_cfg.get("_class_name") == "UNetMotionModel" or "motion_max_seq_length" in denoiser_cfg
 
 
 def _is_unet3d(denoiser_cfg: dict) -> bool:
@@ -332,12 +427,26 @@ def _unet3d_limits(vae_cfg: dict, name: str) -> dict:
     """Limits of a UNet3D folder (zeroscope_v2, ModelScope text-to-video-ms-1.7b, VideoCrafter2 in
     diffusers layout): 2D AutoencoderKL decoded frame by frame, so one latent frame per frame.
     UNet3D has no positional table in time or space: the frame and side caps are practical ones."""
-    spatial = 2 ** (len(vae_cfg.get("block_out_channels", [128, 256, 512, 512])) - 1)
+    spatial = _kl_scale(vae_cfg)
     # Trained lengths: zeroscope_v2 24 frames; ModelScope and VideoCrafter2 16. The configs do not
     # tell zeroscope from ModelScope (same architecture), so the folder name decides.
     native = 24 if "zeroscope" in name.lower() else 16
     return dict(family="unet3d", spatial_multiple=spatial, temporal_stride=1, max_frames=1024, max_side=1024,
                 native_latent_frames=native)
+
+
+def _animatediff_limits(unet_cfg: dict, vae_cfg: dict) -> dict:
+    """Limits of an AnimateDiff folder (a UNetMotionModel unet): 2D AutoencoderKL decoded frame by
+    frame; the motion modules add sinusoidal positions by frame index from a table of
+    motion_max_seq_length rows, so a video has at most that many frames. Trained on 16 frames."""
+    return dict(family="animatediff", spatial_multiple=_kl_scale(vae_cfg), temporal_stride=1,
+                max_frames=unet_cfg.get("motion_max_seq_length", MOTION_MAX_SEQ_LENGTH), max_side=1024,
+                native_latent_frames=16)
+
+
+def _kl_scale(vae_cfg: dict) -> int:
+    """The spatial factor of a 2D AutoencoderKL: one halving per block but the last."""
+    return 2 ** (len(vae_cfg.get("block_out_channels", [128, 256, 512, 512])) - 1)
 
 
 def model_limits(name_or_path: str) -> dict:

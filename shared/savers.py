@@ -1,6 +1,7 @@
 """Per-worker savers (Streamlined Inference, ALGORITHMS.md section 3) as data: what a request may
-ask for, per model family, and what the planner resolves. They compose with every strategy:
-the feature slicer (with operator grouping) is exact, a step cache is an approximation.
+ask for, per model family, and what the planner resolves. They compose with every strategy
+(a step cache with every strategy but block_pipeline: NO_STEP_CACHE): the feature slicer (with
+operator grouping) is exact, a step cache is an approximation.
 
 Pure Python over the generated protobuf messages (no torch): the coordinator validates and
 resolves with it, the worker (clipmesh.worker.savers) reads the resolved plan.savers.
@@ -19,6 +20,7 @@ AUTO = -1  # slice_chunks: the family's default
 # well below a third at the sizes that matter, few enough that each chunk still fills the cores.
 AUTO_SLICE_CHUNKS = {"wan": 4, "unet3d": 4, "animatediff": 4}
 MAX_CACHE_INTERVAL = 50
+MAX_REHASH = 3  # auto: at most this many rehash steps in a row
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,20 @@ class StepCache:
 
 # kind -> (families, (low, high) of its value, default value, what it means)
 STEP_CACHES = {
-    "every": (("unet3d", "animatediff"), (2, MAX_CACHE_INTERVAL), 3, "step rehash: a full pass every K steps"),
+    "every": (("unet3d", "animatediff"), (2, MAX_CACHE_INTERVAL), 3,
+              "step rehash: a full pass at steps 0, K, 2K, ..., the deep features reused between"),
     "auto": (("unet3d", "animatediff"), (0.0, 1.0), 0.1,
-             "step rehash while the deep features change by less than this (relative L2) per step"),
+             "step rehash while the reused deep features' estimated drift (relative L2, over the whole video) "
+             f"stays below X, at most {MAX_REHASH} steps in a row"),
     "fbc": (("wan",), (0.0, 1.0), 0.05, "FirstBlockCache: skip the other blocks while the first block's "
-                                        "residual changes by less than this"),
-    "taylorseer": (("wan",), (2, MAX_CACHE_INTERVAL), 3, "TaylorSeer: a full pass every K steps, forecast between"),
+                                        "residual changes by less than X (over the whole video)"),
+    "taylorseer": (("wan",), (2, MAX_CACHE_INTERVAL), 3,
+                   "TaylorSeer: full passes at steps 0, 1, then 3, 3+K, 3+2K, ..., the blocks' attention and FFN "
+                   "outputs forecast between"),
 }
+# strategy -> why no step cache runs under it (refused at submit, and at install on the worker)
+NO_STEP_CACHE = {"block_pipeline": "each of its units advances another video block at another noise level, so a "
+                                   "cache would be needed per block; use exact or clip_parallel"}
 
 
 def parse_step_cache(text: str, family: str | None = None) -> StepCache:
@@ -65,12 +74,19 @@ def parse_step_cache(text: str, family: str | None = None) -> StepCache:
     return StepCache(kind, float(number))
 
 
-def check_savers(savers: pb.SaverOptions, family: str) -> None:
-    """SpecError for the first saver option a request may not ask for."""
+def check_step_cache_strategy(cache: StepCache, strategy: str) -> None:
+    """SpecError (savers.step_cache) where `strategy` cannot run the step cache."""
+    if cache.kind != "off" and strategy in NO_STEP_CACHE:
+        raise SpecError("savers.step_cache", f"{cache} cannot run under {strategy}: {NO_STEP_CACHE[strategy]}")
+
+
+def check_savers(savers: pb.SaverOptions, family: str, strategy: str = "") -> None:
+    """SpecError for the first saver option a request may not ask for (of `family`'s models, under
+    `strategy`: the spec's name)."""
     if savers.HasField("slice_chunks"):
         check_range("savers.slice_chunks", savers.slice_chunks, AUTO, MAX_SLICE_CHUNKS)
     if savers.HasField("step_cache"):
-        parse_step_cache(savers.step_cache, family)
+        check_step_cache_strategy(parse_step_cache(savers.step_cache, family), strategy)
 
 
 def resolve_savers(req: pb.SubmitJobRequest, family: str) -> pb.SaverOptions:
@@ -79,4 +95,5 @@ def resolve_savers(req: pb.SubmitJobRequest, family: str) -> pb.SaverOptions:
     chunks = req.savers.slice_chunks if req.savers.HasField("slice_chunks") else 0
     if chunks == AUTO:
         chunks = AUTO_SLICE_CHUNKS.get(family, 4)
-    return pb.SaverOptions(slice_chunks=chunks, step_cache=str(parse_step_cache(req.savers.step_cache, family)))
+    return pb.SaverOptions(slice_chunks=chunks, step_cache=str(parse_step_cache(req.savers.step_cache, family)),
+                           tiled_decode=req.savers.tiled_decode)

@@ -78,9 +78,14 @@ class StrategySpec:
     options: tuple[OptionSpec, ...] = ()
     min_clip_option: str | None = None    # the option no clip may be shorter than (as frames allow)
     splits_heads: bool = False            # ranks split attention heads: workers divide ModelInfo.attention_heads
+    refused: tuple[tuple[str, str], ...] = ()  # (family, why it cannot run there): said when asked for
 
     def option(self, name: str) -> OptionSpec:
         return next(o for o in self.options if o.name == name)
+
+    def refusal(self, family: str) -> str | None:
+        """Why this strategy is refused for a model family (None: not refused, it may just not run there)."""
+        return dict(self.refused).get(family)
 
     @property
     def model_defaults_field(self) -> str | None:
@@ -97,11 +102,14 @@ class StrategySpec:
 # Fixed order: the first is the default; choices, help and model strategy lists follow it.
 STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec(
-        name="exact", partition=FRAMES, families=("wan", "unet3d"),
+        name="exact", partition=FRAMES, families=("wan", "unet3d", "animatediff"),
         summary="every frame attends to every frame, as on one device"),
     StrategySpec(
         name="clip_parallel", partition=FRAMES, families=("wan", "unet3d"), for_long_videos=True,
         summary="dual-scope attention", options_field="clip_parallel", min_clip_option="local_halo",
+        refused=(("animatediff", "AnimateDiff's motion modules add sinusoidal positions by frame index, and "
+                                 "Video-Infinity's authors state that dual-scope attention fails with temporal "
+                                 "position embeddings"),),
         # ALGORITHMS.md section 1. Wan: Wan2.1 trains on 81 frames = 21 latent frames, so a +-10
         # window is exactly the native length; UNet3D: the reference's P=8.
         options=(
@@ -264,7 +272,9 @@ def check_plan(plan: pb.RenderPlan, model: pb.ModelInfo) -> StrategySpec:
     ValueError) naming the field and the limit. Returns the spec (the worker's registry key)."""
     spec = spec_named(plan.strategy)
     if model.family not in spec.families:
-        raise SpecError("model.family", f"{spec.name} runs on {', '.join(spec.families)}, not {model.family!r}")
+        why = spec.refusal(model.family)
+        raise SpecError("model.family", f"{spec.name} runs on {', '.join(spec.families)}, not {model.family!r}"
+                                        + (f": {why}" if why else ""))
     req, stride = plan.request, model.temporal_stride
     if stride < 1:
         raise SpecError("model.temporal_stride", f"must be >= 1, got {stride}")

@@ -14,6 +14,7 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 
 WAN = pb.ModelInfo(**model_limits("tiny-wan"))          # 4 layers, 2 heads, stride 4
 UNET3D = pb.ModelInfo(**model_limits("tiny-unet3d"))
+ANIMATEDIFF = pb.ModelInfo(**model_limits("tiny-animatediff"))  # exact only: 32 frames of motion positions
 MODELS = {"wan": WAN, "unet3d": UNET3D}
 RANGED = [(spec, o) for spec in STRATEGY_SPECS.values() for o in spec.options if o.low is not None]
 
@@ -63,6 +64,8 @@ def test_table_is_well_formed():
             assert [o.name for o in spec.options] == list(fields)  # every field of the message has a spec
         if spec.min_clip_option:
             assert spec.partition == FRAMES and spec.option(spec.min_clip_option).type is int
+        for family, why in spec.refused:  # a refusal is for a family the spec does not run on, with a reason
+            assert family not in spec.families and why and spec.refusal(family) == why
     assert [s.name for s in STRATEGY_SPECS.values() if s.streams] == ["block_pipeline"]
     assert len({hash(spec) for spec in STRATEGY_SPECS.values()}) == len(STRATEGY_SPECS)  # frozen, hashable
 
@@ -91,6 +94,7 @@ def test_defaults_per_family_and_precedence():
 def test_presets_list_the_strategies_of_their_family():
     assert specs.strategies_for("wan") == ["exact", "clip_parallel", "block_pipeline", "ulysses"]
     assert specs.strategies_for("unet3d") == ["exact", "clip_parallel"]
+    assert specs.strategies_for("animatediff") == ["exact"]
     for name, preset in PRESETS.items():
         limits = preset["limits"]
         assert limits["strategies"] == specs.strategies_for(limits["family"]), name
@@ -129,6 +133,16 @@ def test_check_plan_refuses_an_unknown_strategy_or_family():
     plan = plan_for(request(num_frames=0))
     err = refused(plan, UNET3D)
     assert err.field == "model.family" and "wan" in err.detail
+
+
+def test_a_refused_strategy_says_why_in_validation_and_check_plan():
+    req = request(strategy="clip_parallel", model="tiny-animatediff", num_frames=9)
+    err = invalid(req, ANIMATEDIFF)
+    assert err.field == "strategy" and "position embeddings" in str(err) and "allowed: exact" in str(err)
+    plan = plan_for(request(strategy="clip_parallel", num_frames=9), UNET3D)
+    err = refused(plan, ANIMATEDIFF)
+    assert err.field == "model.family" and "position embeddings" in err.detail
+    assert "unknown strategy" in str(invalid(request(strategy="ulysses"), UNET3D))  # not refused: not offered
 
 
 def test_check_plan_refuses_clips_that_do_not_tile():

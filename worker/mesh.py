@@ -170,6 +170,15 @@ class Mesh:
         self._count(4 * (self.world_size - 1), 4 * (self.world_size - 1), began)
         return out
 
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Every rank's `values` summed elementwise (float64), the same on every rank: how ranks
+        agree on a data-dependent decision (a step cache's measure over the whole video)."""
+        began = time.perf_counter()
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        self._count(_nbytes(t) * (self.world_size - 1), _nbytes(t) * (self.world_size - 1), began)
+        return t.tolist()
+
     def exchange_halos(self, tensor: torch.Tensor, dim: int, left: int, right: int,
                        sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(from_left, from_right): the `left` entries along `dim` just before this rank's part

@@ -52,6 +52,11 @@ class Patches:
         self._undo.append(undo)
         self.track(forward)
 
+    def on_remove(self, undo) -> None:
+        """Call `undo()` when the job's patches are removed (for what is not a processor, hook or
+        forward, e.g. a diffusers cache to disable)."""
+        self._undo.append(undo)
+
     def begin_step(self, t: float) -> None:
         for obj in self._stateful:
             if hasattr(obj, "begin_step"):

@@ -84,12 +84,14 @@ class SubmitJobRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ...) -> None: ...
 
 class SaverOptions(_message.Message):
-    __slots__ = ("slice_chunks", "step_cache")
+    __slots__ = ("slice_chunks", "step_cache", "tiled_decode")
     SLICE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TILED_DECODE_FIELD_NUMBER: _ClassVar[int]
     slice_chunks: int
     step_cache: str
-    def __init__(self, slice_chunks: _Optional[int] = ..., step_cache: _Optional[str] = ...) -> None: ...
+    tiled_decode: bool
+    def __init__(self, slice_chunks: _Optional[int] = ..., step_cache: _Optional[str] = ..., tiled_decode: _Optional[bool] = ...) -> None: ...
 
 class ClipParallelOptions(_message.Message):
     __slots__ = ("local_halo", "global_frames", "phase_switch_t", "phase_bias", "entropy_scaling")

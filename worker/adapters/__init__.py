@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
+from clipmesh.worker.adapters.animatediff import AnimateDiffAdapter
 from clipmesh.worker.adapters.base import ModelAdapter
 from clipmesh.worker.adapters.unet3d import UNet3DAdapter
 from clipmesh.worker.adapters.wan import WanAdapter
 
 # model_index.json `_class_name` -> adapter (an adapter may also accept aliases of its pipeline)
 FAMILIES: dict[str, type[ModelAdapter]] = {
-    name: cls for cls in (WanAdapter, UNet3DAdapter)
+    name: cls for cls in (WanAdapter, UNet3DAdapter, AnimateDiffAdapter)
     for name in (cls.pipeline_class, *getattr(cls, "pipeline_aliases", ()))}
 
 

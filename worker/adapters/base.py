@@ -4,7 +4,8 @@ An adapter wraps one loaded diffusers pipeline and says *where* things are, as d
 `frame_mixers()` lists every module that mixes frames and of which kind (diffusers' `_cp_plan`
 is the model), each with the family's own helpers for it. A strategy supplies one handler per
 kind (strategies/base.py), so neither the runner (render.py) nor a strategy knows a family.
-Everything else in a model is per frame, so a clip of frames is exact on its own. Patching
+Everything else in a model is per frame, so a clip of frames is exact on its own. Likewise
+`slice_groups()` lists the operator groups the feature slicer may run in chunks. Patching
 happens only through processors, hooks and instance forwards (worker/patches.py), never by
 editing model code.
 """
@@ -28,6 +29,16 @@ TEMPORAL_CONV = "temporal_conv"  # a convolution along time (UNet3D's TemporalCo
 FRAME_NORM = "frame_norm"        # a GroupNorm whose statistics span frames
 KINDS = (POSITIONS, ATTENTION, TEMPORAL_CONV, FRAME_NORM)
 
+# The kinds of operator group the feature slicer runs in chunks (SliceGroup.kind; savers/slicing.py):
+PER_FRAME = "per_frame"        # acts on every row of dim 0 (batch*frames) alone (a resnet, a spatial
+#                                transformer, a 2D conv): chunks of rows, every batched input sliced alike
+PER_POSITION = "per_position"  # a temporal transformer on [B*F, C, H, W] (norm, proj_in, transformer_blocks,
+#                                proj_out): the norm on the whole input, then proj_in -> blocks -> proj_out
+#                                per chunk of the B*h*w latent pixels (never of the frames)
+PER_TOKEN = "per_token"        # a Wan transformer block: attn1 on all tokens, then norm2 -> attn2 -> norm3
+#                                -> FFN (and their residuals and modulation) per chunk of tokens
+SLICE_KINDS = (PER_FRAME, PER_POSITION, PER_TOKEN)
+
 
 @dataclass(frozen=True)
 class FrameMixer:
@@ -36,6 +47,12 @@ class FrameMixer:
     ops: object = None   # ATTENTION: how this family's q/k/v and output are made (AttentionOps);
     #                      POSITIONS: ops(frame_start) -> a forward hook that starts positions there
     layer: int = 0       # ATTENTION: the transformer block it sits in (layer partitions)
+
+
+@dataclass(frozen=True)
+class SliceGroup:
+    kind: str
+    module: torch.nn.Module
 
 
 class AttentionOps:
@@ -59,11 +76,25 @@ class AttentionOps:
         return None
 
 
+@dataclass(frozen=True)
+class DeepPath:
+    """Where step rehash (savers/step_cache.py) cuts the denoiser: the `skipped` modules run only
+    at full steps; at a rehash step each returns a stand-in of its last output without running,
+    and `reused` (one of them) its last full-step output: the deep feature the shallow path
+    reads. The shallow path (everything else) runs at every step."""
+
+    skipped: tuple[torch.nn.Module, ...]
+    reused: torch.nn.Module
+
+
 class ModelAdapter:
     family = ""
     pipeline_class = ""  # model_index.json `_class_name` this adapter loads
     decodes_per_frame = False  # True: the VAE decodes frame by frame, so each rank decodes its own clip
     temporal_stride = 1        # video frames per latent frame (after the first)
+    # step cache taylorseer (savers/step_cache.py): the denoiser modules whose outputs are forecast
+    # between full passes, as diffusers' TaylorSeerCacheConfig.cache_identifiers (re.fullmatch on names)
+    taylorseer_modules: tuple[str, ...] = ()
 
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)
@@ -83,6 +114,18 @@ class ModelAdapter:
         handle one of its kinds refuses the model. Raises NotImplementedError where the loaded
         model is a variant clipmesh cannot split."""
         raise NotImplementedError
+
+    # -- what step rehash may skip (savers/step_cache.py) -----------------------
+    def deep_path(self) -> DeepPath:
+        """The denoiser's deep path for step rehash; NotImplementedError where the family has none."""
+        raise NotImplementedError(f"{self.family} models have no deep path for step rehash")
+
+    # -- what the feature slicer may chunk (savers/slicing.py) -------------------
+    def slice_groups(self) -> list[SliceGroup]:
+        """The denoiser's operator groups that may run in chunks, as data (none: slicing does
+        nothing for this family). A PER_FRAME group holds no frame-mixing module; the others
+        chunk along an axis every rank has the same size of, so collectives inside stay in step."""
+        return []
 
     # -- the denoising loop's pieces ------------------------------------------
     @property
@@ -114,6 +157,19 @@ class ModelAdapter:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]."""
         raise NotImplementedError
+
+    # Latent frames before a clip that an exact decode of the clip needs (a causal VAE's warm-up);
+    # 0: the VAE decodes frame by frame, so a clip decodes alone.
+    decode_lookback = 0
+
+    @torch.no_grad()
+    def decode_clip(self, latents: torch.Tensor, first: int, start: int, on_frames, chunk: int = 8) -> None:
+        """Latents [1, C, n, h, w] of global latent frames [first, first + n), with first >=
+        start - decode_lookback -> on_frames(latent_start, uint8 frames) for the frames of latent
+        frames [start, first + n), `chunk` latent frames at a time (memory: one chunk of frames).
+        Exactly the frames a decode of the whole video gives them."""
+        for a in range(start - first, latents.shape[2], chunk):
+            on_frames(first + a, self.decode(latents[:, :, a:a + chunk]))
 
     # -- registration -------------------------------------------------------
     def measure_speed(self, frames: int = 4, side: int = 32) -> float:

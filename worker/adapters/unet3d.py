@@ -21,16 +21,21 @@ import numpy as np
 import torch
 from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.resnet import TemporalConvLayer
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from diffusers.models.upsampling import Upsample2D
 from diffusers.utils import logging as diffusers_logging
 
-from clipmesh.worker.adapters.base import ATTENTION, FRAME_NORM, TEMPORAL_CONV, AttentionOps, FrameMixer, ModelAdapter
+from clipmesh.worker.adapters.base import (ATTENTION, FRAME_NORM, PER_FRAME, PER_POSITION, TEMPORAL_CONV, AttentionOps,
+                                           DeepPath, FrameMixer, ModelAdapter, SliceGroup)
 
 log = logging.getLogger(__name__)
 DEFAULT_FPS = 24  # VideoCrafter2's conditioning frame rate (its reference pipeline's default)
 FPS_PREFIX = "fps_embedding."  # extra unet weights of VideoCrafter2 in diffusers layout
 DECODE_CHUNK = 16  # frames per VAE call: bounds decode memory; frames are independent
+PER_FRAME_MODULES = (ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D)  # on [B*F, ...], frame by frame
 
 
 def read_fps_embedding(unet_folder: Path) -> dict[str, torch.Tensor] | None:
@@ -155,6 +160,34 @@ def frame_norms(unet) -> list[torch.nn.GroupNorm]:
     return norms
 
 
+def slice_groups(unet, convs=(), per_frame=PER_FRAME_MODULES,
+                 per_position=(TransformerTemporalModel,)) -> list[SliceGroup]:
+    """The UNet's 2D `convs` and frame-wise modules (`per_frame` types) as PER_FRAME groups and its
+    temporal transformers (`per_position` types) as PER_POSITION groups (the convs first, then in
+    model order)."""
+    groups = [SliceGroup(PER_FRAME, conv) for conv in convs]
+    for module in unet.modules():
+        if isinstance(module, per_position):
+            groups.append(SliceGroup(PER_POSITION, module))
+        elif isinstance(module, per_frame):
+            groups.append(SliceGroup(PER_FRAME, module))
+    return groups
+
+
+def unet_deep_path(unet) -> DeepPath:
+    """DeepCache's cut of a diffusers video UNet (UNet3DConditionModel, UNetMotionModel), whose
+    forward calls conv_in, down_blocks, mid_block, up_blocks and conv_out in sequence, handing the
+    down blocks' res_samples to the up blocks: the shallow path is conv_in (and transformer_in),
+    down_blocks[0], up_blocks[-1] and conv_out; every other block is deep (skipped at rehash steps)
+    and the input of the last up block, up_blocks[-2]'s output, is the reused feature. The skipped
+    down blocks' stand-in res_samples are never read: the last up block takes only down_blocks[0]'s
+    and conv_in's."""
+    if len(unet.down_blocks) < 2 or len(unet.up_blocks) < 2:
+        raise NotImplementedError("step rehash needs a UNet with at least two levels")
+    mid = (unet.mid_block,) if unet.mid_block is not None else ()
+    return DeepPath((*unet.down_blocks[1:], *mid, *unet.up_blocks[:-1]), unet.up_blocks[-2])
+
+
 def is_stochastic(scheduler) -> bool:
     """Schedulers that draw noise inside step() (SDE DPM-Solver, ancestral samplers): that noise
     would depend on how the video is split. (DDIM's eta stays 0: step() passes none.)"""
@@ -199,6 +232,15 @@ class UNet3DAdapter(ModelAdapter):
 
     def frame_norms(self) -> list[torch.nn.GroupNorm]:
         return frame_norms(self.pipe.unet)
+
+    def slice_groups(self) -> list[SliceGroup]:
+        """conv_in, every resnet, spatial transformer, down- and upsampler and conv_out per chunk of
+        the B*F frame rows; every TransformerTemporalModel per chunk of latent pixels. The temporal
+        convs stay whole (their norms span frames and positions; they carry the halo exchange)."""
+        return slice_groups(self.pipe.unet, (self.pipe.unet.conv_in, self.pipe.unet.conv_out))
+
+    def deep_path(self) -> DeepPath:
+        return unet_deep_path(self.pipe.unet)
 
     # -- the denoising loop's pieces ------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:

@@ -5,16 +5,21 @@ forward hooks) so the stock model is never edited and can serve many jobs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
-from clipmesh.worker.adapters.base import ATTENTION, POSITIONS, AttentionOps, FrameMixer, ModelAdapter
+from clipmesh.plan import num_output_frames
+from clipmesh.worker.adapters.base import (ATTENTION, PER_TOKEN, POSITIONS, AttentionOps, FrameMixer, ModelAdapter,
+                                           SliceGroup)
+from clipmesh.worker.adapters.wan_decode import ClipDecoder
 from clipmesh.worker.adapters.wan_rope import WanGlobalRope, apply_rope, global_positions_hook, rope_rows
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default text length
+DECODE_CHUNK = 4  # latent frames per streamed VAE chunk (16 video frames): bounds the float video held at once
 
 
 def load_wan(folder, device: torch.device | str, dtype: torch.dtype) -> WanPipeline:
@@ -106,10 +111,14 @@ class WanStreamDecoder:
 
     def __init__(self, adapter: "WanAdapter"):
         self.adapter, self.vae = adapter, adapter.pipe.vae
-        if self.vae.config.patch_size is not None or self.vae.use_tiling:
+        if not self.supports(self.vae):
             raise NotImplementedError("streaming decode needs an untiled Wan 2.1 VAE")
         self.feat_cache = [None] * self.vae._cached_conv_counts["decoder"]
         self.first = True
+
+    @staticmethod
+    def supports(vae) -> bool:
+        return vae.config.patch_size is None and not vae.use_tiling
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -126,6 +135,9 @@ class WanStreamDecoder:
 class WanAdapter(ModelAdapter):
     family = "wan"
     pipeline_class = "WanPipeline"
+    # every block's attentions and FFN, as in the TaylorSeer paper (diffusers' default, "^blocks.*attn",
+    # matches no Wan module: they are attn1 and attn2)
+    taylorseer_modules = (r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn")
 
     @classmethod
     def load(cls, folder, device, dtype) -> "WanAdapter":
@@ -167,21 +179,64 @@ class WanAdapter(ModelAdapter):
         return cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
 
     def predict(self, latents, t, scheduler, cond, uncond, guidance_scale):
-        """WanPipeline's step body: two transformer calls (cond, uncond), then CFG."""
+        """WanPipeline's step body: two transformer calls (cond, uncond), each in its diffusers cache
+        context as WanPipeline names them (when a step cache enabled one), then CFG."""
         transformer = self.pipe.transformer
         x, timestep = latents.to(transformer.dtype), t.expand(latents.shape[0])
-        pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        with self.cache_context("cond"):
+            pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
         if uncond is not None:
-            pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0]
+            with self.cache_context("uncond"):
+                pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
+                                     return_dict=False)[0]
             pred = pred_u + guidance_scale * (pred - pred_u)
         return pred
+
+    def cache_context(self, name: str):
+        """diffusers' `cache_context(name)` while a cache is enabled on the transformer (a step cache,
+        savers/step_cache.py), so its state is kept per call; else nothing (the stock model stays untouched)."""
+        transformer = self.pipe.transformer
+        return transformer.cache_context(name) if transformer.is_cache_enabled else contextlib.nullcontext()
+
+    def slice_groups(self) -> list[SliceGroup]:
+        """Every transformer block: attn1 (the strategy's) on all tokens, the rest per chunk of tokens."""
+        return [SliceGroup(PER_TOKEN, block) for block in self.pipe.transformer.blocks]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]: WanPipeline.__call__'s post-loop steps.
-        Wan's VAE is causal in time, so the whole video is decoded on one rank."""
-        video = self.pipe.vae.decode(self.unnormalize(latents), return_dict=False)[0]
-        return self.to_uint8(video)
+        Wan's VAE is causal in time, so the whole video is decoded on one rank: DECODE_CHUNK latent
+        frames at a time through one WanStreamDecoder (the causal cache carried across chunks), bit
+        for bit the one `vae.decode` call, with one chunk's float frames at a time. A VAE the stream
+        decoder does not take (tiled, Wan 2.2) decodes in that one call."""
+        if not WanStreamDecoder.supports(self.pipe.vae):
+            return self.to_uint8(self.pipe.vae.decode(self.unnormalize(latents), return_dict=False)[0])
+        stream = self.stream_decoder()
+        return np.concatenate([stream.decode(latents[:, :, i:i + DECODE_CHUNK])
+                               for i in range(0, latents.shape[2], DECODE_CHUNK)])
+
+    @functools.cached_property
+    def clip_decoder(self) -> ClipDecoder:
+        return ClipDecoder(self.pipe.vae)
+
+    @property
+    def decode_lookback(self) -> int:
+        """The causal VAE's warm-up before a clip (wan_decode.py: tiny-wan 31, Wan 2.1 39)."""
+        return self.clip_decoder.warmup[0]
+
+    @torch.no_grad()
+    def decode_clip(self, latents, first, start, on_frames, chunk=DECODE_CHUNK):
+        """Every rank decodes its own clip exactly, from the warm-up before it (wan_decode.py).
+        With the VAE's tiling on (savers.tiled_decode), diffusers' tiled decode of the clip and
+        its warm-up, warm-up frames dropped: approximate, frame memory bounded by a tile."""
+        if self.pipe.vae.use_tiling:
+            video = self.pipe.vae.decode(self.unnormalize(latents), return_dict=False)[0]
+            # a decode from `first` gives `first` one frame, every later latent frame `stride`
+            skip = num_output_frames(start - first, self.temporal_stride) if start > first else 0
+            on_frames(start, self.to_uint8(video[:, :, skip:]))
+            return
+        self.clip_decoder.decode(self.unnormalize(latents), first, start,
+                                 lambda latent_start, video: on_frames(latent_start, self.to_uint8(video)), chunk)
 
     def stream_decoder(self) -> WanStreamDecoder:
         """A decoder fed the video's latents block after block (block_pipeline streams its output)."""

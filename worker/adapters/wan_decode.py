@@ -1,0 +1,121 @@
+"""Exact decode of any clip of a video with Wan's causal VAE, without the frames before it:
+so every rank decodes its own clip, in parallel, bit for bit as one `vae.decode` of the whole.
+
+Facts (diffusers' autoencoder_kl_wan.py, Wan 2.1): the decoder runs one latent frame at a time;
+every causal conv keeps the last `_padding[4]` (2) frames of its *input* in a cache; the first
+latent frame is special (1 video frame, a "Rep" marker instead of a time-conv cache). So the
+state before latent frame s is a function of a finite run of frames before s. But the run is
+long: each causal conv at a temporal rate of r frames per latent frame looks 2/r latent frames
+back, and they add up to the receptive field R: tiny-wan's decoder R = 30 latent frames, Wan
+2.1's layout R = 38 (tests/test_wan_decode.py measures it: a perturbation R+1 frames before a
+clip leaves the clip unchanged, one R frames before changes it). Decoding R warm-up frames
+through the whole decoder would cost each rank R extra frames (~60% extra at 129 latent
+frames on 2 ranks).
+
+Cheaper and still exact, the warm-up is cut per stage: the decoder is a chain of stages
+(conv_in, mid block, up blocks, head), and stage b must process only the frames whose output a
+later stage still needs, plus its own look-back: K_b = ceil(sum of the look-backs of stages
+b..end) + 1 frames before s (the +1 absorbs the first processed frame, whose cache is a
+fresh one). The early stages are cheap (latent resolution, one frame per latent frame) and
+look back far; the expensive late ones (full resolution, 4 frames per latent frame) look back
+a few frames. tiny-wan: K = 31, 29, 21, 11, 6, 4, 2 frames for its 7 stages; the warm-up
+costs about what 3 extra frames through the whole decoder would.
+
+A cache hand-off (each conv's tail passed from rank r-1 to r) would be exact too, but it is a
+wavefront: rank r could start only once rank r-1 had decoded its whole clip, so the decode
+would stay serial.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanCausalConv3d
+
+
+def _conv(conv, x, feat_cache, feat_idx):
+    """One cached causal conv, exactly as WanDecoder3d.forward runs conv_in and conv_out."""
+    idx = feat_idx[0]
+    cache_x = x[:, :, -CACHE_T:, :, :].clone()
+    if cache_x.shape[2] < 2 and feat_cache[idx] is not None:
+        cache_x = torch.cat([feat_cache[idx][:, :, -1, :, :].unsqueeze(2).to(cache_x.device), cache_x], dim=2)
+    x = conv(x, feat_cache[idx])
+    feat_cache[idx] = cache_x
+    feat_idx[0] += 1
+    return x
+
+
+class ClipDecoder:
+    """WanDecoder3d.forward cut into its stages, each with where its caches start, how far it
+    looks back (latent frames) and how many frames before a clip it must process (`warmup`)."""
+
+    def __init__(self, vae):
+        if vae.config.patch_size is not None or getattr(vae.config, "is_residual", False) or vae.use_tiling:
+            raise NotImplementedError("clip decode needs an untiled Wan 2.1 VAE")
+        d = vae.decoder
+        self.vae = vae
+        head = lambda x, c, i, first: _conv(d.conv_out, d.nonlinearity(d.norm_out(x)), c, i)  # noqa: E731
+        self.stages = [lambda x, c, i, first: _conv(d.conv_in, x, c, i),
+                       lambda x, c, i, first: d.mid_block(x, feat_cache=c, feat_idx=i),
+                       *(self._up(block) for block in d.up_blocks), head]
+        modules = [d.conv_in, d.mid_block, *d.up_blocks, d.conv_out]
+        rate, lookback = 1, []
+        for module in modules:
+            frames = sum(m._padding[4] for m in module.modules() if isinstance(m, WanCausalConv3d))
+            lookback.append(frames / rate)
+            if any(getattr(m, "mode", "") == "upsample3d" for m in module.modules()):
+                rate *= 2
+        self.rate = rate  # video frames per latent frame at the output (after the first)
+        self.warmup = [math.ceil(sum(lookback[b:])) + 1 for b in range(len(modules))]
+        self.cache_start = self._cache_starts()
+
+    @staticmethod
+    def _up(block):
+        return lambda x, c, i, first: block(x, feat_cache=c, feat_idx=i, first_chunk=first)
+
+    def _cache_starts(self) -> list[int]:
+        """Each stage's first cache index: one fresh first chunk through the stages, counting."""
+        cache = [None] * self.vae._cached_conv_counts["decoder"]
+        index, starts = [0], []
+        x = torch.zeros(1, self.vae.config.z_dim, 1, 1, 1, device=self.vae.device, dtype=self.vae.dtype)
+        with torch.no_grad():
+            x = self.vae.post_quant_conv(x)
+            for stage in self.stages:
+                starts.append(index[0])
+                x = stage(x, cache, index, True)
+        return starts
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, first: int, start: int, on_frames, chunk: int = 8) -> None:
+        """z: VAE latents [1, C, n, h, w] of latent frames [first, first + n), where first is
+        max(0, start - warmup[0]) (what `needed_from(start)` says); hands the frames of latent
+        frames [start, first + n) to on_frames(latent_start, float video [1, 3, T, H, W] in
+        [-1, 1]) every `chunk` latent frames, so memory holds one chunk of output."""
+        n = z.shape[2]
+        # per voxel, but torch picks another conv kernel below 3 frames (1e-6 off): pad, drop
+        x = self.vae.post_quant_conv(torch.cat([z, z[:, :, -1:].expand(-1, -1, max(0, 3 - n), -1, -1)], dim=2))
+        cache = [None] * self.vae._cached_conv_counts["decoder"]
+        out, out_start = [], start
+        for tau in range(first, first + n):
+            h = x[:, :, tau - first:tau - first + 1]
+            for b, stage in enumerate(self.stages):
+                if tau < start - self.warmup[b]:
+                    break  # this frame's output of stage b reaches nothing at or after `start`
+                h = stage(h, cache, [self.cache_start[b]], tau == 0)
+            else:
+                if tau >= start:
+                    out.append(h)
+            if len(out) == chunk or (out and tau == first + n - 1):
+                on_frames(out_start, torch.clamp(torch.cat(out, dim=2), min=-1.0, max=1.0))
+                out_start, out = tau + 1, []
+
+    @property
+    def receptive_field(self) -> int:
+        """R: the farthest latent frame before s that changes the frames of s (the +1 of the
+        warm-up is for the fresh cache of the first frame processed)."""
+        return self.warmup[0] - 1
+
+    def needed_from(self, start: int) -> int:
+        """The first latent frame a clip starting at `start` needs (its warm-up)."""
+        return max(0, start - self.warmup[0])
