@@ -6,6 +6,8 @@ Pure Python (no torch) so the coordinator can plan without loading a model.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterator
 
 
 def num_latent_frames(num_frames: int, temporal_stride: int) -> int:
@@ -77,3 +79,11 @@ def global_frame_indices(num_latent: int, num_global: int) -> list[int]:
     if num_global >= num_latent:
         return list(range(num_latent))
     return [int((2 * i + 1) * num_latent // (2 * num_global)) for i in range(num_global)]
+
+
+def block_ranges(num_latent: int, block_frames: int) -> Iterator[tuple[int, int]]:
+    """Latent [start, end) of each block in order; endless when num_latent is 0 (unbounded)."""
+    for start in itertools.count(0, block_frames):
+        if num_latent and start >= num_latent:
+            return
+        yield start, min(start + block_frames, num_latent) if num_latent else start + block_frames

@@ -22,7 +22,7 @@ from clipmesh import presets
 from clipmesh.coordinator.planner import make_plan
 from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
-from clipmesh.worker.strategies.block_queue import coordinated_noise
+from clipmesh.worker.noise import coordinated_noise
 from ranks import run_ranks, single_thread_model
 
 SIDE, STEPS, GUIDANCE, SEED = 32, 3, 5.0, 99
@@ -64,8 +64,12 @@ def _run(mesh, folder, plan_bytes):
 
 
 def _pipeline(folder, plan) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    blocks = run_ranks(_run, plan.world_size, folder, plan.SerializeToString(),
-                       group=f"bp-{plan.world_size}-{plan.request.num_frames}")[0]
+    """The finished blocks of every rank, in video order: block j is handed to rank j mod N to decode."""
+    by_rank = run_ranks(_run, plan.world_size, folder, plan.SerializeToString(),
+                        group=f"bp-{plan.world_size}-{plan.request.num_frames}")
+    for rank, blocks in by_rank.items():
+        assert [s // plan.block_pipeline.block_frames % plan.world_size for s, _, _ in blocks] == [rank] * len(blocks)
+    blocks = sorted(b for rank_blocks in by_rank.values() for b in rank_blocks)
     return [(s, e) for s, e, _ in blocks], torch.cat([torch.from_numpy(x) for _, _, x in blocks], dim=2)
 
 

@@ -208,6 +208,9 @@ def test_video_is_the_same_for_1_2_3_workers(cluster, strategy, tmp_path):
         jobs = [run_job(client, "same video", num_workers=n, seed=7, strategy=strategy) for n in (1, 2, 3)]
         assert [j.state for j in jobs] == [pb.SUCCEEDED] * 3, [j.error for j in jobs]
         assert [len(j.worker_ids) for j in jobs] == [1, 2, 3]
+        for job in jobs:  # no rank decodes the whole video: every worker uploads its own clip's frames
+            senders = {e.frames.worker_id for e in client.watch(job.id) if e.HasField("frames")}
+            assert senders == set(job.worker_ids)
         videos = []
         for job in jobs:
             client.fetch(job.id, tmp_path / f"{job.id}.mp4")

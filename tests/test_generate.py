@@ -217,9 +217,18 @@ def test_generate_long_video_with_block_pipeline(tmp_path):
     assert iio.imread(out).shape == (257, 32, 32, 3)
     for rank in (0, 1):  # both stages ran the last block (latent [64, 65)) through its last step
         assert f"[rank {rank} local-{rank}] block 8 step 2/2 latent [64,65)" in proc.stderr
-    firsts = [int(line.split("frames ")[1].split("..")[0]) for line in proc.stderr.splitlines()
+    pieces = [(int(line.split("frames ")[1].split("..")[0]), int(line.split("..")[1].split(" ")[0]),
+               line.split(" received from ")[1]) for line in proc.stderr.splitlines()
               if line.startswith("frames ") and " received from " in line]
-    assert firsts == [0, 29] + [29 + 32 * i for i in range(1, 8)]  # 9 blocks: 29 frames, then 32 each
+    # block j is decoded by rank j mod 2 (no rank decodes the whole stream), in chunks: the pieces
+    # tile [0, 257) once; each worker's arrive in order; the coordinator puts them together
+    tiles = sorted((first, last) for first, last, _ in pieces)
+    assert tiles[0][0] == 0 and tiles[-1][1] == 256
+    assert all(b[0] == a[1] + 1 for a, b in zip(tiles, tiles[1:]))
+    assert {sender for _, _, sender in pieces} == {"local-0", "local-1"}
+    for worker in ("local-0", "local-1"):
+        mine = [first for first, _, sender in pieces if sender == worker]
+        assert mine == sorted(mine)
     assert processes_marked(tmp_path) == []
 
 

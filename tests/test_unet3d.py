@@ -24,6 +24,7 @@ import subprocess
 import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,6 +152,7 @@ def _norm_check(mesh, lengths: list[int]) -> tuple[float, float]:
 def _rank_main(mesh, folder):
     """One worker process: denoise its clip in float32 and in float64, and decode its own clip."""
     from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.job import RenderedFrames
     from clipmesh.worker.render import denoise, render
 
     plan, out = _plan(mesh.world_size), {}
@@ -161,7 +163,10 @@ def _rank_main(mesh, folder):
     pieces = []
     render(model, plan, mesh.rank, mesh, on_step=lambda report: None, should_stop=lambda: False,
            on_frames=pieces.append)
-    (frames,) = pieces
+    # decoded in bounded chunks, in order: the clip's frames, piece after piece
+    assert [p.first_frame for p in pieces] == [pieces[0].first_frame + sum(len(q.frames) for q in pieces[:i])
+                                               for i in range(len(pieces))]
+    frames = RenderedFrames(pieces[0].first_frame, np.concatenate([p.frames for p in pieces]))
     out["first_frame"] = frames.first_frame
     out["halo"] = _halo_check(mesh, [c.end - c.start for c in plan.clips])
     out["norm"] = _norm_check(mesh, [c.end - c.start for c in plan.clips])

@@ -43,11 +43,14 @@ class RenderedFrames:
 
 @dataclass(frozen=True)
 class FinishedLatents:
-    """Final latents of global latent frames [start, end) of the video: [1, C, end - start, h, w]."""
+    """Final latents of global latent frames [start, end) of the video: [1, C, end - start, h, w];
+    `before`: those of the frames just before `start`, where the schedule has them (a causal
+    VAE's warm-up; None: the runner fetches them from the ranks before)."""
 
     start: int
     end: int
     latents: torch.Tensor
+    before: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,19 @@ Why per-frame generators: one generator over the whole tensor would make frame k
 depend on every frame before it, so a worker owning [a, b) could not draw its part alone,
 and changing the worker count would change the video. Seeding each latent frame from
 (job seed, global frame index) makes the noise of frame k the same everywhere.
+block_pipeline draws each block's noise from a pool of such frames (DualParal's coordinated
+noise), permuted per block by a generator that is also a function of the seed alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from clipmesh.plan import frame_seed
+
+PERMUTATION_STREAM = -1          # frame_seed index of the permutation generator: no frame has it
 
 
 def initial_noise(seed: int, frame_start: int, frame_end: int, channels: int, h: int, w: int,
@@ -22,3 +28,18 @@ def initial_noise(seed: int, frame_start: int, frame_end: int, channels: int, h:
         gen = torch.Generator("cpu").manual_seed(frame_seed(seed, index))
         frames.append(torch.randn((1, channels, 1, h, w), generator=gen, dtype=torch.float32))
     return torch.cat(frames, dim=2).to(device=device, dtype=dtype)
+
+
+def coordinated_noise(seed: int, block_frames: int, context_frames: int, channels: int, h: int, w: int,
+                      dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+    """Initial noise of block 0, 1, 2, ... [1, C, block_frames, h, w] (a shorter last block takes
+    the first frames of its draw). The pool is the job's per-frame noise of frames
+    [0, block_frames + c); a block never reuses the frames its predecessor ended with."""
+    pool = initial_noise(seed, 0, block_frames + context_frames, channels, h, w, dtype)
+    gen = torch.Generator("cpu").manual_seed(frame_seed(seed, PERMUTATION_STREAM))
+    tail: list[int] = []
+    while True:
+        allowed = [i for i in range(block_frames + context_frames) if i not in tail]
+        picks = [allowed[i] for i in torch.randperm(len(allowed), generator=gen)[:block_frames].tolist()]
+        yield pool[:, :, picks]
+        tail = picks[len(picks) - context_frames:] if context_frames else []

@@ -55,29 +55,36 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
         done = 0
         while True:
             if schedule.agree_stop(bool(should_stop and should_stop())):
+                _deliver(schedule, on_finished)  # a stopped job keeps what it finished
                 raise Cancelled(f"cancelled after {done} steps")
             mesh.take_stats()  # the unit's traffic starts here (the cancel vote is not the unit's)
             memory.reset()
             began = time.perf_counter()
-            work = schedule.next()
+            try:
+                work = schedule.next()
+            except Cancelled:
+                _deliver(schedule, on_finished)
+                raise
             if work is None:
                 break
             if work.fresh:
                 patches.reset_state()
             patches.begin_step(float(work.t))
-            finished = schedule.run(work)
+            schedule.run(work)
             done += 1
             if on_step:
                 sent, received, comm_seconds = mesh.take_stats()
                 on_step(StepReport(work.step + 1, schedule.total, time.perf_counter() - began, sent, received,
                                    comm_seconds, work.latent_start, work.latent_end, work.block,
                                    peak_memory_bytes=memory.peak(), full_pass=patches.full_pass))
-            for piece in finished:
-                if on_finished:
-                    on_finished(piece)
-        for piece in schedule.finish():
-            if on_finished:
-                on_finished(piece)
+            _deliver(schedule, on_finished)
+        _deliver(schedule, on_finished)
+
+
+def _deliver(schedule, on_finished) -> None:
+    for piece in schedule.take_finished():
+        if on_finished:
+            on_finished(piece)
 
 
 def denoise_clip(model, plan, rank: int, mesh, on_step=None, should_stop=None, latents=None) -> torch.Tensor:
@@ -94,34 +101,24 @@ def denoise(model, plan, rank: int, mesh, on_step=None, should_stop=None, latent
 
 
 class Decoder:
-    """Final latents -> frames. A frame-wise VAE (UNet3D) decodes each piece where it is, exactly.
-    Wan's VAE is causal in time: pieces that arrive in order on one rank (block_pipeline's blocks)
-    go through one streaming decoder; clips spread over the ranks are gathered to the decode rank,
-    which decodes the whole video."""
+    """Final latents -> frames, on the rank that holds them: no rank decodes the whole video.
+    A frame-wise VAE (UNet3D) decodes a piece alone; Wan's causal VAE decodes a piece exactly
+    from a warm-up of the latent frames before it (adapters/wan_decode.py): a schedule may hand
+    them over with the piece (block_pipeline), else they come from the ranks before (a clip of a
+    frames partition: one halo exchange, which every rank makes at the same point). Frames are
+    handed on `chunk` latent frames at a time, so decode memory is bounded by the chunk."""
 
     def __init__(self, job: Job, on_frames: Callable[[RenderedFrames], None]):
         self.job, self.on_frames = job, on_frames
-        self.streaming = None
-        self.clips: list[FinishedLatents] = []
 
     def add(self, piece: FinishedLatents) -> None:
-        model = self.job.model
-        if model.decodes_per_frame:
-            self._emit(piece.start, model.decode(piece.latents))
-        elif self.job.plan.layers:  # the pieces arrive in order: the causal cache carries across them
-            self.streaming = self.streaming or model.stream_decoder()
-            self._emit(piece.start, self.streaming.decode(piece.latents))
-        else:
-            self.clips.append(piece)
-
-    def finish(self) -> None:
-        """Clips of a causal VAE: the whole video, decoded on the decode rank."""
-        if not self.clips:
-            return
-        plan, local = self.job.plan, torch.cat([p.latents for p in self.clips], dim=2)
-        full = self.job.mesh.all_gather_uneven(local, self.job.clip_lengths, dim=2)
-        if self.job.rank == plan.decode_rank:
-            self._emit(0, self.job.model.decode(full))
+        job, lookback = self.job, self.job.model.decode_lookback
+        before = piece.before
+        if before is None and lookback and job.plan.clips:
+            before, _ = job.mesh.exchange_halos(piece.latents, 2, lookback, 0, sizes=job.clip_lengths)
+        latents = piece.latents if before is None else torch.cat([before, piece.latents], dim=2)
+        first = piece.start - (0 if before is None else before.shape[2])
+        job.model.decode_clip(latents, first, piece.start, self._emit)
 
     def _emit(self, latent_start: int, frames) -> None:
         first = num_output_frames(latent_start, self.job.model.temporal_stride) if latent_start else 0
@@ -144,6 +141,3 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
             decoder.add(piece)
 
     run(job, on_step, should_stop, finished)
-    if decoder:
-        with torch.no_grad():
-            decoder.finish()

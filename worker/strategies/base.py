@@ -16,9 +16,10 @@ from clipmesh.worker.job import FinishedLatents, Job, Work
 
 
 class Schedule:
-    """What comes next, for the runner: `next()` a Work (None when done), `run(work)` computes it
-    and returns the latents that became final; `agree_stop` is the cancel decision, the same on
-    every rank; `finish()` the final latents left once the schedule is done."""
+    """What comes next, for the runner: `next()` a Work (None when done), `run(work)` computes it;
+    `agree_stop` is the cancel decision, the same on every rank; `take_finished()` the final
+    latents this rank is to decode, as they become final (the runner asks after every unit and
+    once the schedule is done)."""
 
     total = 0  # steps per latent frame
 
@@ -28,10 +29,10 @@ class Schedule:
     def next(self) -> Work | None:
         raise NotImplementedError
 
-    def run(self, work: Work) -> list[FinishedLatents]:
+    def run(self, work: Work) -> None:
         raise NotImplementedError
 
-    def finish(self) -> list[FinishedLatents]:
+    def take_finished(self) -> list[FinishedLatents]:
         return []
 
 
@@ -55,15 +56,18 @@ class StepSchedule(Schedule):
             return None
         return Work(self.i, self.d.timesteps[self.i], self.start, self.end)
 
-    def run(self, work: Work) -> list[FinishedLatents]:
+    def run(self, work: Work) -> None:
         model, d = self.job.model, self.d
         pred = model.predict(self.latents, work.t, self.scheduler, d.cond, d.uncond, d.guidance_scale)
         self.latents = model.step(self.scheduler, pred, work.t, self.latents)
         self.i += 1
-        return []
 
-    def finish(self) -> list[FinishedLatents]:
-        return [FinishedLatents(self.start, self.end, self.latents)]
+    def take_finished(self) -> list[FinishedLatents]:
+        """The clip, once every step is done (its decode warm-up comes from the other ranks)."""
+        if self.i < self.total or self.latents is None:
+            return []
+        clip, self.latents = FinishedLatents(self.start, self.end, self.latents), None
+        return [clip]
 
 
 class Strategy:

@@ -1,7 +1,10 @@
 """block_pipeline's schedule (strategies/block_pipeline.py has the method): rank 0 keeps the
 queue of video blocks and sends each item through the stages; ranks 1..N-1 run the items their
 previous stage sends them. Both are Schedules the runner drives (render.py): `next()` is the
-next item, `run(item)` this rank's layers on it.
+next item, `run(item)` this rank's layers on it. A finished block is decoded by rank
+block mod N: rank 0 sends it down the ring (a DECODE message, with the video's last frames
+before it as the causal VAE's warm-up), so the decode is spread over the ranks and off rank
+0's critical path; the coordinator puts the pieces in order.
 
 Timing: the runner starts an item's clock before `next()`, so an item's time and traffic include
 waiting for what it reads (a follower's header, rank 0's predictions of the blocks it reads).
@@ -9,46 +12,18 @@ waiting for what it reads (a follower's header, rank 0's predictions of the bloc
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from clipmesh.plan import frame_seed
+from clipmesh.plan import block_ranges
 from clipmesh.worker.job import Cancelled, FinishedLatents, Work
 from clipmesh.worker.memory import release_free_memory
-from clipmesh.worker.noise import initial_noise
+from clipmesh.worker.noise import coordinated_noise
 from clipmesh.worker.strategies.base import Schedule
 
-WORK, DONE, CANCELLED = 1, 0, 2  # header kinds
-PERMUTATION_STREAM = -1          # frame_seed index of the permutation generator: no frame has it
-
-
-def block_ranges(num_latent: int, block_frames: int) -> Iterator[tuple[int, int]]:
-    """Latent [start, end) of each block in order; endless when num_latent is 0 (unbounded)."""
-    for start in itertools.count(0, block_frames):
-        if num_latent and start >= num_latent:
-            return
-        yield start, min(start + block_frames, num_latent) if num_latent else start + block_frames
-
-
-def coordinated_noise(seed: int, block_frames: int, context_frames: int, channels: int, h: int, w: int,
-                      dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
-    """Initial noise of block 0, 1, 2, ... [1, C, block_frames, h, w] (a shorter last block takes
-    the first frames of its draw). The pool is the job's per-frame noise of frames
-    [0, block_frames + c); a block never reuses the frames its predecessor ended with."""
-    pool = initial_noise(seed, 0, block_frames + context_frames, channels, h, w, dtype)
-    gen = torch.Generator("cpu").manual_seed(frame_seed(seed, PERMUTATION_STREAM))
-    tail: list[int] = []
-    while True:
-        allowed = [i for i in range(block_frames + context_frames) if i not in tail]
-        picks = [allowed[i] for i in torch.randperm(len(allowed), generator=gen)[:block_frames].tolist()]
-        yield pool[:, :, picks]
-        tail = picks[len(picks) - context_frames:] if context_frames else []
-
-
+WORK, DONE, CANCELLED, DECODE = 1, 0, 2, 3  # header kinds
 @dataclass(frozen=True)
 class Item:
     """One block's step on its way through the stages (the header of a stage message)."""
@@ -96,9 +71,14 @@ class _Stage(Schedule):
         self.send_window = 2 * self.total + 4 if self.last else 4
         self.header_buf = torch.empty(6, dtype=torch.int64, device=self.mesh.device)  # NCCL sends device tensors
         self.block_frames = job.plan.block_pipeline.block_frames
+        self.finished: list[FinishedLatents] = []  # blocks this rank decodes
 
     def agree_stop(self, asked: bool) -> bool:
         return False  # a stop reaches the stages as a header from rank 0
+
+    def take_finished(self) -> list[FinishedLatents]:
+        finished, self.finished = self.finished, []
+        return finished
 
     def _stage(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's layers on one item: hidden [B, tokens, dim] -> the same."""
@@ -178,7 +158,7 @@ class BlockQueue(_Stage):
         self.in_flight: deque[Item] = deque()          # items whose prediction has not come back, in order
         self.local: deque[torch.Tensor] = deque()      # predictions made here (rank 0 is the last stage)
         self.pending: deque[Item] = deque()            # the rest of this iteration's items
-        self.finished: list[FinishedLatents] = []
+        self.video_tail: torch.Tensor | None = None    # the finished video's last latent frames: a decode's warm-up
         self.iteration, self.done = 0, False
 
     def agree_stop(self, asked: bool) -> bool:
@@ -215,7 +195,7 @@ class BlockQueue(_Stage):
             block.issued += 1
         return bool(active)
 
-    def run(self, work: Work) -> list[FinishedLatents]:
+    def run(self, work: Work) -> None:
         j = work.block
         # this block reads its own latents and its predecessor's: wait for those steps only
         while any(item.block in (j, j - 1) for item in self.in_flight):
@@ -233,12 +213,6 @@ class BlockQueue(_Stage):
         if pred is not None:
             self.local.append(pred)
         self._done_with(item)
-        finished, self.finished = self.finished, []
-        return finished
-
-    def finish(self) -> list[FinishedLatents]:
-        finished, self.finished = self.finished, []
-        return finished
 
     def _receive(self, item: Item) -> torch.Tensor:
         # a fresh tensor: a scheduler may keep the model output it is given
@@ -254,7 +228,24 @@ class BlockQueue(_Stage):
         if block.step == self.total:  # final: it leaves the queue
             del self.queue[item.block]
             self.finished_tail = block.latents[:, :, block.latents.shape[2] - self.context_frames:]
-            self.finished.append(FinishedLatents(block.start, block.end, block.latents))
+            self._hand_out(item.block, FinishedLatents(block.start, block.end, block.latents, self.video_tail))
+
+    def _hand_out(self, j: int, piece: FinishedLatents) -> None:
+        """Block j is decoded by rank j mod N (decode off rank 0's critical path), with the finished
+        video's last frames before it as the causal VAE's warm-up; a DECODE message down the ring
+        takes it to its rank."""
+        lookback = self.job.model.decode_lookback
+        if lookback:
+            video = piece.latents if piece.before is None else torch.cat([piece.before, piece.latents], dim=2)
+            self.video_tail = video[:, :, max(0, video.shape[2] - lookback):]
+        target = j % self.mesh.world_size
+        if target == 0:
+            self.finished.append(piece)
+            return
+        before = piece.before if piece.before is not None else piece.latents[:, :, :0]
+        payload = torch.cat([before, piece.latents], dim=2).float().contiguous()
+        self._send(Item(j, target, before.shape[2], piece.latents.shape[2], False).header(DECODE, self.mesh.device), 1)
+        self._send(payload, 1)
 
 
 class StageFollower(_Stage):
@@ -272,6 +263,9 @@ class StageFollower(_Stage):
 
     def next(self) -> Work | None:
         kind, self.item = Item.parse(self.mesh.recv(self.header_buf, self.mesh.rank - 1))
+        while kind == DECODE:  # a finished block on its way to the rank that decodes it
+            self._decode_message(self.item)
+            kind, self.item = Item.parse(self.mesh.recv(self.header_buf, self.mesh.rank - 1))
         if kind != WORK:
             self._signal(kind)
             if kind == CANCELLED:
@@ -279,11 +273,23 @@ class StageFollower(_Stage):
             return None
         return self._work(self.item, self.d.timesteps[self.item.step], self.item.block * self.block_frames)
 
-    def run(self, work: Work) -> list[FinishedLatents]:
+    def _decode_message(self, item: Item) -> None:
+        """DECODE: block item.block's latents (item.context warm-up frames first) for rank item.step."""
+        channels, h, w = self.job.model.latent_shape(self.job.request.height, self.job.request.width)
+        payload = self.mesh.recv(torch.empty((1, channels, item.context + item.own, h, w), device=self.mesh.device),
+                                 self.mesh.rank - 1)
+        if item.step != self.mesh.rank:
+            self._send(item.header(DECODE, self.mesh.device), self.mesh.rank + 1)
+            self._send(payload, self.mesh.rank + 1)
+            return
+        start = item.block * self.block_frames
+        self.finished.append(FinishedLatents(start, start + item.own, payload[:, :, item.context:],
+                                             payload[:, :, :item.context]))
+
+    def run(self, work: Work) -> None:
         item, batch = self.item, self.text.shape[0]
         tokens = (item.context + item.own) * self.cache.tokens_per_frame
         hidden = self.mesh.recv(self.hidden_buf[: batch * tokens * self.dim].view(batch, tokens, self.dim),
                                 self.mesh.rank - 1)
         self._pass_on(item, self._stage(item, hidden))
         self._done_with(item)
-        return []
