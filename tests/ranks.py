@@ -70,3 +70,11 @@ def single_thread_model(folder):
         yield load_adapter(folder, "cpu", torch.float32)
     finally:
         torch.set_num_threads(threads)
+
+
+def solo_mesh(group: str):
+    """A one-rank Mesh in this process (a context manager): the runner's path with world size 1."""
+    from clipmesh.worker.mesh import Mesh, host_store
+
+    store, port = host_store("127.0.0.1", timeout_s=30)
+    return Mesh.open("127.0.0.1", port, 0, 1, group, timeout_s=30, store=store)

@@ -25,7 +25,7 @@ import torch
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.adapters.animatediff import global_positions
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks, single_thread_model
+from ranks import run_ranks, single_thread_model, solo_mesh
 
 MODEL = "tiny-animatediff"
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 8, 64, 3, 7.5, 2468
@@ -164,7 +164,6 @@ def test_local_positions_are_wrong(ranks, reference):
 
 def test_install_remove_restores_vanilla(model, reference):
     """In-process, one rank: the strategy is installed and removed twice (once by a cancel)."""
-    from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import Cancelled, denoise
 
     unet, mixers = model.denoiser, model.frame_mixers()
@@ -173,8 +172,7 @@ def test_install_remove_restores_vanilla(model, reference):
     assert (kinds.count("frame_norm"), kinds.count("positions"), kinds.count("attention")) == (7, 7, 14)
     attns = [m.module for m in mixers if m.kind == "attention"]
     stock = [a.processor for a in attns]
-    store, port = host_store("127.0.0.1", timeout_s=30)
-    with Mesh.open("127.0.0.1", port, 0, 1, "animatediff-restore", timeout_s=30, store=store) as mesh:
+    with solo_mesh("animatediff-restore") as mesh:
         latents = denoise(model, _plan(1), 0, mesh)
         with pytest.raises(Cancelled):  # removal must also happen when the loop is interrupted
             denoise(model, _plan(1), 0, mesh, should_stop=lambda: True)

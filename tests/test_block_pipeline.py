@@ -23,7 +23,7 @@ from clipmesh.coordinator.planner import make_plan
 from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import coordinated_noise
-from ranks import run_ranks, single_thread_model
+from ranks import run_ranks, single_thread_model, solo_mesh
 
 SIDE, STEPS, GUIDANCE, SEED = 32, 3, 5.0, 99
 TOL = 1e-5
@@ -64,11 +64,15 @@ def _run(mesh, folder, plan_bytes):
 
 
 def _pipeline(folder, plan) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """The finished blocks of every rank, in video order: block j is handed to rank j mod N to decode."""
+    """The finished blocks of every rank, in video order: runs of DECODE_RUN blocks are handed to
+    the ranks in turn to decode."""
+    from clipmesh.worker.strategies.block_queue import DECODE_RUN
+
     by_rank = run_ranks(_run, plan.world_size, folder, plan.SerializeToString(),
                         group=f"bp-{plan.world_size}-{plan.request.num_frames}")
     for rank, blocks in by_rank.items():
-        assert [s // plan.block_pipeline.block_frames % plan.world_size for s, _, _ in blocks] == [rank] * len(blocks)
+        runs = [s // plan.block_pipeline.block_frames // DECODE_RUN % plan.world_size for s, _, _ in blocks]
+        assert runs == [rank] * len(blocks)
     blocks = sorted(b for rank_blocks in by_rank.values() for b in rank_blocks)
     return [(s, e) for s, e, _ in blocks], torch.cat([torch.from_numpy(x) for _, _, x in blocks], dim=2)
 
@@ -193,6 +197,17 @@ def test_stage_pipelines_equal_one_stage(folder, one_stage, world_size):
     assert (latents - one_stage[1]).abs().max().item() <= TOL
 
 
+def test_every_rank_decodes_its_runs_of_blocks(folder):
+    """9 blocks on 2 stages: runs of 4 blocks go to rank 0, 1, 0 (the decode is spread, rank 0 is
+    not the only one decoding), and the blocks are those of the 1-stage run."""
+    plans = [_plan(n, 65, 2, 1, steps=1) for n in (1, 2)]
+    by_rank = run_ranks(_run, 2, folder, plans[1].SerializeToString(), group="bp-runs")
+    assert [s for s, _, _ in by_rank[0]] == [0, 2, 4, 6, 16] and [s for s, _, _ in by_rank[1]] == [8, 10, 12, 14]
+    one_spans, one = _pipeline(folder, plans[0])
+    spans, two = _pipeline(folder, plans[1])
+    assert spans == one_spans and (two - one).abs().max().item() <= TOL
+
+
 def test_one_block_without_context_is_vanilla_wan(model, folder):
     """context 0 and one block of the whole video: WanPipeline from the block's noise."""
     frames = 17  # 5 latent frames in one block of 5
@@ -229,13 +244,11 @@ def test_coordinated_noise_reuses_the_pool_without_the_previous_tail():
 @pytest.mark.parametrize("frames,block", [(1, 2), (13, 2), (29, 3), (45, 4)])
 def test_streamed_frames_are_the_whole_video(model, frames, block):
     """Exactly num_frames frames, in order, equal to decoding the whole latent video at once."""
-    from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import render
 
     plan = _plan(1, frames, block, min(1, block), steps=1)
     pieces, blocks = [], []
-    store, port = host_store("127.0.0.1", 30)
-    with Mesh.open("127.0.0.1", port, 0, 1, f"stream-{frames}", timeout_s=30, store=store) as mesh:
+    with solo_mesh(f"stream-{frames}") as mesh:
         render(model, plan, 0, mesh, on_frames=pieces.append, on_latents=lambda piece: blocks.append(piece.latents))
     assert [p.first_frame for p in pieces] == [0] + [sum(len(p.frames) for p in pieces[:i]) for i in range(1, len(pieces))]
     streamed = torch.from_numpy(np.concatenate([p.frames for p in pieces]))

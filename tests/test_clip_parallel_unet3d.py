@@ -18,7 +18,7 @@ import torch
 from clipmesh.plan import global_frame_indices
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks, single_thread_model
+from ranks import run_ranks, single_thread_model, solo_mesh
 from test_clip_parallel_wan import dense_dual_scope, make_plan
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
@@ -90,10 +90,8 @@ def _dense_run(model):
 
 @pytest.fixture(scope="module")
 def one_worker(model):
-    from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import denoise
-    store, port = host_store("127.0.0.1", timeout_s=30)
-    with Mesh.open("127.0.0.1", port, 0, 1, "cpu3d-1", timeout_s=30, store=store) as mesh:
+    with solo_mesh("cpu3d-1") as mesh:
         return denoise(model, plan_for(1), 0, mesh)
 
 

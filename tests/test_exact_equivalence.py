@@ -18,7 +18,7 @@ import torch
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks, single_thread_model
+from ranks import run_ranks, single_thread_model, solo_mesh
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 17, 64, 3, 5.0, 1234
 LATENT = num_latent_frames(FRAMES, 4)
@@ -98,13 +98,11 @@ def test_cancel_on_one_rank_stops_all_at_same_step(folder):
 
 
 def test_install_remove_restores_vanilla(model, reference):
-    from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import Cancelled, denoise
 
     attns = model.self_attentions()
     stock = [a.processor for a in attns]
-    store, port = host_store("127.0.0.1", timeout_s=30)
-    with Mesh.open("127.0.0.1", port, 0, 1, "restore", timeout_s=30, store=store) as mesh:
+    with solo_mesh("restore") as mesh:
         denoise(model, _plan(1), 0, mesh)
         with pytest.raises(Cancelled):  # removal must also happen when the loop is interrupted
             denoise(model, _plan(1), 0, mesh, should_stop=lambda: True)

@@ -23,21 +23,6 @@ def marked_env(tmp_path: Path) -> dict:
     return {**os.environ, "CLIPMESH_TEST_MARKER": str(tmp_path)}
 
 
-def processes_marked(tmp_path: Path) -> list[str]:
-    """Live processes (other than this one) carrying the marker: each one was left behind."""
-    marker = f"CLIPMESH_TEST_MARKER={tmp_path}".encode() + b"\0"
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            if marker in Path(f"/proc/{pid}/environ").read_bytes():
-                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:
-            continue
-    return found
-
-
 def pids_marked(tmp_path: Path) -> list[int]:
     marker = f"CLIPMESH_TEST_MARKER={tmp_path}".encode() + b"\0"
     found = []
@@ -47,6 +32,17 @@ def pids_marked(tmp_path: Path) -> list[int]:
         try:
             if marker in Path(f"/proc/{pid}/environ").read_bytes():
                 found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def processes_marked(tmp_path: Path) -> list[str]:
+    """Live processes (other than this one) carrying the marker: each one was left behind."""
+    found = []
+    for pid in pids_marked(tmp_path):
+        try:
+            found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
         except OSError:
             continue
     return found

@@ -23,7 +23,7 @@ import torch
 from clipmesh import presets
 from clipmesh.coordinator.planner import make_plan
 from clipmesh.v1 import clipmesh_pb2 as pb
-from ranks import run_ranks, single_thread_model
+from ranks import run_ranks, single_thread_model, solo_mesh
 
 CHUNKS = (0, 2, 3, 7, 0)  # 0 twice: the model is restored after the sliced jobs
 TOL = 1e-6
@@ -171,7 +171,6 @@ def test_wan_block_in_chunks_is_the_stock_block(wan, per_token):
 def test_with_taylorseer_the_wan_blocks_run_whole(wan):
     """TaylorSeer forecasts attn2 and the FFN, taking each of their calls for a step: with it the
     blocks run in one chunk (the same latents as without slicing, where chunks would break it)."""
-    from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import denoise
 
     def latents(chunks, reports):
@@ -179,8 +178,7 @@ def test_with_taylorseer_the_wan_blocks_run_whole(wan):
         plan.savers.step_cache = "taylorseer:2"  # step 2 of 4 is forecast
         return denoise(wan, plan, 0, mesh, on_step=lambda r: reports.append(r.full_pass))
 
-    store, port = host_store("127.0.0.1", timeout_s=30)
-    with Mesh.open("127.0.0.1", port, 0, 1, "slice-taylorseer", timeout_s=30, store=store) as mesh:
+    with solo_mesh("slice-taylorseer") as mesh:
         plain, sliced = [], []
         assert torch.equal(latents(0, plain), latents(3, sliced))
     assert plain == sliced and not all(plain)  # some step was forecast

@@ -16,7 +16,7 @@ from clipmesh import presets
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks, single_thread_model
+from ranks import run_ranks, single_thread_model, solo_mesh
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED, HEADS = 17, 32, 3, 5.0, 77, 6
 LATENT = num_latent_frames(FRAMES, 4)
@@ -84,11 +84,9 @@ def test_ulysses_matches_vanilla(world_size, folder, reference):
 
 def test_model_is_restored_after_a_job(model, folder, reference):
     """A job's patches go away: the same loaded model then runs vanilla again, bit for bit."""
-    from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import denoise
 
-    store, port = host_store("127.0.0.1", timeout_s=30)
-    with Mesh.open("127.0.0.1", port, 0, 1, "ulysses-restore", timeout_s=30, store=store) as mesh:
+    with solo_mesh("ulysses-restore") as mesh:
         denoise(model, _plan(folder, 1), 0, mesh)
     assert {type(a.processor).__name__ for a in model.self_attentions()} == {"WanAttnProcessor"}
     assert not model.denoiser.rope._forward_hooks

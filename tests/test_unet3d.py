@@ -31,7 +31,7 @@ import torch
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from ranks import run_ranks, single_thread_model
+from ranks import run_ranks, single_thread_model, solo_mesh
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
 LATENT = num_latent_frames(FRAMES, 1)
@@ -200,14 +200,12 @@ def test_exact_matches_vanilla(world_size, folder, model, reference, reference64
 
 def test_install_remove_restores_vanilla(model, reference):
     """In-process, one rank: the strategy is installed and removed twice (once by a cancel)."""
-    from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import Cancelled, denoise
 
     unet = model.denoiser
     attns, stock = model.temporal_attentions(), [a.processor for a in model.temporal_attentions()]
     assert len(attns) == 10 and len(model.temporal_convs()) == 8 and len(model.frame_norms()) == 5 + 8 * 4
-    store, port = host_store("127.0.0.1", timeout_s=30)
-    with Mesh.open("127.0.0.1", port, 0, 1, "unet3d-restore", timeout_s=30, store=store) as mesh:
+    with solo_mesh("unet3d-restore") as mesh:
         latents = denoise(model, _plan(1), 0, mesh)
         with pytest.raises(Cancelled):  # removal must also happen when the loop is interrupted
             denoise(model, _plan(1), 0, mesh, should_stop=lambda: True)

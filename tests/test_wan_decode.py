@@ -72,10 +72,28 @@ def test_any_clip_decodes_alone_as_in_the_whole(vaes, name, start, end):
     pieces = []
     with torch.no_grad():
         whole = vae.decode(z).sample
-        decoder.decode(z[:, :, first:end], first, start, lambda s, video: pieces.append((s, video)), chunk=3)
+        decoder.stream(first, start).feed(z[:, :, first:end], lambda s, video: pieces.append((s, video)), chunk=3)
     assert [s for s, _ in pieces] == list(range(start, end, 3))  # chunks of 3 latent frames, in order
     got = torch.cat([video for _, video in pieces], dim=2)
     assert torch.equal(got, whole[:, :, _first_frame(start):_first_frame(end - 1) + (4 if end > 1 else 1)])
+
+
+def test_a_stream_fed_piece_by_piece_is_the_whole_decode(vaes):
+    """block_pipeline's decode: one warm-up, then blocks fed one after another to the same
+    stream; the frames are the whole video's, whatever the pieces."""
+    from clipmesh.worker.adapters.wan_decode import ClipDecoder
+
+    vae, z = vaes["tiny-wan"], _video()
+    decoder, start = ClipDecoder(vae), 33
+    first, frames = decoder.needed_from(start), []
+    stream = decoder.stream(first, start)
+    with torch.no_grad():
+        whole = vae.decode(z).sample
+        for a, b in ((first, start + 2), (start + 2, start + 7), (start + 7, LATENT)):
+            stream.feed(z[:, :, a:b], lambda s, video: frames.append(video), chunk=4)
+    assert torch.equal(torch.cat(frames, dim=2), whole[:, :, _first_frame(start):])
+    with pytest.raises(ValueError, match="warm-up"):
+        decoder.stream(first + 1, start)
 
 
 def _rank_decode(mesh, folder, lengths):

@@ -13,6 +13,8 @@ rank, and reports every step.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from typing import Callable
 
@@ -105,20 +107,62 @@ class Decoder:
     A frame-wise VAE (UNet3D) decodes a piece alone; Wan's causal VAE decodes a piece exactly
     from a warm-up of the latent frames before it (adapters/wan_decode.py): a schedule may hand
     them over with the piece (block_pipeline), else they come from the ranks before (a clip of a
-    frames partition: one halo exchange, which every rank makes at the same point). Frames are
-    handed on `chunk` latent frames at a time, so decode memory is bounded by the chunk."""
+    frames partition: one halo exchange, which every rank makes at the same point). A piece that
+    continues the last one (no `before`) continues its decode stream, so the warm-up is paid once
+    per run of pieces. Frames are handed on in chunks (decode memory: a chunk, not the video).
 
-    def __init__(self, job: Job, on_frames: Callable[[RenderedFrames], None]):
+    `background`: decode in a thread of its own (pieces that need no collective: block_pipeline's
+    blocks), so the decode fills the pipeline's waits instead of stalling its stage; at most
+    BACKLOG pieces wait, so a slow decode slows the schedule rather than piling up latents."""
+
+    BACKLOG = 2
+
+    def __init__(self, job: Job, on_frames: Callable[[RenderedFrames], None], background: bool = False):
         self.job, self.on_frames = job, on_frames
+        self.stream, self.stream_end = None, None
+        self.queue: queue.Queue | None = queue.Queue(self.BACKLOG) if background else None
+        self.error: BaseException | None = None
+        if background:
+            self.thread = threading.Thread(target=self._drain, name="clipmesh-decode", daemon=True)
+            self.thread.start()
 
     def add(self, piece: FinishedLatents) -> None:
+        if self.queue is None:
+            return self._decode(piece)
+        if self.error is not None:
+            raise self.error
+        self.queue.put(piece)
+
+    def finish(self) -> None:
+        """Every piece added is decoded and handed on (background: wait for the thread)."""
+        if self.queue is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.queue = None
+            if self.error is not None:
+                raise self.error
+
+    def _drain(self) -> None:
+        while (piece := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self._decode(piece)
+            except BaseException as exc:  # handed to the render thread at its next add/finish
+                self.error = exc
+
+    @torch.no_grad()
+    def _decode(self, piece: FinishedLatents) -> None:
         job, lookback = self.job, self.job.model.decode_lookback
-        before = piece.before
-        if before is None and lookback and job.plan.clips:
-            before, _ = job.mesh.exchange_halos(piece.latents, 2, lookback, 0, sizes=job.clip_lengths)
-        latents = piece.latents if before is None else torch.cat([before, piece.latents], dim=2)
-        first = piece.start - (0 if before is None else before.shape[2])
-        job.model.decode_clip(latents, first, piece.start, self._emit)
+        before, latents = piece.before, piece.latents
+        if before is None and self.stream is not None and piece.start == self.stream_end:
+            self.stream.feed(latents, self._emit)  # the same run of pieces: the stream goes on
+        else:
+            if before is None and lookback and job.plan.clips:
+                before, _ = job.mesh.exchange_halos(latents, 2, lookback, 0, sizes=job.clip_lengths)
+            first = piece.start - (0 if before is None else before.shape[2])
+            self.stream = job.model.decode_stream(first, piece.start, tiled=job.plan.savers.tiled_decode)
+            self.stream.feed(latents if before is None else torch.cat([before, latents], dim=2), self._emit)
+        self.stream_end = piece.end
 
     def _emit(self, latent_start: int, frames) -> None:
         first = num_output_frames(latent_start, self.job.model.temporal_stride) if latent_start else 0
@@ -132,7 +176,7 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
     soon as it is decoded (and, first, its final latents to `on_latents`). `decode=False`
     denoises only."""
     job = Job(model, plan, rank, mesh)
-    decoder = Decoder(job, on_frames or (lambda rendered: None)) if decode else None
+    decoder = Decoder(job, on_frames or (lambda rendered: None), background=bool(plan.layers)) if decode else None
 
     def finished(piece: FinishedLatents) -> None:
         if on_latents:
@@ -140,4 +184,8 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
         if decoder:
             decoder.add(piece)
 
-    run(job, on_step, should_stop, finished)
+    try:
+        run(job, on_step, should_stop, finished)
+    finally:  # what was handed to the decoder is decoded (and uploaded), also when the job stops
+        if decoder:
+            decoder.finish()

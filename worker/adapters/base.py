@@ -12,6 +12,7 @@ editing model code.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -161,15 +162,19 @@ class ModelAdapter:
     # Latent frames before a clip that an exact decode of the clip needs (a causal VAE's warm-up);
     # 0: the VAE decodes frame by frame, so a clip decodes alone.
     decode_lookback = 0
+    decode_chunk = 8  # latent frames per decoded piece: what decode memory holds at once
 
-    @torch.no_grad()
-    def decode_clip(self, latents: torch.Tensor, first: int, start: int, on_frames, chunk: int = 8) -> None:
-        """Latents [1, C, n, h, w] of global latent frames [first, first + n), with first >=
-        start - decode_lookback -> on_frames(latent_start, uint8 frames) for the frames of latent
-        frames [start, first + n), `chunk` latent frames at a time (memory: one chunk of frames).
-        Exactly the frames a decode of the whole video gives them."""
-        for a in range(start - first, latents.shape[2], chunk):
-            on_frames(first + a, self.decode(latents[:, :, a:a + chunk]))
+    def decode_stream(self, first: int, start: int, tiled: bool = False) -> "FrameStream":
+        """A decode of latents fed in order from global latent frame `first` (>= start -
+        decode_lookback): stream.feed(latents [1, C, n, h, w], on_frames(latent_start, uint8
+        frames), chunk) hands on the frames of latent frames >= start, `chunk` latent frames at a
+        time (memory: one chunk), exactly the frames a decode of the whole video gives them.
+        `tiled`: in the VAE's blended spatial tiles (approximate; for frames too big to decode)."""
+        return FrameStream(self, first, start, tiled)
+
+    def decode_clip(self, latents: torch.Tensor, first: int, start: int, on_frames, chunk: int | None = None) -> None:
+        """Latents of [first, first + n) -> the frames of [start, first + n): one stream, one feed."""
+        self.decode_stream(first, start).feed(latents, on_frames, chunk)
 
     # -- registration -------------------------------------------------------
     def measure_speed(self, frames: int = 4, side: int = 32) -> float:
@@ -193,3 +198,30 @@ class ModelAdapter:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class FrameStream:
+    """A frame-wise VAE's decode stream: every frame decodes alone."""
+
+    def __init__(self, adapter: ModelAdapter, first: int, start: int, tiled: bool = False):
+        self.adapter, self.start, self.next, self.tiled = adapter, start, first, tiled
+
+    @torch.no_grad()
+    def feed(self, latents: torch.Tensor, on_frames, chunk: int | None = None) -> None:
+        first, self.next, chunk = self.next, self.next + latents.shape[2], chunk or self.adapter.decode_chunk
+        with tiling(self.adapter.pipe.vae, self.tiled):
+            for a in range(max(0, self.start - first), latents.shape[2], chunk):
+                on_frames(first + a, self.adapter.decode(latents[:, :, a:a + chunk]))
+
+
+@contextlib.contextmanager
+def tiling(vae, on: bool):
+    """The VAE's spatial tiling on for a decode (if `on`), as it was afterwards."""
+    was = getattr(vae, "use_tiling", False)
+    if on and not was:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if on and not was:
+            vae.disable_tiling()

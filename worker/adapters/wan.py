@@ -14,7 +14,7 @@ from diffusers import AutoencoderKLWan, WanPipeline
 
 from clipmesh.plan import num_output_frames
 from clipmesh.worker.adapters.base import (ATTENTION, PER_TOKEN, POSITIONS, AttentionOps, FrameMixer, ModelAdapter,
-                                           SliceGroup)
+                                           SliceGroup, tiling)
 from clipmesh.worker.adapters.wan_decode import ClipDecoder
 from clipmesh.worker.adapters.wan_rope import WanGlobalRope, apply_rope, global_positions_hook, rope_rows
 
@@ -219,24 +219,19 @@ class WanAdapter(ModelAdapter):
     def clip_decoder(self) -> ClipDecoder:
         return ClipDecoder(self.pipe.vae)
 
+    decode_chunk = DECODE_CHUNK
+
     @property
     def decode_lookback(self) -> int:
         """The causal VAE's warm-up before a clip (wan_decode.py: tiny-wan 31, Wan 2.1 39)."""
         return self.clip_decoder.warmup[0]
 
-    @torch.no_grad()
-    def decode_clip(self, latents, first, start, on_frames, chunk=DECODE_CHUNK):
-        """Every rank decodes its own clip exactly, from the warm-up before it (wan_decode.py).
-        With the VAE's tiling on (savers.tiled_decode), diffusers' tiled decode of the clip and
-        its warm-up, warm-up frames dropped: approximate, frame memory bounded by a tile."""
-        if self.pipe.vae.use_tiling:
-            video = self.pipe.vae.decode(self.unnormalize(latents), return_dict=False)[0]
-            # a decode from `first` gives `first` one frame, every later latent frame `stride`
-            skip = num_output_frames(start - first, self.temporal_stride) if start > first else 0
-            on_frames(start, self.to_uint8(video[:, :, skip:]))
-            return
-        self.clip_decoder.decode(self.unnormalize(latents), first, start,
-                                 lambda latent_start, video: on_frames(latent_start, self.to_uint8(video)), chunk)
+    def decode_stream(self, first, start, tiled=False):
+        """Every rank decodes its own clip exactly, from the warm-up before it (wan_decode.py);
+        tiled (savers.tiled_decode): diffusers' tiled decode instead."""
+        if tiled or self.pipe.vae.use_tiling:
+            return TiledStream(self, first, start)
+        return WanStream(self, self.clip_decoder.stream(first, start))
 
     def stream_decoder(self) -> WanStreamDecoder:
         """A decoder fed the video's latents block after block (block_pipeline streams its output)."""
@@ -254,3 +249,32 @@ class WanAdapter(ModelAdapter):
     def to_uint8(self, video: torch.Tensor) -> np.ndarray:
         frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
         return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
+class WanStream:
+    """wan_decode.ClipStream on denoiser latents, handing on uint8 frames."""
+
+    def __init__(self, adapter: WanAdapter, stream):
+        self.adapter, self.stream = adapter, stream
+
+    def feed(self, latents, on_frames, chunk: int | None = None) -> None:
+        to_uint8 = self.adapter.to_uint8
+        self.stream.feed(self.adapter.unnormalize(latents), lambda s, video: on_frames(s, to_uint8(video)),
+                         chunk or self.adapter.decode_chunk)
+
+
+class TiledStream:
+    """Approximate: each feed is one diffusers tiled decode of what is fed (a new causal cache),
+    the frames of latent frames before `start` dropped; frame memory is bounded by a tile."""
+
+    def __init__(self, adapter: WanAdapter, first: int, start: int):
+        self.adapter, self.start, self.next = adapter, start, first
+
+    @torch.no_grad()
+    def feed(self, latents, on_frames, chunk: int | None = None) -> None:
+        first, self.next = self.next, self.next + latents.shape[2]
+        with tiling(self.adapter.pipe.vae, True):
+            video = self.adapter.pipe.vae.decode(self.adapter.unnormalize(latents), return_dict=False)[0]
+        # a decode from `first` gives `first` one frame, every later latent frame `stride`
+        skip = num_output_frames(self.start - first, self.adapter.temporal_stride) if self.start > first else 0
+        on_frames(max(first, self.start), self.adapter.to_uint8(video[:, :, skip:]))

@@ -86,29 +86,10 @@ class ClipDecoder:
                 x = stage(x, cache, index, True)
         return starts
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor, first: int, start: int, on_frames, chunk: int = 8) -> None:
-        """z: VAE latents [1, C, n, h, w] of latent frames [first, first + n), where first is
-        max(0, start - warmup[0]) (what `needed_from(start)` says); hands the frames of latent
-        frames [start, first + n) to on_frames(latent_start, float video [1, 3, T, H, W] in
-        [-1, 1]) every `chunk` latent frames, so memory holds one chunk of output."""
-        n = z.shape[2]
-        # per voxel, but torch picks another conv kernel below 3 frames (1e-6 off): pad, drop
-        x = self.vae.post_quant_conv(torch.cat([z, z[:, :, -1:].expand(-1, -1, max(0, 3 - n), -1, -1)], dim=2))
-        cache = [None] * self.vae._cached_conv_counts["decoder"]
-        out, out_start = [], start
-        for tau in range(first, first + n):
-            h = x[:, :, tau - first:tau - first + 1]
-            for b, stage in enumerate(self.stages):
-                if tau < start - self.warmup[b]:
-                    break  # this frame's output of stage b reaches nothing at or after `start`
-                h = stage(h, cache, [self.cache_start[b]], tau == 0)
-            else:
-                if tau >= start:
-                    out.append(h)
-            if len(out) == chunk or (out and tau == first + n - 1):
-                on_frames(out_start, torch.clamp(torch.cat(out, dim=2), min=-1.0, max=1.0))
-                out_start, out = tau + 1, []
+    def stream(self, first: int, start: int) -> "ClipStream":
+        """A decode of latent frames fed in order from `first` (>= needed_from(start)), whose frames
+        of latent frames >= `start` come out."""
+        return ClipStream(self, first, start)
 
     @property
     def receptive_field(self) -> int:
@@ -119,3 +100,38 @@ class ClipDecoder:
     def needed_from(self, start: int) -> int:
         """The first latent frame a clip starting at `start` needs (its warm-up)."""
         return max(0, start - self.warmup[0])
+
+
+class ClipStream:
+    """One decode in progress: its causal caches and the next latent frame it expects, so latents
+    can come piece by piece (block_pipeline's blocks) at the cost of one warm-up."""
+
+    def __init__(self, decoder: ClipDecoder, first: int, start: int):
+        if first > decoder.needed_from(start):
+            raise ValueError(f"a clip from latent frame {start} needs its warm-up from {decoder.needed_from(start)}, "
+                             f"got latents from {first}")
+        self.d, self.start, self.next = decoder, start, first
+        self.cache = [None] * decoder.vae._cached_conv_counts["decoder"]
+
+    @torch.no_grad()
+    def feed(self, z: torch.Tensor, on_frames, chunk: int = 8) -> None:
+        """z: VAE latents [1, C, n, h, w] of the next n latent frames -> on_frames(latent_start,
+        float video [1, 3, T, H, W] in [-1, 1]) for those >= start, every `chunk` latent frames
+        (memory: one chunk of output)."""
+        d, n, first = self.d, z.shape[2], self.next
+        # per voxel, but torch picks another conv kernel below 3 frames (1e-6 off): pad, drop
+        x = d.vae.post_quant_conv(torch.cat([z, z[:, :, -1:].expand(-1, -1, max(0, 3 - n), -1, -1)], dim=2))
+        out, out_start = [], max(first, self.start)
+        for tau in range(first, first + n):
+            h = x[:, :, tau - first:tau - first + 1]
+            for b, stage in enumerate(d.stages):
+                if tau < self.start - d.warmup[b]:
+                    break  # this frame's output of stage b reaches nothing at or after `start`
+                h = stage(h, self.cache, [d.cache_start[b]], tau == 0)
+            else:
+                if tau >= self.start:
+                    out.append(h)
+            if len(out) == chunk or (out and tau == first + n - 1):
+                on_frames(out_start, torch.clamp(torch.cat(out, dim=2), min=-1.0, max=1.0))
+                out_start, out = tau + 1, []
+        self.next = first + n

@@ -3,11 +3,11 @@ after the strategy's patches and through the same Patches, so they compose with 
 
 - slicing.py: the feature slicer with operator grouping (exact): the operators of a group run
   chunk by chunk, so the group's full-size intermediates never exist at once;
-- tiled decode (approximate, for frames too big to decode whole): diffusers' VAE tiling;
 - step_cache.py: step rehash (UNet-style families) and diffusers' caches (Wan), approximate;
   every rank takes the same skip/compute decision at every step.
 
 What to slice and what the deep path is are the adapter's data (`slice_groups`, `deep_path`).
+(savers.tiled_decode is the decoder's: render.Decoder asks the adapter for a tiled stream.)
 The resolved options are plan.savers (clipmesh.savers says what a request may ask for).
 """
 
@@ -18,10 +18,6 @@ from clipmesh.savers import parse_step_cache
 
 def install_savers(job, patches) -> None:
     savers = job.plan.savers
-    if savers.tiled_decode:  # approximate: diffusers blends spatial tiles; the decode takes that path
-        vae = job.model.pipe.vae
-        vae.enable_tiling()
-        patches.on_remove(vae.disable_tiling)
     if savers.slice_chunks > 0:
         from clipmesh.worker.savers.slicing import install_slicing
 

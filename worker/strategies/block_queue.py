@@ -1,10 +1,11 @@
 """block_pipeline's schedule (strategies/block_pipeline.py has the method): rank 0 keeps the
 queue of video blocks and sends each item through the stages; ranks 1..N-1 run the items their
 previous stage sends them. Both are Schedules the runner drives (render.py): `next()` is the
-next item, `run(item)` this rank's layers on it. A finished block is decoded by rank
-block mod N: rank 0 sends it down the ring (a DECODE message, with the video's last frames
-before it as the causal VAE's warm-up), so the decode is spread over the ranks and off rank
-0's critical path; the coordinator puts the pieces in order.
+next item, `run(item)` this rank's layers on it. Finished blocks are decoded by the ranks in
+turn, DECODE_RUN blocks at a time: rank 0 sends them down the ring (DECODE messages; a run's
+first block carries the video's last frames before it as the causal VAE's warm-up), so the
+decode is spread over the ranks and off rank 0's critical path, and each rank decodes in a
+thread of its own (render.Decoder); the coordinator puts the pieces in order.
 
 Timing: the runner starts an item's clock before `next()`, so an item's time and traffic include
 waiting for what it reads (a follower's header, rank 0's predictions of the blocks it reads).
@@ -24,6 +25,9 @@ from clipmesh.worker.noise import coordinated_noise
 from clipmesh.worker.strategies.base import Schedule
 
 WORK, DONE, CANCELLED, DECODE = 1, 0, 2, 3  # header kinds
+# Blocks decoded in a row by one rank: the warm-up of a run (~0.8 of a block's decode on bench-wan)
+# is paid once per run; longer runs wait longer for a rank's turn.
+DECODE_RUN = 4
 @dataclass(frozen=True)
 class Item:
     """One block's step on its way through the stages (the header of a stage message)."""
@@ -228,23 +232,27 @@ class BlockQueue(_Stage):
         if block.step == self.total:  # final: it leaves the queue
             del self.queue[item.block]
             self.finished_tail = block.latents[:, :, block.latents.shape[2] - self.context_frames:]
-            self._hand_out(item.block, FinishedLatents(block.start, block.end, block.latents, self.video_tail))
+            self._hand_out(item.block, FinishedLatents(block.start, block.end, block.latents))
 
     def _hand_out(self, j: int, piece: FinishedLatents) -> None:
-        """Block j is decoded by rank j mod N (decode off rank 0's critical path), with the finished
-        video's last frames before it as the causal VAE's warm-up; a DECODE message down the ring
-        takes it to its rank."""
-        lookback = self.job.model.decode_lookback
+        """Runs of DECODE_RUN blocks are decoded by the ranks in turn (run k on rank k mod N: the
+        decode off rank 0's critical path); a run's first block carries the finished video's
+        last frames as the causal VAE's warm-up, the others continue its decode stream. A DECODE
+        message down the ring takes a block to its rank."""
+        lookback, starts_run = self.job.model.decode_lookback, j % DECODE_RUN == 0
         if lookback:
-            video = piece.latents if piece.before is None else torch.cat([piece.before, piece.latents], dim=2)
-            self.video_tail = video[:, :, max(0, video.shape[2] - lookback):]
-        target = j % self.mesh.world_size
+            video = piece.latents if self.video_tail is None else torch.cat([self.video_tail, piece.latents], dim=2)
+            tail, self.video_tail = self.video_tail, video[:, :, max(0, video.shape[2] - lookback):]
+            piece = FinishedLatents(piece.start, piece.end, piece.latents, tail if starts_run else None)
+        target = j // DECODE_RUN % self.mesh.world_size
         if target == 0:
             self.finished.append(piece)
             return
         before = piece.before if piece.before is not None else piece.latents[:, :, :0]
         payload = torch.cat([before, piece.latents], dim=2).float().contiguous()
-        self._send(Item(j, target, before.shape[2], piece.latents.shape[2], False).header(DECODE, self.mesh.device), 1)
+        # `first` says whether a warm-up (possibly empty: the video's start) opens a new stream
+        header = Item(j, target, before.shape[2], piece.latents.shape[2], piece.before is not None)
+        self._send(header.header(DECODE, self.mesh.device), 1)
         self._send(payload, 1)
 
 
@@ -284,7 +292,7 @@ class StageFollower(_Stage):
             return
         start = item.block * self.block_frames
         self.finished.append(FinishedLatents(start, start + item.own, payload[:, :, item.context:],
-                                             payload[:, :, :item.context]))
+                                             payload[:, :, :item.context] if item.first else None))
 
     def run(self, work: Work) -> None:
         item, batch = self.item, self.text.shape[0]
