@@ -4,7 +4,7 @@ communication share, at growing video lengths, with 1 and 2 pipeline stages.
 Why: the block queue promises memory per worker that does not grow with the video, a first
 frame that comes after the same few iterations however long the video is, and stages that add
 speed. Every row runs the worker's own path (clipmesh.worker.render.render: the block queue,
-stages over gloo P2P, block j decoded on rank j mod N) in fresh spawned processes, 1 thread each, so
+stages over gloo P2P, runs of blocks decoded by the ranks in turn) in fresh spawned processes, 1 thread each, so
 peak RSS is the row's own. Frames are decoded as the worker decodes them and dropped (no upload);
 denoising-only rows run render(decode=False) and time the blocks' final latents.
 
@@ -41,13 +41,19 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
     with open_mesh(rank, cfg["workers"], port_q, plan.group_name) as mesh:
         rss_loaded = maxrss_mb()
         frames, comm, decode_s = [], [0.0], [0.0]
-        decode_clip = model.decode_clip
+        decode_stream = model.decode_stream
 
-        def timed_decode(*args, **kwargs):  # this rank's decode time (block j decodes on rank j mod N)
-            t0 = time.perf_counter()
-            decode_clip(*args, **kwargs)
-            decode_s[0] += time.perf_counter() - t0
-        model.decode_clip = timed_decode  # what the runner's Decoder calls for every finished block
+        def timed_stream(*args, **kwargs):  # this rank's decode time (runs of blocks decode on the ranks in turn)
+            stream = decode_stream(*args, **kwargs)
+            feed = stream.feed
+
+            def timed_feed(*feed_args, **feed_kwargs):
+                t0 = time.perf_counter()
+                feed(*feed_args, **feed_kwargs)
+                decode_s[0] += time.perf_counter() - t0
+            stream.feed = timed_feed
+            return stream
+        model.decode_stream = timed_stream  # what the runner's Decoder calls for every run of blocks
 
         def on_frames(rendered):
             frames.append((time.perf_counter() - began, len(rendered.frames)))
@@ -146,7 +152,7 @@ def main() -> int:
         f"`python -m bench.bench_block_pipeline` on {machine()}, {datetime.date.today()}. "
         f"Model {args.model} at {args.size}x{args.size}, {args.steps} steps with CFG {GUIDANCE}, blocks of "
         f"{args.block} latent frames with {args.context} context frames; every rank a spawned process with 1 "
-        "thread, stages over gloo on loopback; block j decoded on rank j mod N as it finishes (the worker's path). "
+        "thread, stages over gloo on loopback; runs of 4 blocks decoded by the ranks in turn, inline (the worker's path on CPU). "
         "Comm share: the largest per-rank fraction of wall time spent inside data-plane calls, which includes "
         "waiting for the previous stage (pipeline bubbles and imbalance), not only transfer.", "",
         table(rows), "", *checks(rows), ""])

@@ -112,8 +112,10 @@ class Decoder:
     per run of pieces. Frames are handed on in chunks (decode memory: a chunk, not the video).
 
     `background`: decode in a thread of its own (pieces that need no collective: block_pipeline's
-    blocks), so the decode fills the pipeline's waits instead of stalling its stage; at most
-    BACKLOG pieces wait, so a slow decode slows the schedule rather than piling up latents."""
+    blocks on a GPU, where the decode overlaps the stage's kernels), so the decode fills the
+    pipeline's waits instead of stalling its stage; at most BACKLOG pieces wait, so a slow decode
+    slows the schedule rather than piling up latents. A CPU worker decodes inline: a second
+    thread would take a core its --threads did not give it."""
 
     BACKLOG = 2
 
@@ -176,7 +178,9 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
     soon as it is decoded (and, first, its final latents to `on_latents`). `decode=False`
     denoises only."""
     job = Job(model, plan, rank, mesh)
-    decoder = Decoder(job, on_frames or (lambda rendered: None), background=bool(plan.layers)) if decode else None
+    # block_pipeline's blocks decode beside the pipeline on a GPU; a CPU worker keeps to its threads
+    background = bool(plan.layers) and torch.device(model.device).type == "cuda"
+    decoder = Decoder(job, on_frames or (lambda rendered: None), background=background) if decode else None
 
     def finished(piece: FinishedLatents) -> None:
         if on_latents:
