@@ -152,7 +152,7 @@ def main() -> int:
         f"`python -m bench.bench_block_pipeline` on {machine()}, {datetime.date.today()}. "
         f"Model {args.model} at {args.size}x{args.size}, {args.steps} steps with CFG {GUIDANCE}, blocks of "
         f"{args.block} latent frames with {args.context} context frames; every rank a spawned process with 1 "
-        "thread, stages over gloo on loopback; runs of 4 blocks decoded by the ranks in turn, inline (the worker's path on CPU). "
+        "thread, stages over gloo on loopback; runs of 4 blocks decoded by the ranks in turn, each in a decode thread (the worker's path). "
         "Comm share: the largest per-rank fraction of wall time spent inside data-plane calls, which includes "
         "waiting for the previous stage (pipeline bubbles and imbalance), not only transfer.", "",
         table(rows), "", *checks(rows), ""])
