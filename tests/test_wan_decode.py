@@ -153,7 +153,7 @@ def test_tiled_decode_is_an_approximation_of_the_exact_one():
                                          tile_sample_stride_height=tile // 2, tile_sample_stride_width=tile // 2)
         try:
             with torch.no_grad():
-                model.decode_clip(z[:, :, first:], first, start, lambda s, f: frames.append(f))
+                model.decode_stream(first, start, tiled=bool(tile)).feed(z[:, :, first:], lambda s, f: frames.append(f))
         finally:
             model.pipe.vae.disable_tiling()
         return np.concatenate(frames, axis=2)

@@ -56,7 +56,6 @@ def global_positions(frame_start: int):
 class AnimateDiffAdapter(ModelAdapter):
     family = "animatediff"
     pipeline_class = "AnimateDiffPipeline"
-    decodes_per_frame = True  # 2D VAE, frame by frame: every rank decodes its own clip exactly
 
     @classmethod
     def load(cls, folder, device, dtype) -> "AnimateDiffAdapter":

@@ -91,7 +91,6 @@ class DeepPath:
 class ModelAdapter:
     family = ""
     pipeline_class = ""  # model_index.json `_class_name` this adapter loads
-    decodes_per_frame = False  # True: the VAE decodes frame by frame, so each rank decodes its own clip
     temporal_stride = 1        # video frames per latent frame (after the first)
     # step cache taylorseer (savers/step_cache.py): the denoiser modules whose outputs are forecast
     # between full passes, as diffusers' TaylorSeerCacheConfig.cache_identifiers (re.fullmatch on names)
@@ -163,6 +162,11 @@ class ModelAdapter:
     # 0: the VAE decodes frame by frame, so a clip decodes alone.
     decode_lookback = 0
     decode_chunk = 8  # latent frames per decoded piece: what decode memory holds at once
+
+    @property
+    def decodes_per_frame(self) -> bool:
+        """The VAE decodes frame by frame, so a clip decodes alone."""
+        return self.decode_lookback == 0
 
     def decode_stream(self, first: int, start: int, tiled: bool = False) -> "FrameStream":
         """A decode of latents fed in order from global latent frame `first` (>= start -

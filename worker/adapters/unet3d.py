@@ -199,7 +199,6 @@ class UNet3DAdapter(ModelAdapter):
     family = "unet3d"
     pipeline_class = "TextToVideoSDPipeline"
     pipeline_aliases = ("VideoCrafterPipeline",)  # VideoCrafter2 folders in diffusers layout
-    decodes_per_frame = True  # 2D VAE, frame by frame: every rank decodes its own clip exactly
 
     def __init__(self, pipe, device, fps_embedding: FpsEmbedding | None = None, fps: float = DEFAULT_FPS):
         super().__init__(pipe, device)

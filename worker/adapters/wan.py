@@ -20,6 +20,7 @@ from clipmesh.worker.adapters.wan_rope import WanGlobalRope, apply_rope, global_
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default text length
 DECODE_CHUNK = 4  # latent frames per streamed VAE chunk (16 video frames): bounds the float video held at once
+WAN21_LOOKBACK = 39  # Wan 2.1's decoder warm-up (wan_decode.py measures it): the bound used where it cannot
 
 
 def load_wan(folder, device: torch.device | str, dtype: torch.dtype) -> WanPipeline:
@@ -102,36 +103,6 @@ class WanStages:
         return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-class WanStreamDecoder:
-    """Decodes a video block by block, bit for bit as AutoencoderKLWan decodes it whole: its
-    causal decoder runs one latent frame at a time with a cache of past features, so keeping
-    that cache between blocks makes the blocks' frames those of the whole video. (The cache
-    protocol is diffusers' own _decode loop; we hold the cache instead of the VAE, so a
-    streaming job never disturbs the VAE's state.)"""
-
-    def __init__(self, adapter: "WanAdapter"):
-        self.adapter, self.vae = adapter, adapter.pipe.vae
-        if not self.supports(self.vae):
-            raise NotImplementedError("streaming decode needs an untiled Wan 2.1 VAE")
-        self.feat_cache = [None] * self.vae._cached_conv_counts["decoder"]
-        self.first = True
-
-    @staticmethod
-    def supports(vae) -> bool:
-        return vae.config.patch_size is None and not vae.use_tiling
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Next block's latents [1, C, F, h, w] -> its uint8 frames [N, H, W, 3]."""
-        x = self.vae.post_quant_conv(self.adapter.unnormalize(latents))
-        parts = []
-        for i in range(x.shape[2]):
-            parts.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=self.feat_cache, feat_idx=[0],
-                                          first_chunk=self.first))
-            self.first = False
-        return self.adapter.to_uint8(torch.clamp(torch.cat(parts, dim=2), min=-1.0, max=1.0))
-
-
 class WanAdapter(ModelAdapter):
     family = "wan"
     pipeline_class = "WanPipeline"
@@ -204,16 +175,12 @@ class WanAdapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]: WanPipeline.__call__'s post-loop steps.
-        Wan's VAE is causal in time, so the whole video is decoded on one rank: DECODE_CHUNK latent
-        frames at a time through one WanStreamDecoder (the causal cache carried across chunks), bit
-        for bit the one `vae.decode` call, with one chunk's float frames at a time. A VAE the stream
-        decoder does not take (tiled, Wan 2.2) decodes in that one call."""
-        if not WanStreamDecoder.supports(self.pipe.vae):
-            return self.to_uint8(self.pipe.vae.decode(self.unnormalize(latents), return_dict=False)[0])
-        stream = self.stream_decoder()
-        return np.concatenate([stream.decode(latents[:, :, i:i + DECODE_CHUNK])
-                               for i in range(0, latents.shape[2], DECODE_CHUNK)])
+        """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]: WanPipeline.__call__'s post-loop
+        steps, DECODE_CHUNK latent frames at a time through one decode stream (the causal cache
+        carried across chunks): bit for bit one `vae.decode` call, one chunk's frames at a time."""
+        frames: list[np.ndarray] = []
+        self.decode_clip(latents, 0, 0, lambda latent_start, piece: frames.append(piece))
+        return np.concatenate(frames)
 
     @functools.cached_property
     def clip_decoder(self) -> ClipDecoder:
@@ -223,19 +190,17 @@ class WanAdapter(ModelAdapter):
 
     @property
     def decode_lookback(self) -> int:
-        """The causal VAE's warm-up before a clip (wan_decode.py: tiny-wan 31, Wan 2.1 39)."""
-        return self.clip_decoder.warmup[0]
+        """The causal VAE's warm-up before a clip (wan_decode.py: tiny-wan 31, Wan 2.1 39); a VAE
+        the clip decoder does not take (Wan 2.2's) gets the same warm-up, decoded whole."""
+        return self.clip_decoder.warmup[0] if ClipDecoder.supports(self.pipe.vae) else WAN21_LOOKBACK
 
     def decode_stream(self, first, start, tiled=False):
-        """Every rank decodes its own clip exactly, from the warm-up before it (wan_decode.py);
-        tiled (savers.tiled_decode): diffusers' tiled decode instead."""
-        if tiled or self.pipe.vae.use_tiling:
-            return TiledStream(self, first, start)
+        """Every rank decodes its own clip exactly, from the warm-up before it (wan_decode.py).
+        Tiled (savers.tiled_decode), or a VAE the clip decoder does not take: diffusers' own
+        decode of what is fed (a new cache per feed: exact only for one feed from frame 0)."""
+        if tiled or not ClipDecoder.supports(self.pipe.vae):
+            return WholeStream(self, first, start, tiled)
         return WanStream(self, self.clip_decoder.stream(first, start))
-
-    def stream_decoder(self) -> WanStreamDecoder:
-        """A decoder fed the video's latents block after block (block_pipeline streams its output)."""
-        return WanStreamDecoder(self)
 
     def unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoiser latents -> the VAE's latent space (WanPipeline's step before vae.decode)."""
@@ -263,17 +228,18 @@ class WanStream:
                          chunk or self.adapter.decode_chunk)
 
 
-class TiledStream:
-    """Approximate: each feed is one diffusers tiled decode of what is fed (a new causal cache),
-    the frames of latent frames before `start` dropped; frame memory is bounded by a tile."""
+class WholeStream:
+    """Each feed is one diffusers decode of what is fed (a new causal cache; tiled: in blended
+    spatial tiles, frame memory bounded by a tile), the frames of latent frames before `start`
+    dropped. Approximate where a run is fed in more than one piece, or tiled."""
 
-    def __init__(self, adapter: WanAdapter, first: int, start: int):
-        self.adapter, self.start, self.next = adapter, start, first
+    def __init__(self, adapter: WanAdapter, first: int, start: int, tiled: bool):
+        self.adapter, self.start, self.next, self.tiled = adapter, start, first, tiled
 
     @torch.no_grad()
     def feed(self, latents, on_frames, chunk: int | None = None) -> None:
         first, self.next = self.next, self.next + latents.shape[2]
-        with tiling(self.adapter.pipe.vae, True):
+        with tiling(self.adapter.pipe.vae, self.tiled):
             video = self.adapter.pipe.vae.decode(self.adapter.unnormalize(latents), return_dict=False)[0]
         # a decode from `first` gives `first` one frame, every later latent frame `stride`
         skip = num_output_frames(self.start - first, self.adapter.temporal_stride) if self.start > first else 0

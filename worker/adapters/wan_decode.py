@@ -51,8 +51,8 @@ class ClipDecoder:
     looks back (latent frames) and how many frames before a clip it must process (`warmup`)."""
 
     def __init__(self, vae):
-        if vae.config.patch_size is not None or getattr(vae.config, "is_residual", False) or vae.use_tiling:
-            raise NotImplementedError("clip decode needs an untiled Wan 2.1 VAE")
+        if not self.supports(vae):
+            raise NotImplementedError("clip decode needs a Wan 2.1 VAE")
         d = vae.decoder
         self.vae = vae
         head = lambda x, c, i, first: _conv(d.conv_out, d.nonlinearity(d.norm_out(x)), c, i)  # noqa: E731
@@ -69,6 +69,11 @@ class ClipDecoder:
         self.rate = rate  # video frames per latent frame at the output (after the first)
         self.warmup = [math.ceil(sum(lookback[b:])) + 1 for b in range(len(modules))]
         self.cache_start = self._cache_starts()
+
+    @staticmethod
+    def supports(vae) -> bool:
+        """Wan 2.1's decoder (Wan 2.2's patchified, residual one is cut differently)."""
+        return vae.config.patch_size is None and not getattr(vae.config, "is_residual", False)
 
     @staticmethod
     def _up(block):
