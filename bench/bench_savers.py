@@ -6,7 +6,7 @@ diffusers' own savers) at <= 1.1x the unsliced time; a step cache promises >= 1.
 documented default, at a quality cost this script measures (PSNR of the decoded video vs the
 full run, latent relative L2; the presets have random weights, so say both). Every row is one
 fresh spawned process (2 for the composed row), 1 thread, denoise + decode from the same noise;
-peak = the process's peak RSS minus its RSS with the model loaded.
+peak = the process's peak RSS during the run (VmHWM, reset once the model is loaded) minus its RSS then.
 
     python -m bench.bench_savers                    # bench-unet3d, bench-animatediff, bench-wan
     python -m bench.bench_savers --models tiny-unet3d,tiny-wan --size 64 --frames 9 --wan-frames 17 \\
@@ -21,7 +21,7 @@ import math
 import time
 
 from bench.common import DOCS, GUIDANCE, PROMPT, SEED
-from bench.procs import maxrss_mb, run_ranks, stop_ranks_on_exit
+from bench.procs import run_ranks, stop_ranks_on_exit
 from bench.report import busy_warning, load, machine, write_section
 from bench.runners import open_mesh, plan_for
 
@@ -45,12 +45,12 @@ def _diffusers(cfg: dict, model) -> dict:
     channels, h, w = model.latent_shape(req["size"], req["size"])
     latent = (cfg["frames"] - 1) // model.temporal_stride + 1
     noise = initial_noise(SEED, 0, latent, channels, h, w) * pipe.scheduler.init_noise_sigma
-    rss_loaded, began = maxrss_mb(), time.perf_counter()
+    rss_loaded, began = _reset_peak(), time.perf_counter()
     with torch.no_grad():
         video = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_frames=cfg["frames"],
                      height=req["size"], width=req["size"], num_inference_steps=cfg["steps"],
                      guidance_scale=GUIDANCE, output_type="np").frames[0]
-    return dict(wall=time.perf_counter() - began, rss_loaded=rss_loaded, rss_peak=maxrss_mb(), full=cfg["steps"],
+    return dict(wall=time.perf_counter() - began, rss_loaded=rss_loaded, rss_peak=_peak(), full=cfg["steps"],
                 frames=(video * 255).round().clip(0, 255).astype("uint8"))
 
 
@@ -68,7 +68,7 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
     savers = pb.SaverOptions(slice_chunks=cfg.get("slice", 0), step_cache=cfg.get("cache", "off"))
     plan = plan_for(cfg, model.model_info(cfg["model"]), cfg["kind"], savers=savers)
     pieces, latents, full = [], [], []
-    rss_loaded = maxrss_mb()
+    rss_loaded = _reset_peak()
     with open_mesh(rank, cfg["workers"], port_q, plan.group_name) as mesh:
         mesh.any(False)
         began = time.perf_counter()
@@ -76,9 +76,24 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
                on_latents=lambda p: latents.append((p.start, p.latents.numpy())))
         wall = time.perf_counter() - began
     pieces.sort(key=lambda p: p.first_frame)
-    return dict(rank=rank, wall=wall, rss_loaded=rss_loaded, rss_peak=maxrss_mb(), full=sum(full),
+    return dict(rank=rank, wall=wall, rss_loaded=rss_loaded, rss_peak=_peak(), full=sum(full),
                 frames=np.concatenate([p.frames for p in pieces]) if pieces else None,
                 latents=np.concatenate([x for _, x in sorted(latents, key=lambda item: item[0])], axis=2))
+
+
+def _reset_peak() -> float:
+    """The process's RSS now (MB), with its peak reset to it: loading's own peak (temporary
+    copies of the weights) must not hide the run's (ru_maxrss counts from the process start)."""
+    from clipmesh.worker.memory import PeakMemory
+
+    PeakMemory("cpu").reset()
+    return _peak()
+
+
+def _peak() -> float:
+    from clipmesh.worker.memory import PeakMemory
+
+    return PeakMemory("cpu").peak() / 2**20
 
 
 def _run(cfg: dict, workers: int = 1) -> dict:
