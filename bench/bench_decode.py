@@ -34,7 +34,7 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
     from clipmesh.v1 import clipmesh_pb2 as pb
     from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.job import FinishedLatents, Job
-    from clipmesh.worker.memory import PeakMemory
+    from clipmesh.worker.peak_memory import PeakMemory
     from clipmesh.worker.render import Decoder
 
     model = load_adapter(cfg["folder"], "cpu", torch.float32)

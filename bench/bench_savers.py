@@ -84,14 +84,14 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
 def _reset_peak() -> float:
     """The process's RSS now (MB), with its peak reset to it: loading's own peak (temporary
     copies of the weights) must not hide the run's (ru_maxrss counts from the process start)."""
-    from clipmesh.worker.memory import PeakMemory
+    from clipmesh.worker.peak_memory import PeakMemory
 
     PeakMemory("cpu").reset()
     return _peak()
 
 
 def _peak() -> float:
-    from clipmesh.worker.memory import PeakMemory
+    from clipmesh.worker.peak_memory import PeakMemory
 
     return PeakMemory("cpu").peak() / 2**20
 

@@ -24,7 +24,7 @@ from clipmesh.plan import num_output_frames
 from clipmesh.specs import check_plan as check_against_spec
 from clipmesh.specs import clip_lengths
 from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, RenderedFrames, StepReport  # noqa: F401
-from clipmesh.worker.memory import PeakMemory
+from clipmesh.worker.peak_memory import PeakMemory
 from clipmesh.worker.patches import Patches
 from clipmesh.worker.savers import install_savers
 from clipmesh.worker.strategies import get_strategy
