@@ -3,6 +3,7 @@ and the daemon share. Imports nothing of the worker but noise.py, so it can form
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,7 +104,11 @@ class Denoising:
     job: Job
     cond: torch.Tensor
     uncond: torch.Tensor | None    # None without CFG
-    timesteps: torch.Tensor
+
+    @functools.cached_property
+    def timesteps(self) -> torch.Tensor:
+        """The job's timesteps, as every scheduler of the job has them."""
+        return self.new_scheduler().timesteps
 
     @property
     def guidance_scale(self) -> float:

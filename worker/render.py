@@ -46,9 +46,7 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
     model, req, mesh = job.model, job.request, job.mesh
     check_plan(model, job.plan, job.rank, mesh)
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
-    timesteps_of = model.new_scheduler()
-    timesteps_of.set_timesteps(req.num_inference_steps, device=model.device)
-    denoising = Denoising(job, cond, uncond, timesteps_of.timesteps)
+    denoising = Denoising(job, cond, uncond)
     strategy, memory = get_strategy(job.plan.strategy), PeakMemory(model.device)
     with Patches() as patches:
         strategy.install(job, patches)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import importlib
 
-from clipmesh.specs import STRATEGY_SPECS
+from clipmesh.specs import DEFAULT_STRATEGY, STRATEGY_SPECS
 from clipmesh.worker.strategies.base import Strategy
 
 
 def get_strategy(name: str) -> Strategy:
-    """A fresh strategy instance for one job ("" means the default, exact)."""
-    name = name or "exact"
+    """A fresh strategy instance for one job ("" means the spec table's default)."""
+    name = name or DEFAULT_STRATEGY
     if name not in STRATEGY_SPECS:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_SPECS)}")
     return importlib.import_module(f"{__name__}.{name}").STRATEGY()
