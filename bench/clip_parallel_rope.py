@@ -40,7 +40,7 @@ def plan_for(latent, size, steps, strategy, halo, num_global, bias, group):
     opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, phase_switch_t=800.0, phase_bias=bias,
                                   entropy_scaling=False)
     return pb.RenderPlan(request=req, strategy=strategy, world_size=1, num_latent_frames=latent,
-                         clips=[pb.ClipRange(start=0, end=latent)], start_step=0, decode_rank=0,
+                         clips=[pb.ClipRange(start=0, end=latent)], start_step=0,
                          group_name=group, timeout_seconds=600, clip_parallel=opts)
 
 

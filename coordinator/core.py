@@ -5,6 +5,7 @@ what crosses them. Knows nothing of gRPC (service.py only translates).
 - scheduler.py  placement: FIFO per model onto idle workers
 - workers.py    the registry of attached workers: heartbeats, assignments, rendezvous
 - intake.py     frame uploads into the job's video (stitcher.py)
+- checkpoints.py  step checkpoints: the parts ranks upload, the parts a resumed attempt fetches
 
 What stays here is what involves more than one part: a worker's stream from register to
 detach, the routing of its messages, and scheduling again whenever a worker or a job
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-from .errors import InvalidArgument
+from .checkpoints import Checkpoints, stream_part
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from .intake import FrameIntake
 from .jobs import Jobs, shielded
-from .scheduler import Scheduler
+from .scheduler import BACKFILL_WAIT_S, Scheduler
 from .store import Store
 from .workers import WorkerRegistry, WorkerSession
 
@@ -40,17 +42,20 @@ def _stamped(msg, worker_id: str):
 
 
 class CoordinatorCore:
-    def __init__(self, data_dir: Path, heartbeat_timeout: float = 15.0, collective_timeout: int = 120):
+    def __init__(self, data_dir: Path, heartbeat_timeout: float = 15.0, collective_timeout: int = 120,
+                 checkpoint_dir: Path | None = None, backfill_wait_s: float = BACKFILL_WAIT_S):
         self.data_dir = Path(data_dir)
         (self.data_dir / "videos").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / "clipmesh.db")
         self.workers = WorkerRegistry(self.store, heartbeat_timeout)
-        self.jobs = Jobs(self.store, self.data_dir, self.workers)
-        self.scheduler = Scheduler(self.jobs, self.workers, collective_timeout)
+        self.checkpoints = Checkpoints(self.store, checkpoint_dir or self.data_dir / "checkpoints")
+        self.jobs = Jobs(self.store, self.data_dir, self.workers, self.checkpoints)
+        self.scheduler = Scheduler(self.jobs, self.workers, collective_timeout, backfill_wait_s)
         self.intake = FrameIntake(self.jobs)
         self.workers.recover()
-        self.jobs.recover()
+        # running jobs wait this long for their members to re-attach (they re-dial every second)
+        self.jobs.recover(grace_s=2 * heartbeat_timeout)
 
     # -- client API ---------------------------------------------------------
     def model_info(self, name: str) -> pb.ModelInfo | None:
@@ -74,7 +79,9 @@ class CoordinatorCore:
         return self.jobs.watch(job_id)
 
     async def cancel(self, job_id: str) -> pb.Job:
-        return await self.jobs.cancel(job_id)
+        job = await self.jobs.cancel(job_id)
+        await self.schedule()  # a cancelled queued job may have blocked the ones behind it
+        return job
 
     def video_path(self, job_id: str) -> Path:
         return self.jobs.video_path(job_id)
@@ -95,59 +102,109 @@ class CoordinatorCore:
         async def pump_inbound():
             try:
                 async for msg in inbound:
-                    await self.on_message(worker_id, msg)
+                    await self.on_message(session, msg)
             except Exception as exc:  # stream broken: the finally below reports the loss
                 log.info("worker %s stream ended: %s", worker_id, exc)
             finally:
-                await self.detach(worker_id, "stream closed")
+                await self.detach(worker_id, "stream closed", session)
 
         reader = asyncio.get_running_loop().create_task(pump_inbound())
         try:
             while (out := await session.outbox.get()) is not None:
                 yield out
+            if session.replaced:  # the old process must not re-dial and take its name back
+                raise AlreadyExists(f"worker {worker_id!r} registered again: this session was replaced")
         finally:
             reader.cancel()
-            await self.detach(worker_id, "stream closed")
+            await self.detach(worker_id, "stream closed", session)
 
+    @shielded
     async def attach(self, reg: pb.Register) -> WorkerSession:
-        session = self.workers.attach(reg)
+        """Registers the worker (a newer registration under its name takes over); a worker still
+        rendering a job goes on with it if that is the job's current attempt, else is told to abort."""
+        session, replaced = self.workers.attach(reg)
+        running = reg.running if reg.HasField("running") else None
+        adopted = running is not None and self.jobs.adopt(running, reg.worker_id)
+        if running is not None and not adopted:
+            session.send(cancel=pb.Cancel(job_id=running.job_id, attempt=running.attempt, abort=True))
+        old_job = replaced.info.current_job_id if replaced else ""
+        if old_job and not (adopted and running.job_id == old_job):
+            await self.jobs.member_left(old_job, reg.worker_id,
+                                        f"worker {reg.worker_id} lost: registered again without its part")
         await self.schedule()
         return session
 
     @shielded
-    async def detach(self, worker_id: str, reason: str) -> None:
-        """The worker's stream ended or it missed heartbeats: it is lost, and so is its job."""
-        job_id = self.workers.detach(worker_id, reason)
-        if job_id and await self.jobs.member_left(job_id, worker_id, f"worker {worker_id} lost: {reason}"):
-            await self.schedule()
+    async def detach(self, worker_id: str, reason: str, session: WorkerSession | None = None) -> None:
+        """The worker's stream ended or it missed heartbeats: it is lost, and so is its part of a
+        job. `session`: only if that is still the worker's session (not one a newer replaced)."""
+        job_id = self.workers.detach(worker_id, reason, session)
+        if job_id:
+            await self.jobs.member_left(job_id, worker_id, f"worker {worker_id} lost: {reason}")
+        await self.schedule()
 
     @shielded
-    async def on_message(self, worker_id: str, msg: pb.WorkerMessage) -> None:
-        session = self.workers.seen(worker_id)
-        if session is None:
-            return
-        job_id = session.info.current_job_id
+    async def on_message(self, session: WorkerSession, msg: pb.WorkerMessage) -> None:
+        if not self.workers.seen(session):
+            return  # a fenced-off session: a newer registration under its name took over
+        worker_id, job_id = session.info.id, session.info.current_job_id
         kind = msg.WhichOneof("kind")
         if kind == "heartbeat":
             self.workers.heartbeat(session)
         elif kind == "store_ready":
-            active = self.jobs.active.get(msg.store_ready.job_id)
-            if active is not None:
-                self.workers.broker_rendezvous(worker_id, msg.store_ready, active.members)
+            ready = msg.store_ready
+            if self.jobs.is_current(ready.job_id, ready.attempt):
+                self.workers.broker_rendezvous(worker_id, ready, self.jobs.active[ready.job_id].members)
         elif kind == "progress":
-            if self.jobs.is_member(msg.progress.worker_id or worker_id, job_id):
+            if self.jobs.is_member(worker_id, job_id) and self.jobs.is_current(job_id, msg.progress.attempt):
                 await self.jobs.emit(job_id, step=_stamped(msg.progress, worker_id))
         elif kind == "log":
             if job_id:
                 await self.jobs.emit(job_id, log=_stamped(msg.log, worker_id))
         elif kind == "result":
-            self.workers.release(worker_id, msg.result.job_id)
-            await self.jobs.member_reported(worker_id, msg.result)
+            result = msg.result
+            self.workers.release(worker_id, result.job_id, result.attempt)
+            if result.outcome in (pb.JOB_OUTCOME_FAILED, pb.JOB_OUTCOME_UNSPECIFIED):
+                self.workers.failed(worker_id)
+            await self.jobs.member_reported(worker_id, result)
             await self.schedule()
 
-    async def check_heartbeats(self) -> None:
+    async def tick(self) -> None:
+        """Every second or so: workers silent too long are lost, recovered jobs' members that did
+        not come back are lost, and retries whose backoff is over get placed."""
         for wid in self.workers.missed_heartbeats():
             await self.detach(wid, f"no heartbeat for {self.workers.heartbeat_timeout:g}s")
+        for job_id, member in self.jobs.not_adopted():
+            await self.jobs.member_left(job_id, member, f"worker {member} did not re-attach after the coordinator "
+                                                        "restarted")
+        await self.schedule()
+
+    # -- checkpoints ----------------------------------------------------------
+    async def upload_checkpoint(self, chunks: AsyncIterator[pb.CheckpointChunk]) -> bool:
+        first = await anext(chunks, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidArgument("header", "the first chunk must be a header")
+        header = first.header
+        active = self.jobs.active.get(header.job_id)
+        if active is None or active.attempt != header.attempt or header.worker_id not in active.members:
+            raise FailedPrecondition(f"attempt {header.attempt} of job {header.job_id!r} is not running on worker "
+                                     f"{header.worker_id!r}")
+
+        async def data():
+            async for chunk in chunks:
+                yield chunk.data
+
+        complete = await self.checkpoints.receive(header, data(), active.plan.num_latent_frames)
+        if complete:
+            job = self.jobs.get(header.job_id)
+            job.checkpoint_step = header.step
+            self.store.save_job(job)
+        return complete
+
+    def fetch_checkpoint(self, req: pb.FetchCheckpointRequest) -> AsyncIterator[pb.CheckpointChunk]:
+        path = self.checkpoints.read(req.job_id, req.step, req.latent_start, req.latent_end)
+        return stream_part(path, pb.CheckpointHeader(job_id=req.job_id, step=req.step, latent_start=req.latent_start,
+                                                     latent_end=req.latent_end, size=path.stat().st_size))
 
     # -- frames -------------------------------------------------------------
     async def upload_frames(self, chunks: AsyncIterator[pb.FrameChunk]) -> int:

@@ -39,8 +39,9 @@ class FrameIntake:
 
     async def receive(self, header: pb.FrameHeader, chunks: AsyncIterator[bytes]) -> int:
         active = self.jobs.active.get(header.job_id)
-        if active is None or header.worker_id not in active.members:
-            raise FailedPrecondition(f"job {header.job_id!r} is not running on worker {header.worker_id!r}")
+        if active is None or header.worker_id not in active.members or header.attempt != active.attempt:
+            raise FailedPrecondition(f"attempt {header.attempt} of job {header.job_id!r} is not running on worker "
+                                     f"{header.worker_id!r}")
         if self.jobs.get(header.job_id).state in FINAL_STATES:
             raise self.jobs.already_ended(header.job_id)
         req = active.plan.request

@@ -6,6 +6,14 @@ state change and event goes through `set_state`/`emit`, so the store's event log
 the WatchJob streams (woken by the hub) always agree. `end` is the one place a
 placed job gets its final state and its video closed, whoever ends it (a cancel, a
 failure, the last member's result).
+
+Faults: a placement is an attempt (numbered from 1; the number is in the group name and
+in every message of it, so a late message of an old attempt is dropped). A member lost or
+failed ends the attempt, not the job: the members left are told to abort, and the job is
+queued again (after a short backoff) to resume from its last complete checkpoint on
+whatever workers are idle, with its video kept, until `max_attempts` (clipmesh.faults).
+After a coordinator restart a RUNNING job waits for its members to re-attach and is
+adopted; the members that do not come back within the grace are lost as above.
 """
 
 from __future__ import annotations
@@ -14,15 +22,18 @@ import asyncio
 import functools
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipmesh import faults
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-from .errors import FailedPrecondition, NotFound
+from .checkpoints import Checkpoints
+from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .hub import ProgressHub
-from .stitcher import VideoWriter
+from .stitcher import FramePart, VideoWriter
 from .store import FINAL_STATES, Store, now_ts
 from .validate import validate_request
 from .workers import WorkerRegistry
@@ -31,8 +42,10 @@ log = logging.getLogger("clipmesh.coordinator")
 
 STATE_NAMES = {v: k for k, v in pb.JobState.items()}
 
-# A member's outcome that does not fail the job: done, or stopped once the job had ended anyway.
+# A member's outcome that does not fail the attempt: done, or stopped once the job had ended anyway.
+# (ABORTED does: a rank that finds a peer gone before the coordinator does ends the attempt.)
 _NOT_A_FAILURE = (pb.JOB_OUTCOME_DONE, pb.JOB_OUTCOME_CANCELLED, pb.JOB_OUTCOME_FAILED_AFTER_CANCEL)
+RETRY_BACKOFF_S = 1.0  # before attempt n + 1: this * 2**(n - 1) seconds
 
 
 def shielded(method):
@@ -54,25 +67,62 @@ class ActiveJob:
     video: VideoWriter                          # written while the job runs
     # One video call at a time; the job ends under it, so a part is either in the video or refused.
     video_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # After a coordinator restart: the members not back by `adopt_by` (monotonic) are lost.
+    adopted: set[str] = field(default_factory=set)
+    adopt_by: float | None = None
+
+    @property
+    def attempt(self) -> int:
+        return self.plan.attempt
 
 
 class Jobs:
-    def __init__(self, store: Store, data_dir: Path, workers: WorkerRegistry):
+    def __init__(self, store: Store, data_dir: Path, workers: WorkerRegistry, checkpoints: Checkpoints):
         self.store = store
         self.data_dir = data_dir
         self.workers = workers  # to tell a job's members to stop, and which models exist
+        self.checkpoints = checkpoints
         self.hub = ProgressHub()
         self.active: dict[str, ActiveJob] = {}
+        self.kept_videos: dict[str, VideoWriter] = {}  # of jobs queued again after a fault
+        self.not_before: dict[str, float] = {}         # job -> monotonic time its retry may be placed
+        self.queued_since: dict[str, float] = {}       # job -> monotonic time it was (re)queued
 
-    def recover(self) -> None:
-        """After a restart nothing can still be running: a RUNNING job is queued again."""
+    def recover(self, grace_s: float) -> None:
+        """After a restart: a RUNNING job's members may still be rendering it; it waits `grace_s`
+        for them to re-attach (adopt), with its video as far as it was encoded."""
         for job in self.store.jobs_in_state(pb.RUNNING):
-            job.state = pb.QUEUED
-            del job.worker_ids[:]
-            job.ClearField("started_at")
-            self.store.save_job(job)
+            last = self.store.last_attempt(job.id)
+            if last is None or last[0].attempt != job.attempt:
+                self._queue_again(job, "coordinator restarted; job re-queued")
+                continue
+            plan, members = last
+            video = self._recovered_video(job)
+            self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members), video=video,
+                                            adopt_by=time.monotonic() + grace_s)
             self.store.append_event(pb.JobEvent(job_id=job.id, state=pb.StateChange(
-                state=pb.QUEUED, detail="coordinator restarted; job re-queued")))
+                state=pb.RUNNING, detail=f"coordinator restarted; waiting {grace_s:g}s for {', '.join(members)} "
+                                         f"to re-attach with attempt {plan.attempt}")))
+
+    def _recovered_video(self, job: pb.Job) -> VideoWriter:
+        """The video as the dead coordinator left it, with the parts it held (waiting for a gap)."""
+        video = VideoWriter.resume(self._video_file(job.id), job.request.fps)
+        req = job.request
+        for path in sorted(self.scratch_dir(job.id).glob("frames-*.rgb")):
+            first, frames = int(path.name.split("-")[1]), path.stat().st_size // (req.height * req.width * 3)
+            try:
+                video.add(FramePart(first, frames, req.height, req.width, path))
+            except (ValueError, RuntimeError):  # already encoded before the restart, or unusable
+                path.unlink(missing_ok=True)
+        return video
+
+    def _queue_again(self, job: pb.Job, detail: str) -> None:
+        job.state = pb.QUEUED
+        del job.worker_ids[:]
+        job.ClearField("started_at")
+        self.store.save_job(job)
+        self.store.append_event(pb.JobEvent(job_id=job.id, state=pb.StateChange(state=pb.QUEUED, detail=detail)))
+        self.queued_since[job.id] = time.monotonic()
 
     def scratch_dir(self, job_id: str) -> Path:
         """Where a job's uploaded parts wait for the video; removed when the job is over."""
@@ -97,7 +147,12 @@ class Jobs:
     # -- client API ---------------------------------------------------------
     async def submit(self, req: pb.SubmitJobRequest) -> pb.Job:
         validate_request(req, self.workers.model_info(req.model), self.workers.known_models())
+        registered = self.workers.registered_for(req.model)
+        if registered and req.num_workers > registered:
+            raise InvalidArgument("num_workers", f"must be at most {registered}: only {registered} workers are "
+                                                 f"registered for {req.model}, so {req.num_workers} could never run it")
         job = self.store.create_job(req)
+        self.queued_since[job.id] = time.monotonic()
         await self.emit(job.id, state=pb.StateChange(state=pb.QUEUED, detail="accepted"))
         log.info("job %s queued: %d frames %dx%d, %d steps", job.id, req.num_frames, req.width, req.height,
                  req.num_inference_steps)
@@ -133,9 +188,17 @@ class Jobs:
         job = self.get(job_id)
         if job.state in FINAL_STATES:
             raise self.already_ended(job_id)
-        if job_id not in self.active:
-            await self.set_state(job, pb.CANCELLED, detail="cancelled by client")
-            return job
+        if job_id not in self.active:  # queued (maybe between attempts, with frames kept)
+            kept = self.kept_videos.pop(job_id, None)
+            if kept is not None:
+                self.active[job_id] = ActiveJob(plan=pb.RenderPlan(request=job.request), members=[], pending=set(),
+                                                video=kept)
+                await self.end(job_id, pb.CANCELLED, detail="cancelled by client")
+                self.active.pop(job_id, None)
+            else:
+                await self.set_state(job, pb.CANCELLED, detail="cancelled by client")
+            self._forget(job_id)
+            return self.get(job_id)
         self._stop_members(job_id)
         if not await self.end(job_id, pb.CANCELLED, detail="cancelled by client"):
             raise self.already_ended(job_id)
@@ -154,34 +217,95 @@ class Jobs:
 
     # -- a placed job ---------------------------------------------------------
     async def start(self, job: pb.Job, plan: pb.RenderPlan, members: list[str]) -> None:
-        """The job is placed on `members` (rank order): RUNNING, with its video open."""
-        video = VideoWriter(self._video_file(job.id), job.request.fps)
+        """Attempt plan.attempt of the job is placed on `members` (rank order): RUNNING, with its
+        video open (kept from the attempt before, if any), resuming from its last checkpoint."""
+        video = self.kept_videos.pop(job.id, None) or (
+            VideoWriter.resume(self._video_file(job.id), job.request.fps) if job.attempt
+            else VideoWriter(self._video_file(job.id), job.request.fps))
+        checkpoint = self.checkpoints.latest(job.id, plan.num_latent_frames) if plan.checkpoint_every else None
+        if checkpoint is not None:
+            plan.start_step = checkpoint.step
+            plan.resume.CopyFrom(checkpoint)
+        plan.frames_in_video = video.frames_written
+        self.store.save_attempt(job.id, plan, members)
         self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members), video=video)
-        job.strategy = plan.strategy
+        self.not_before.pop(job.id, None)
+        job.strategy, job.attempt = plan.strategy, plan.attempt
         job.worker_ids[:] = members
-        await self.set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy})")
+        resumed = f", resuming at step {plan.start_step}" if plan.start_step else ""
+        kept = f", {video.frames_written} frames kept" if video.frames_written else ""
+        await self.set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy}), "
+                                                     f"attempt {plan.attempt}{resumed}{kept}")
 
     def is_member(self, worker_id: str, job_id: str) -> bool:
         return job_id in self.active and worker_id in self.active[job_id].members
 
+    def is_current(self, job_id: str, attempt: int) -> bool:
+        active = self.active.get(job_id)
+        return active is not None and active.attempt == attempt
+
+    def adopt(self, running: pb.RunningJob, worker_id: str) -> bool:
+        """A worker re-attached while rendering `running`: True if that is the job's current
+        attempt and the worker its member at that rank (it goes on as before)."""
+        active = self.active.get(running.job_id)
+        if (active is None or active.attempt != running.attempt or worker_id not in active.pending
+                or active.members[running.rank] != worker_id):
+            return False
+        active.adopted.add(worker_id)
+        return True
+
+    def not_adopted(self) -> list[tuple[str, str]]:
+        """(job, member) of recovered jobs whose grace is over and whose member did not come back."""
+        now, out = time.monotonic(), []
+        for job_id, active in self.active.items():
+            if active.adopt_by is not None and now > active.adopt_by:
+                active.adopt_by = None
+                out += [(job_id, m) for m in sorted(active.pending - active.adopted)]
+        return out
+
     async def member_reported(self, worker_id: str, result: pb.JobResult) -> bool:
-        """A member's result: a failure fails the job. True when that finished the job."""
+        """A member's result: a failure fails the attempt. True when that finished the job."""
         active = self.active.get(result.job_id)
-        if active is None or worker_id not in active.pending:
-            return False  # a late or repeated result
+        if active is None or worker_id not in active.pending or result.attempt != active.attempt:
+            return False  # a late or repeated result, or one of an older attempt
         error = "" if result.outcome in _NOT_A_FAILURE else f"worker {worker_id}: {result.error}"
         return await self.member_left(result.job_id, worker_id, error)
 
     async def member_left(self, job_id: str, worker_id: str, error: str = "") -> bool:
-        """A member is out of the job (reported, or lost): `error` fails the job, and the last
-        member out finishes it. True when the job finished."""
+        """A member is out of the job (reported, or lost): `error` ends the attempt (the job is
+        retried, or FAILED after its last attempt), and the last member out finishes it. True
+        when the job finished or was queued again."""
         active = self.active.get(job_id)
         if active is None:
             return False
         active.pending.discard(worker_id)
         if error:
-            await self.fail(job_id, error)
+            return await self.fault(job_id, error)
         return await self._finish_if_done(job_id)
+
+    async def fault(self, job_id: str, error: str) -> bool:
+        """A member of the running attempt was lost or failed: the others abort; the job is queued
+        again unless this was its last attempt (then it FAILS, first error wins)."""
+        active, job = self.active.get(job_id), self.get(job_id)
+        if active is None or job.state in FINAL_STATES:
+            return await self._finish_if_done(job_id)
+        self.workers.cancel(job_id, active.pending, active.attempt, abort=True)
+        limit = faults.max_attempts(job.request)
+        if active.attempt >= limit:
+            await self.end(job_id, pb.FAILED, error=f"{error} (attempt {active.attempt} of {limit})")
+            return await self._finish_if_done(job_id)
+        self.active.pop(job_id)
+        active.video.drop_held()  # only frames in the video count; the next attempt renders the rest
+        self.kept_videos[job_id] = active.video
+        backoff = RETRY_BACKOFF_S * 2 ** (active.attempt - 1)
+        self.not_before[job_id] = time.monotonic() + backoff
+        checkpoint = self.checkpoints.latest(job_id, active.plan.num_latent_frames)
+        where = f"step {checkpoint.step}" if checkpoint else "step 0"
+        self._queue_again(job, f"attempt {active.attempt} of {limit} failed: {error}; attempt {active.attempt + 1} "
+                               f"resumes from {where} in {backoff:g}s")
+        await self.hub.notify(job_id)
+        log.warning("job %s: attempt %d failed (%s); queued again", job_id, active.attempt, error)
+        return True
 
     async def _finish_if_done(self, job_id: str) -> bool:
         active = self.active.get(job_id)
@@ -189,17 +313,26 @@ class Jobs:
             return False
         await self.end(job_id, pb.SUCCEEDED)  # a cancelled or failed job has ended already
         self.active.pop(job_id, None)
-        shutil.rmtree(self.scratch_dir(job_id), ignore_errors=True)
+        self._forget(job_id)
         return True
 
+    def _forget(self, job_id: str) -> None:
+        """The job is over: its scratch parts and checkpoints go."""
+        shutil.rmtree(self.scratch_dir(job_id), ignore_errors=True)
+        self.checkpoints.drop(job_id)
+        for book in (self.not_before, self.queued_since):
+            book.pop(job_id, None)
+
     async def fail(self, job_id: str, error: str) -> None:
-        """Tells the members to stop and marks the job FAILED (first error wins)."""
+        """Tells the members to stop and marks the job FAILED (first error wins): a failure no
+        retry can mend (the video cannot be encoded)."""
         self._stop_members(job_id)
         await self.end(job_id, pb.FAILED, error=error)
 
     def _stop_members(self, job_id: str) -> None:
         active = self.active.get(job_id)
-        self.workers.cancel(job_id, active.pending if active else ())
+        if active:
+            self.workers.cancel(job_id, active.pending, active.attempt)
 
     async def end(self, job_id: str, state: int, detail: str = "", error: str = "") -> bool:
         """Closes a placed job's video and sets its final state, once: False if the job had ended.

@@ -7,7 +7,7 @@ strategy specs (clipmesh.specs).
 
 from __future__ import annotations
 
-from clipmesh import specs
+from clipmesh import faults, specs
 from clipmesh.savers import resolve_savers
 from clipmesh.plan import num_latent_frames, split_clips_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
@@ -55,8 +55,10 @@ def make_plan(job: pb.Job, members: list[pb.WorkerInfo], model: pb.ModelInfo, ti
     spec = specs.choose_spec(req, model)
     latent = num_latent_frames(req.num_frames, model.temporal_stride) if req.num_frames else 0
     speeds = [w.speed or 1.0 for w in members]
+    attempt = job.attempt + 1  # the group of each attempt is new: a late peer of the last cannot join it
     plan = pb.RenderPlan(request=req, strategy=spec.name, world_size=len(members), num_latent_frames=latent,
-                         start_step=0, decode_rank=0, group_name=f"clipmesh-{job.id}", timeout_seconds=timeout_seconds)
+                         start_step=0, group_name=f"clipmesh-{job.id}-{attempt}", timeout_seconds=timeout_seconds,
+                         attempt=attempt, checkpoint_every=faults.checkpoint_every(req, spec.name))
     plan.savers.CopyFrom(resolve_savers(req, model.family))
     options = specs.resolve_options(spec, req, model)
     if options is not None:

@@ -1,12 +1,18 @@
 """Placement: which queued job runs next, and on which idle workers.
 
-FIFO per model: a job that cannot be placed yet blocks the later jobs of its model (so a
-big job never starves), not the jobs of other models. Kept apart from jobs.py and
-workers.py because it is the one policy that reads both; a new policy replaces this file.
-The render plan itself comes from planner.py.
+FIFO per model with backfill: a job that cannot be placed yet (it wants more workers than
+are idle) does not hold back later jobs of its model that fit the idle workers, so workers
+do not sit IDLE behind it; but once it has waited `backfill_wait_s`, its model's later jobs
+wait too, so the idle workers gather for it and a big job is never starved. Jobs of other
+models are never held back. A retry waits out its backoff (jobs.py). Kept apart from
+jobs.py and workers.py because it is the one policy that reads both; a new policy replaces
+this file. The render plan itself comes from planner.py.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from clipmesh.v1 import clipmesh_pb2 as pb
 
@@ -14,26 +20,37 @@ from .jobs import Jobs
 from .planner import make_plan, workers_wanted
 from .workers import WorkerRegistry
 
+BACKFILL_WAIT_S = 30.0  # default: how long a job that does not fit lets later jobs pass it
+
 
 class Scheduler:
-    def __init__(self, jobs: Jobs, workers: WorkerRegistry, collective_timeout: int):
+    def __init__(self, jobs: Jobs, workers: WorkerRegistry, collective_timeout: int,
+                 backfill_wait_s: float = BACKFILL_WAIT_S):
         self.jobs = jobs
         self.workers = workers
         self.collective_timeout = collective_timeout
+        self.backfill_wait_s = backfill_wait_s  # 0: plain FIFO per model
+        # one pass at a time: placing awaits, and a second pass must not see the first's workers idle
+        self._lock = asyncio.Lock()
 
     async def schedule(self) -> None:
-        """Places queued jobs FIFO. A job that cannot be placed blocks later jobs of the same
-        model (no starvation), not jobs of other models."""
-        blocked: set[str] = set()
+        """Places what fits, oldest first (see the module's docstring for the policy)."""
+        async with self._lock:
+            await self._schedule()
+
+    async def _schedule(self) -> None:
+        now = time.monotonic()
+        reserved: set[str] = set()  # models whose idle workers are kept for a starving job
         for job in self.jobs.store.jobs_in_state(pb.QUEUED):
             req = job.request
-            if req.model in blocked:
+            if req.model in reserved or self.jobs.not_before.get(job.id, 0.0) > now:
                 continue
             idle = self.workers.idle_for(req.model)
             model = self.workers.model_info(req.model)
             wanted = workers_wanted(req, model, len(idle))
             if wanted == 0 or len(idle) < wanted:
-                blocked.add(req.model)
+                if now - self.jobs.queued_since.setdefault(job.id, now) >= self.backfill_wait_s:
+                    reserved.add(req.model)
                 continue
             await self._place(job, idle[:wanted], model)
 

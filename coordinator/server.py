@@ -24,7 +24,8 @@ MAX_MESSAGE = 4 * 1024 * 1024
 
 
 async def serve(listen: str, data_dir: Path, token: str = "", heartbeat_timeout: float = 15.0,
-                collective_timeout: int = 120, port_file: Path | None = None) -> None:
+                collective_timeout: int = 120, port_file: Path | None = None, checkpoint_dir: Path | None = None,
+                backfill_wait: float = 30.0) -> None:
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
         interceptors=[TokenAuthInterceptor(token)] if token else [],
@@ -33,7 +34,8 @@ async def serve(listen: str, data_dir: Path, token: str = "", heartbeat_timeout:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    core = CoordinatorCore(data_dir, heartbeat_timeout=heartbeat_timeout, collective_timeout=collective_timeout)
+    core = CoordinatorCore(data_dir, heartbeat_timeout=heartbeat_timeout, collective_timeout=collective_timeout,
+                           checkpoint_dir=checkpoint_dir, backfill_wait_s=backfill_wait)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(core), server)
     pb_grpc.add_WorkerGatewayServicer_to_server(WorkerGatewayService(core), server)
     reflection.enable_server_reflection([
@@ -59,12 +61,15 @@ async def serve(listen: str, data_dir: Path, token: str = "", heartbeat_timeout:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async def heartbeat_monitor():
+    async def ticks():  # heartbeats, re-adoption deadlines, retry backoffs
         while True:
             await asyncio.sleep(min(1.0, heartbeat_timeout / 4))
-            await core.check_heartbeats()
+            try:
+                await core.tick()
+            except Exception:  # one bad tick must not stop the next
+                log.exception("coordinator tick failed")
 
-    monitor = asyncio.create_task(heartbeat_monitor())
+    monitor = asyncio.create_task(ticks())
     await stop.wait()
     log.info("coordinator stopping")
     monitor.cancel()

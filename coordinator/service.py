@@ -106,3 +106,12 @@ class WorkerGatewayService(pb_grpc.WorkerGatewayServicer):
     @grpc_errors
     async def UploadFrames(self, request_iterator, context):
         return pb.UploadFramesResponse(frames_received=await self.core.upload_frames(request_iterator))
+
+    @grpc_errors
+    async def UploadCheckpoint(self, request_iterator, context):
+        return pb.UploadCheckpointResponse(complete=await self.core.upload_checkpoint(request_iterator))
+
+    @grpc_errors
+    async def FetchCheckpoint(self, request, context):
+        async for chunk in self.core.fetch_checkpoint(request):
+            yield chunk

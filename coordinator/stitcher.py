@@ -8,6 +8,11 @@ unsafe in a process with gRPC threads (ffmpeg died with a broken pipe there).
 One writer per job and one code path for every strategy: a part goes into ffmpeg as
 soon as every frame before it has, so an unbounded stream never piles up on disk and
 a job stopped early still has a playable video of its first frames.
+
+A coordinator restart does not lose the frames encoded so far: ffmpeg runs in a session of
+its own, so when the coordinator dies it reads end-of-input and closes the partial MP4
+properly; `VideoWriter.resume` keeps that file as a segment (frames counted), the restarted
+writer encodes the rest into the next one, and `finish` joins them without re-encoding.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +55,13 @@ class VideoWriter:
     Calls block (pipe writes, encoding): make them from a thread, one at a time.
     """
 
-    def __init__(self, out_path: Path, fps: float):
+    def __init__(self, out_path: Path, fps: float, segments: list[tuple[Path, int]] = ()):
         self.out_path = out_path
         self.fps = fps
         # ffmpeg picks the container by suffix
         self.partial_path = out_path.with_name(out_path.stem + ".partial" + out_path.suffix)
-        self.frames_written = 0
+        self.segments = list(segments)  # (file, frames) encoded before a coordinator restart
+        self.frames_written = sum(n for _, n in self.segments)
         self.closed = False
         self._held: dict[int, FramePart] = {}  # by first_frame: parts waiting for the gap before them
         self._proc: subprocess.Popen | None = None
@@ -73,23 +80,63 @@ class VideoWriter:
         while (ready := self._held.pop(self.frames_written, None)) is not None:
             self._write(ready)
 
+    def drop_held(self) -> None:
+        """Forgets the parts waiting for a gap (a retry renders their frames again)."""
+        for part in self._held.values():
+            part.path.unlink(missing_ok=True)
+        self._held.clear()
+
     def missing(self, total: int) -> str:
         """The first gap before frame `total` (0: before the last held part), for errors; '' if none."""
         end = min(self._held, default=total)
         return f"frames [{self.frames_written}, {end}) missing" if end > self.frames_written else ""
 
+    @classmethod
+    def resume(cls, out_path: Path, fps: float, settle_s: float = 10.0) -> "VideoWriter":
+        """The writer of a job whose coordinator died: the segments on disk, the partial MP4 the
+        dead coordinator's ffmpeg closed (given `settle_s` to finish) as the last of them."""
+        segments = []
+        for index in range(1, 1_000_000):
+            path = _segment_path(out_path, index)
+            if not path.exists():
+                break
+            segments.append((path, _count_frames(path)))
+        partial = out_path.with_name(out_path.stem + ".partial" + out_path.suffix)
+        if partial.exists():
+            deadline = time.monotonic() + settle_s
+            while True:
+                try:
+                    frames = _count_frames(partial)
+                    break
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        frames = 0  # unreadable: its frames are lost and rendered again
+                        break
+                    time.sleep(0.2)
+            if frames:
+                path = _segment_path(out_path, len(segments) + 1)
+                os.replace(partial, path)
+                segments.append((path, frames))
+            else:
+                partial.unlink()
+        return cls(out_path, fps, segments)
+
     def finish(self) -> tuple[int, str]:
         """Closes the video with the frames written so far (held parts are dropped); returns (size, sha256)."""
         self._close()
-        if self._proc is None:
+        if self._proc is None and not self.segments:
             raise ValueError("no frames to write")
-        with suppress(BrokenPipeError):  # ffmpeg died: its exit status below says so
-            self._proc.stdin.close()
-        err = self._proc.stderr.read().decode(errors="replace")
-        if self._proc.wait() != 0:
-            self.partial_path.unlink(missing_ok=True)
-            raise RuntimeError(f"ffmpeg exited with {self._proc.returncode}: {err.strip()[-500:]}")
-        os.replace(self.partial_path, self.out_path)  # a reader never sees a half-written video
+        if self._proc is not None:
+            with suppress(BrokenPipeError):  # ffmpeg died: its exit status below says so
+                self._proc.stdin.close()
+            err = self._proc.stderr.read().decode(errors="replace")
+            if self._proc.wait() != 0:
+                self.partial_path.unlink(missing_ok=True)
+                raise RuntimeError(f"ffmpeg exited with {self._proc.returncode}: {err.strip()[-500:]}")
+        if self.segments:
+            self._join()
+        else:
+            os.replace(self.partial_path, self.out_path)  # a reader never sees a half-written video
 
         digest = hashlib.sha256()
         with open(self.out_path, "rb") as f:
@@ -97,9 +144,27 @@ class VideoWriter:
                 digest.update(block)
         return self.out_path.stat().st_size, digest.hexdigest()
 
+    def _join(self) -> None:
+        """The segments and the partial (if any frames went there) into out_path, stream-copied."""
+        parts = [path for path, _ in self.segments] + ([self.partial_path] if self._proc is not None else [])
+        listing = self.out_path.with_name(self.out_path.stem + ".segments.txt")
+        listing.write_text("".join(f"file '{p.resolve()}'\n" for p in parts))
+        joined = self.out_path.with_name(self.out_path.stem + ".joined" + self.out_path.suffix)
+        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "concat", "-safe",
+                               "0", "-i", str(listing), "-c", "copy", "-movflags", "+faststart", str(joined)],
+                              capture_output=True, start_new_session=True)
+        listing.unlink()
+        if done.returncode != 0:
+            raise RuntimeError(f"joining {len(parts)} segments failed: {done.stderr.decode(errors='replace')[-500:]}")
+        os.replace(joined, self.out_path)
+        for path in parts:
+            path.unlink(missing_ok=True)
+
     def abort(self) -> None:
         """Stops ffmpeg and removes everything written."""
         self._close()
+        for path, _ in self.segments:
+            path.unlink(missing_ok=True)
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
@@ -110,9 +175,7 @@ class VideoWriter:
 
     def _close(self) -> None:
         self.closed = True
-        for part in self._held.values():
-            part.path.unlink(missing_ok=True)
-        self._held.clear()
+        self.drop_held()
 
     def _write(self, part: FramePart) -> None:
         if self._proc is None:
@@ -134,4 +197,18 @@ class VideoWriter:
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{self.fps:g}", "-i", "-",
                "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-movflags", "+faststart",
                str(self.partial_path)]
-        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a session of its own: a signal to the coordinator's group does not cut the encode short
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+
+
+def _segment_path(out_path: Path, index: int) -> Path:
+    return out_path.with_name(f"{out_path.stem}.seg{index}{out_path.suffix}")
+
+
+def _count_frames(path: Path) -> int:
+    try:
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except Exception as exc:  # still being closed by the dead coordinator's ffmpeg, or cut short
+        raise RuntimeError(f"{path.name}: {exc}") from None
+    return frames

@@ -35,6 +35,22 @@ CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     info BLOB NOT NULL             -- clipmesh.v1.WorkerInfo
 );
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    plan BLOB NOT NULL,            -- clipmesh.v1.RenderPlan
+    members TEXT NOT NULL,         -- worker ids in rank order, comma-separated
+    PRIMARY KEY (job_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS checkpoint_parts (
+    job_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    latent_start INTEGER NOT NULL,
+    latent_end INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    path TEXT NOT NULL,            -- the part's file, written to a temp name and renamed
+    PRIMARY KEY (job_id, step, latent_start)
+);
 """
 
 
@@ -90,6 +106,34 @@ class Store:
     def events_after(self, job_id: str, seq: int) -> list[pb.JobEvent]:
         rows = self._db.execute("SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, seq))
         return [pb.JobEvent.FromString(r[0]) for r in rows]
+
+    # -- attempts -----------------------------------------------------------
+    def save_attempt(self, job_id: str, plan: pb.RenderPlan, members: list[str]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?)",
+                         (job_id, plan.attempt, plan.SerializeToString(), ",".join(members)))
+
+    def last_attempt(self, job_id: str) -> tuple[pb.RenderPlan, list[str]] | None:
+        row = self._db.execute("SELECT plan, members FROM attempts WHERE job_id = ? ORDER BY attempt DESC LIMIT 1",
+                               (job_id,)).fetchone()
+        return (pb.RenderPlan.FromString(row[0]), row[1].split(",")) if row else None
+
+    # -- checkpoint parts ---------------------------------------------------
+    def add_checkpoint_part(self, job_id: str, step: int, start: int, end: int, size: int, path: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO checkpoint_parts VALUES (?, ?, ?, ?, ?, ?)",
+                         (job_id, step, start, end, size, path))
+
+    def checkpoint_parts(self, job_id: str, step: int | None = None) -> list[tuple[int, int, int, int, str]]:
+        """(step, start, end, size, path) of the job's parts (of one step), by step and start."""
+        query, args = "SELECT step, latent_start, latent_end, size, path FROM checkpoint_parts WHERE job_id = ?", [job_id]
+        if step is not None:
+            query, args = query + " AND step = ?", [job_id, step]
+        return [tuple(r) for r in self._db.execute(query + " ORDER BY step, latent_start", args)]
+
+    def drop_checkpoint_parts(self, job_id: str, below_step: int | None = None) -> None:
+        if below_step is None:
+            self._db.execute("DELETE FROM checkpoint_parts WHERE job_id = ?", (job_id,))
+        else:
+            self._db.execute("DELETE FROM checkpoint_parts WHERE job_id = ? AND step < ?", (job_id, below_step))
 
     # -- workers ----------------------------------------------------------
     def save_worker(self, info: pb.WorkerInfo) -> None:

@@ -6,7 +6,7 @@ strategy allows (its options' ranges, streaming, worker caps) is read from the s
 
 from __future__ import annotations
 
-from clipmesh import specs
+from clipmesh import faults, specs
 from clipmesh.plan import num_latent_frames
 from clipmesh.savers import check_savers
 from clipmesh.v1 import clipmesh_pb2 as pb
@@ -61,6 +61,10 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
     specs.check_range("fps", req.fps, 1.0, MAX_FPS)
     if req.seed < 0:
         raise InvalidArgument("seed", f"must be >= 0, got {req.seed}")
+    if req.HasField("checkpoint_every"):
+        specs.check_range("checkpoint_every", req.checkpoint_every, 0, faults.MAX_CHECKPOINT_EVERY)
+    if req.HasField("max_attempts"):
+        specs.check_range("max_attempts", req.max_attempts, 1, faults.MAX_ATTEMPTS)
 
     # every strategy's options, whichever runs: a value set is in its range (bounds by another
     # option read the value in effect, e.g. block_pipeline.context_frames <= block_frames)

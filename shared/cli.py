@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
+from clipmesh import faults
 from clipmesh.client import DEFAULT_ADDRESS, REQUEST_DEFAULTS
 from clipmesh.savers import AUTO, MAX_SLICE_CHUNKS, STEP_CACHES
 from clipmesh.specs import STRATEGY_SPECS
@@ -66,6 +69,13 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
 
     g.add_argument("--tiled-decode", action="store_true", default=None,
                    help="decode in blended spatial tiles where one frame does not fit (approximate)")
+    g = p.add_argument_group("faults")
+    g.add_argument("--checkpoint-every", type=int, metavar="K", help=(
+        f"steps between step checkpoints a lost worker's job resumes from (0 = off; unset: "
+        f"{faults.DEFAULT_CHECKPOINT_EVERY}; in [0, {faults.MAX_CHECKPOINT_EVERY}])"))
+    g.add_argument("--max-attempts", type=int, metavar="N", help=(
+        f"placements before a job whose workers fail is FAILED (unset: {faults.DEFAULT_MAX_ATTEMPTS}; "
+        f"in [1, {faults.MAX_ATTEMPTS}])"))
 
 
 def _slice_chunks(text: str) -> int:
@@ -81,7 +91,9 @@ def _request_fields(args) -> dict:
                 strategy=args.strategy, num_workers=args.workers, fps=args.fps, **options,
                 savers=pb.SaverOptions(**{k: v for k, v in (("slice_chunks", args.slice_chunks),
                                                             ("step_cache", args.step_cache),
-                                                            ("tiled_decode", args.tiled_decode)) if v is not None}))
+                                                            ("tiled_decode", args.tiled_decode)) if v is not None}),
+                **{k: v for k, v in (("checkpoint_every", args.checkpoint_every),
+                                     ("max_attempts", args.max_attempts)) if v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds before a silent worker is lost")
     p.add_argument("--collective-timeout", type=int, default=120, help="seconds a worker waits in a collective")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    p.add_argument("--checkpoint-dir", type=Path,
+                   help="where jobs' step checkpoints are kept (default: DATA/checkpoints; shared storage on a farm)")
+    p.add_argument("--backfill-wait", type=float, default=30.0,
+                   help="seconds a job too big for the idle workers lets later jobs that fit run first (0 = FIFO)")
 
     p = sub.add_parser("worker", help="run a worker daemon")
     p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
@@ -161,8 +177,10 @@ def _run(args) -> int | None:
 
         from clipmesh.coordinator.server import serve
 
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
         uvloop.run(serve(args.listen, args.data, token=args.token, heartbeat_timeout=args.heartbeat_timeout,
-                         collective_timeout=args.collective_timeout, port_file=args.port_file))
+                         collective_timeout=args.collective_timeout, port_file=args.port_file,
+                         checkpoint_dir=args.checkpoint_dir, backfill_wait=args.backfill_wait))
         return 0
     if args.command == "worker":
         from clipmesh.worker.daemon import main as worker_main

@@ -38,10 +38,12 @@ class Daemons:
         self.procs.append(proc)
         return proc
 
-    def coordinator(self, *extra: str) -> str:
+    def coordinator(self, *extra: str, port: int = 0) -> str:
+        """Starts the coordinator on `port` (0: a free one), on this test's data folder: started
+        again with the same port, it is the restart of the same coordinator."""
         port_file = self.tmp / "port"
         port_file.unlink(missing_ok=True)
-        self.coordinator_proc = self.spawn("coordinator", "coordinator", "--listen", "127.0.0.1:0", "--data",
+        self.coordinator_proc = self.spawn("coordinator", "coordinator", "--listen", f"127.0.0.1:{port}", "--data",
                                            str(self.tmp / "data"), "--port-file", str(port_file), *extra)
         wait_until(port_file.exists, 30, "coordinator port file")
         self.address = f"127.0.0.1:{port_file.read_text()}"

@@ -43,7 +43,7 @@ def _request(**fields) -> pb.SubmitJobRequest:
 def _plan(world_size: int) -> pb.RenderPlan:
     clips = [pb.ClipRange(start=s, end=e) for s, e in CLIPS[world_size]]
     return pb.RenderPlan(request=_request(num_workers=world_size), strategy="exact", world_size=world_size,
-                         num_latent_frames=FRAMES, clips=clips, start_step=0, decode_rank=0,
+                         num_latent_frames=FRAMES, clips=clips, start_step=0,
                          group_name=f"animatediff-{world_size}", timeout_seconds=60)
 
 

@@ -33,7 +33,7 @@ def make_plan(clips, halo, num_global, switch=800.0, bias=10.0, entropy=False, r
                                   phase_bias=bias, entropy_scaling=entropy)
     return pb.RenderPlan(request=request, strategy="clip_parallel", world_size=len(clips),
                          num_latent_frames=clips[-1][1], clips=[pb.ClipRange(start=s, end=e) for s, e in clips],
-                         start_step=0, decode_rank=0, group_name=f"{name}-{len(clips)}", timeout_seconds=60,
+                         start_step=0, group_name=f"{name}-{len(clips)}", timeout_seconds=60,
                          clip_parallel=opts)
 
 

@@ -31,7 +31,7 @@ def _plan(world_size: int, name: str = "equiv") -> pb.RenderPlan:
                               model="tiny-wan", strategy="exact", num_workers=world_size)
     clips = [pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)]
     return pb.RenderPlan(request=req, strategy="exact", world_size=world_size, num_latent_frames=LATENT,
-                         clips=clips, start_step=0, decode_rank=0, group_name=f"{name}-{world_size}",
+                         clips=clips, start_step=0, group_name=f"{name}-{world_size}",
                          timeout_seconds=60)
 
 

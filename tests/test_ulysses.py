@@ -29,7 +29,7 @@ def _plan(folder: str, world_size: int) -> pb.RenderPlan:
                               strategy="ulysses", num_workers=world_size)
     clips = [pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)]
     return pb.RenderPlan(request=req, strategy="ulysses", world_size=world_size, num_latent_frames=LATENT, clips=clips,
-                         start_step=0, decode_rank=0, group_name=f"ulysses-{world_size}", timeout_seconds=60)
+                         start_step=0, group_name=f"ulysses-{world_size}", timeout_seconds=60)
 
 
 @pytest.fixture(scope="module")

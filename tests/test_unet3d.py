@@ -45,7 +45,7 @@ def _plan(world_size: int, name: str = "unet3d") -> pb.RenderPlan:
                               model="tiny-unet3d", strategy="exact", num_workers=world_size)
     clips = [pb.ClipRange(start=s, end=e) for s, e in CLIPS[world_size]]
     return pb.RenderPlan(request=req, strategy="exact", world_size=world_size, num_latent_frames=LATENT,
-                         clips=clips, start_step=0, decode_rank=0, group_name=f"{name}-{world_size}",
+                         clips=clips, start_step=0, group_name=f"{name}-{world_size}",
                          timeout_seconds=60)
 
 

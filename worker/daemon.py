@@ -3,13 +3,20 @@
 Lifecycle (vLLM-style): load the model once, attach to the coordinator over one
 bidirectional stream, then serve assignments one after another. Per job: open a
 process group from the brokered rendezvous, run this rank's part of the plan,
-report every step, upload decoded frames, tear the group down. A failed job is
-reported and the daemon lives on; a lost coordinator is re-dialled.
+report every step, upload step checkpoints and decoded frames, tear the group down.
+A failed job is reported and the daemon lives on.
+
+A lost coordinator does not stop a job: the daemon keeps rendering, keeps what it sends
+(progress within OUTBOX_LIMIT; results, checkpoints and frames always) and re-dials; it
+registers again with the job it is running, so the restarted coordinator adopts it, and
+uploads that failed meanwhile are sent again. Told a member is lost (Cancel.abort), it
+leaves its collectives at once (Mesh.abort) instead of waiting out their timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -29,6 +36,9 @@ log = logging.getLogger("clipmesh.worker")
 
 UPLOAD_CHUNK = 1 << 20      # bytes per FrameChunk: well under the 4 MiB message limit
 RECONNECT_SECONDS = 1.0
+OUTBOX_LIMIT = 10_000       # messages kept while the coordinator is away; progress is dropped beyond
+UPLOAD_RETRY_S = 600.0      # an upload is retried (the coordinator restarting) this long
+_RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
 
 @dataclass
@@ -36,10 +46,17 @@ class JobContext:
     assignment: pb.Assignment
     cancel: threading.Event = field(default_factory=threading.Event)  # read by the render thread
     rendezvous: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    mesh: object = None        # the job's Mesh once open (the render thread sets it)
+    aborted: bool = False
 
-    def stop(self) -> None:
-        """Ask the job to stop: the render thread at its next step boundary, or the wait for rendezvous now."""
+    def stop(self, abort: bool = False) -> None:
+        """Ask the job to stop: the render thread at its next step boundary (`abort`: out of its
+        collectives now), or the wait for rendezvous now."""
         self.cancel.set()
+        if abort:
+            self.aborted = True
+            if self.mesh is not None:
+                self.mesh.abort()
         if not self.rendezvous.done():
             self.rendezvous.cancel()
 
@@ -57,7 +74,10 @@ class WorkerDaemon:
         self.speed = speed  # 0: measured at load
         self.jobs: dict[str, JobContext] = {}
         self._tasks: set[asyncio.Task] = set()
-        self.outbox: asyncio.Queue | None = None
+        self.outbox: collections.deque = collections.deque()  # kept across streams
+        self.outbox_ready = asyncio.Event()
+        self.attached = asyncio.Event()  # a stream is up (uploads wait for it)
+        self.channel = None
         self.stopping = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------
@@ -85,9 +105,11 @@ class WorkerDaemon:
             memory = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
         else:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        running = next((pb.RunningJob(job_id=c.assignment.job_id, attempt=c.assignment.attempt, rank=c.assignment.rank)
+                        for c in self.jobs.values()), None)
         return pb.WorkerMessage(register=pb.Register(
             worker_id=self.worker_id, host=self.advertise_host, device=self.device, memory_bytes=memory,
-            threads=torch.get_num_threads(), model=self.model_info, speed=self.speed))
+            threads=torch.get_num_threads(), model=self.model_info, speed=self.speed, running=running))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -101,12 +123,16 @@ class WorkerDaemon:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS):
                     raise SystemExit(f"clipmesh worker: {exc.details()}") from None
-                log.warning("coordinator %s: %s; re-dialling", self.coordinator, exc.details())
-            self._cancel_all("lost the coordinator")
+                log.warning("coordinator %s: %s; re-dialling%s", self.coordinator, exc.details(),
+                            f" (still rendering {', '.join(self.jobs)})" if self.jobs else "")
             try:
                 await asyncio.wait_for(self.stopping.wait(), RECONNECT_SECONDS)
             except TimeoutError:
                 pass
+        self._cancel_all("stopping")
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:  # let running jobs notice the cancel and report before the daemon exits
+            await asyncio.wait(pending, timeout=10)
         log.info("%s stopped", self.worker_id)
 
     def _cancel_all(self, why: str) -> None:
@@ -116,13 +142,19 @@ class WorkerDaemon:
 
     async def _attached(self) -> None:
         """One Attach stream: register, heartbeat, serve assignments until it ends."""
-        outbox: asyncio.Queue = asyncio.Queue()
-        self.outbox = outbox
-        outbox.put_nowait(self._register())
+        ended = asyncio.Event()
 
-        async def outbound():
-            while (msg := await outbox.get()) is not None:
-                yield msg
+        async def outbound():  # register, then the kept outbox; what is not taken waits for the next stream
+            yield self._register()
+            while not ended.is_set():
+                if self.outbox:
+                    yield self.outbox.popleft()
+                    continue
+                self.outbox_ready.clear()
+                try:
+                    await asyncio.wait_for(self.outbox_ready.wait(), 0.5)
+                except TimeoutError:
+                    pass
 
         async with grpc.aio.insecure_channel(self.coordinator) as channel:
             self.channel = channel
@@ -134,7 +166,8 @@ class WorkerDaemon:
                     kind = msg.WhichOneof("kind")
                     if kind == "registered":
                         log.info("%s attached to %s", self.worker_id, self.coordinator)
-                        heartbeats = asyncio.create_task(self._heartbeat(outbox, msg.registered.heartbeat_seconds))
+                        self.attached.set()
+                        heartbeats = asyncio.create_task(self._heartbeat(msg.registered.heartbeat_seconds))
                     elif kind == "assignment":
                         self._start_job(msg.assignment)
                     elif kind == "rendezvous":
@@ -142,28 +175,28 @@ class WorkerDaemon:
                         if ctx and not ctx.rendezvous.done():
                             ctx.rendezvous.set_result(msg.rendezvous)
                     elif kind == "cancel":
-                        if ctx := self.jobs.get(msg.cancel.job_id):
-                            ctx.stop()
+                        ctx = self.jobs.get(msg.cancel.job_id)
+                        if ctx and msg.cancel.attempt in (0, ctx.assignment.attempt):
+                            ctx.stop(abort=msg.cancel.abort)
             finally:
+                self.attached.clear()
+                ended.set()
                 stop_waiter.cancel()
                 if heartbeats:
                     heartbeats.cancel()
-                self._cancel_all("stream ended")
-                # Let running jobs notice the cancel and report before the channel closes.
-                pending = [t for t in self._tasks if not t.done()]
-                if pending:
-                    await asyncio.wait(pending, timeout=10)
-                outbox.put_nowait(None)
                 call.cancel()
 
-    async def _heartbeat(self, outbox: asyncio.Queue, every: float) -> None:
+    async def _heartbeat(self, every: float) -> None:
+        """While this stream is up (its task ends with it): a heartbeat is only worth its moment."""
         while True:
             await asyncio.sleep(every)
-            outbox.put_nowait(pb.WorkerMessage(heartbeat=pb.Heartbeat()))
+            self._send(heartbeat=pb.Heartbeat())
 
     def _send(self, **kind) -> None:
-        if self.outbox is not None:
-            self.outbox.put_nowait(pb.WorkerMessage(**kind))
+        if "progress" in kind and len(self.outbox) >= OUTBOX_LIMIT:
+            return  # the coordinator is away too long: progress is what gives way
+        self.outbox.append(pb.WorkerMessage(**kind))
+        self.outbox_ready.set()
 
     # -- one job ------------------------------------------------------------
     def _start_job(self, assignment: pb.Assignment) -> None:
@@ -180,22 +213,26 @@ class WorkerDaemon:
         a, plan = ctx.assignment, ctx.assignment.plan
         part = (f"layers [{plan.layers[a.rank].start}, {plan.layers[a.rank].end})" if plan.layers else
                 f"latent frames [{plan.clips[a.rank].start}, {plan.clips[a.rank].end})")
-        log.info("job %s: rank %d/%d, %s, %s", a.job_id, a.rank, plan.world_size, part, plan.strategy)
+        log.info("job %s attempt %d: rank %d/%d, %s, %s%s", a.job_id, a.attempt, a.rank, plan.world_size, part,
+                 plan.strategy, f", from step {plan.start_step}" if plan.start_step else "")
         store = None
-        result = pb.JobResult(job_id=a.job_id)
+        result = pb.JobResult(job_id=a.job_id, attempt=a.attempt)
         try:
+            resume = await self._fetch_checkpoint(a) if plan.HasField("resume") else None
             if a.rank == 0:
                 # Rank 0 hosts the job's store on its advertised host and reports the port.
                 store, port = await asyncio.to_thread(mesh.host_store, self.advertise_host, plan.timeout_seconds)
-                self._send(store_ready=pb.StoreReady(job_id=a.job_id, port=port))
+                self._send(store_ready=pb.StoreReady(job_id=a.job_id, port=port, attempt=a.attempt))
             rdv = await asyncio.wait_for(ctx.rendezvous, plan.timeout_seconds)
             uploads: list[asyncio.Future] = []
             try:
-                await asyncio.to_thread(self._render, ctx, rdv, store, uploads)
+                await asyncio.to_thread(self._render, ctx, rdv, store, uploads, resume)
             finally:  # what was rendered is delivered, also when the job stops early
                 for upload in uploads:
                     await asyncio.wrap_future(upload)
             result.outcome = pb.JOB_OUTCOME_DONE
+        except mesh.MeshAborted:
+            result.outcome, result.error = pb.JOB_OUTCOME_ABORTED, "aborted: a member of the job was lost"
         except (Cancelled, asyncio.CancelledError):
             result.outcome = pb.JOB_OUTCOME_CANCELLED
             result.error = "cancelled"
@@ -211,9 +248,10 @@ class WorkerDaemon:
                  "done" if result.outcome == pb.JOB_OUTCOME_DONE else result.error)
         self._send(result=result)
 
-    def _render(self, ctx: JobContext, rdv: pb.Rendezvous, store, uploads: list) -> None:
+    def _render(self, ctx: JobContext, rdv: pb.Rendezvous, store, uploads: list, resume) -> None:
         """Blocking: runs in a thread so the stream keeps flowing (progress, heartbeats, cancels).
-        Each decoded piece is uploaded at once, in order, while rendering goes on."""
+        Each decoded piece is uploaded at once, in order, while rendering goes on; so is each
+        checkpoint part."""
         from clipmesh.worker.mesh import Mesh
         from clipmesh.worker.render import render
 
@@ -226,26 +264,59 @@ class WorkerDaemon:
                 latent_start=report.latent_start, latent_end=report.latent_end, seconds=report.seconds,
                 bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
                 comm_seconds=report.comm_seconds, block=report.block, peak_memory_bytes=report.peak_memory_bytes,
-                full_pass=report.full_pass))
+                full_pass=report.full_pass, attempt=a.attempt))
 
         def on_frames(rendered) -> None:
+            skip = plan.frames_in_video - rendered.first_frame  # already in the video from an earlier attempt
+            if skip >= len(rendered.frames):
+                return
+            if skip > 0:
+                rendered = type(rendered)(first_frame=plan.frames_in_video, frames=rendered.frames[skip:])
             previous = uploads[-1] if uploads else None
-            uploads.append(asyncio.run_coroutine_threadsafe(self._upload(a.job_id, rendered, previous), self._loop))
+            uploads.append(asyncio.run_coroutine_threadsafe(self._upload(a, rendered, previous), self._loop))
+
+        checkpoint_uploads: list = []
+
+        def on_checkpoint(part) -> None:
+            # not awaited by the render thread; one in flight at most, so parts never pile up in memory
+            if checkpoint_uploads and not checkpoint_uploads[-1].done():
+                log.warning("job %s: checkpoint at step %d skipped: the one before is still uploading",
+                            a.job_id, part.step)
+                return
+            checkpoint_uploads.append(asyncio.run_coroutine_threadsafe(self._upload_checkpoint(a, part), self._loop))
 
         group = Mesh.open(rdv.host, rdv.port, a.rank, plan.world_size, plan.group_name, backend=plan.backend,
                           timeout_s=plan.timeout_seconds, store=store, device=self.device,
                           local_host=self.advertise_host)
+        ctx.mesh = group
+        if ctx.aborted:  # told while the group was opening
+            group.abort()
         try:
             render(self.model, plan, a.rank, group, on_step=on_step, should_stop=ctx.cancel.is_set,
-                   on_frames=on_frames)
+                   on_frames=on_frames, resume=resume, on_checkpoint=on_checkpoint)
         finally:
+            ctx.mesh = None
             group.close()
 
     def _threadsafe_sender(self):
         loop = self._loop
         return lambda **kind: loop.call_soon_threadsafe(lambda: self._send(**kind))
 
-    async def _upload(self, job_id: str, rendered, after=None) -> None:
+    async def _retried(self, what: str, call):
+        """`call(stub)` until it succeeds; while the coordinator is away (re-dialling), again
+        once attached, for at most UPLOAD_RETRY_S."""
+        deadline = time.monotonic() + UPLOAD_RETRY_S
+        while True:
+            await self.attached.wait()
+            try:
+                return await call(pb_grpc.WorkerGatewayStub(self.channel))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRIED or time.monotonic() > deadline:
+                    raise
+                log.warning("%s: %s; retrying once the coordinator is back", what, exc.details())
+                await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _upload(self, a: pb.Assignment, rendered, after=None) -> None:
         """Streams decoded RGB24 frames [N, H, W, 3] to the coordinator, once the upload `after`
         (a concurrent future, or None) is done: pieces arrive in order."""
         if after is not None:
@@ -254,14 +325,47 @@ class WorkerDaemon:
         data = rendered.frames.tobytes()
 
         async def chunks():
-            yield pb.FrameChunk(header=pb.FrameHeader(job_id=job_id, worker_id=self.worker_id,
+            yield pb.FrameChunk(header=pb.FrameHeader(job_id=a.job_id, worker_id=self.worker_id,
                                                       first_frame=rendered.first_frame, num_frames=n,
-                                                      height=h, width=w))
+                                                      height=h, width=w, attempt=a.attempt))
             for offset in range(0, len(data), UPLOAD_CHUNK):
                 yield pb.FrameChunk(data=data[offset:offset + UPLOAD_CHUNK])
 
-        stub = pb_grpc.WorkerGatewayStub(self.channel)
-        await stub.UploadFrames(chunks(), metadata=metadata(self.token), timeout=300)
+        await self._retried(f"job {a.job_id}: frames from {rendered.first_frame}",
+                            lambda stub: stub.UploadFrames(chunks(), metadata=metadata(self.token), timeout=300))
+
+    async def _upload_checkpoint(self, a: pb.Assignment, part) -> None:
+        """One checkpoint part; a failure costs only this checkpoint (the last complete one stays)."""
+        async def chunks():
+            yield pb.CheckpointChunk(header=pb.CheckpointHeader(
+                job_id=a.job_id, attempt=a.attempt, worker_id=self.worker_id, step=part.step,
+                latent_start=part.start, latent_end=part.end, size=len(part.data)))
+            for offset in range(0, len(part.data), UPLOAD_CHUNK):
+                yield pb.CheckpointChunk(data=part.data[offset:offset + UPLOAD_CHUNK])
+
+        try:
+            await self._retried(f"job {a.job_id}: checkpoint at step {part.step}",
+                                lambda stub: stub.UploadCheckpoint(chunks(), metadata=metadata(self.token),
+                                                                   timeout=300))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("job %s: checkpoint at step %d not kept: %s", a.job_id, part.step, exc.details())
+
+    async def _fetch_checkpoint(self, a: pb.Assignment) -> list[bytes]:
+        """The parts of the plan's checkpoint that hold this rank's latent frames."""
+        plan, clip = a.plan, a.plan.clips[a.rank]
+        wanted = [pb.FetchCheckpointRequest(job_id=a.job_id, step=plan.resume.step, latent_start=part.latent_start,
+                                            latent_end=part.latent_end)
+                  for part in plan.resume.parts if part.latent_start < clip.end and clip.start < part.latent_end]
+        return [await self._retried(f"job {a.job_id}: checkpoint part [{r.latent_start}, {r.latent_end})",
+                                    lambda stub, r=r: _read_part(stub, r, self.token)) for r in wanted]
+
+
+async def _read_part(stub, request: pb.FetchCheckpointRequest, token: str) -> bytes:
+    data = bytearray()
+    async for chunk in stub.FetchCheckpoint(request, metadata=metadata(token), timeout=300):
+        if chunk.WhichOneof("kind") == "data":
+            data += chunk.data
+    return bytes(data)
 
 
 async def _until(call, stop_waiter: asyncio.Task):
@@ -280,7 +384,11 @@ async def _until(call, stop_waiter: asyncio.Task):
 
 
 def main(args) -> None:
+    import faulthandler
+
     import uvloop
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack: a stuck daemon explains itself
 
     daemon = WorkerDaemon(args.coordinator, args.model, args.device, args.advertise_host, args.name,
                           args.threads, args.token, args.speed)

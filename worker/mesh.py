@@ -4,6 +4,12 @@ Why one owner: collectives hang if ranks disagree on the group or on the order o
 so every collective of a job goes through a `Mesh` that holds its group and passes
 `group=` explicitly. World size 1 takes the same path (a gloo group of one), so the
 single-worker case is not a special case that could drift.
+
+Every collective can be left early: `abort()` (from another thread: the daemon, told a member
+is lost) makes the rank's current and next waits raise MeshAborted, so the survivors of a
+hung peer (SIGSTOP, a partition) are free in seconds, not after the collective timeout. Gloo
+cannot cancel a posted operation, so with gloo every operation is posted async and waited on
+through its future; NCCL's waits do not block the host, and its group is aborted instead.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,6 +29,18 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 300
+ABORT_POLL_S = 0.1  # how often a wait looks at the abort flag (an operation done wakes it at once)
+
+
+# Gloo groups left with operations posted to a hung peer. Gloo cannot cancel them, and a group's
+# destructor joins its threads, which wait out the collective timeout while the destructor holds
+# the GIL: the whole daemon (its heartbeats included) would freeze. So an aborted group is never
+# destroyed; it idles here once its operations time out.
+_ABANDONED: list = []
+
+
+class MeshAborted(RuntimeError):
+    """The rank left a collective: its job was aborted, or a peer is gone (its connection broke)."""
 
 
 def host_store(advertise_host: str, timeout_s: float = 300) -> tuple[dist.TCPStore, int]:
@@ -80,7 +99,51 @@ class Mesh:
         self.group, self.rank, self.world_size, self.device = group, rank, world_size, device
         self._store = store  # rank 0's master store must outlive the group
         self._open = True
+        self._aborted = threading.Event()
         self.stats = CommStats()
+
+    # -- leaving early ----------------------------------------------------------
+    def abort(self) -> None:
+        """Thread-safe: the rank's waits raise MeshAborted from now on (NCCL: the group is aborted)."""
+        self._aborted.set()
+        if self.device.type == "cuda":
+            try:
+                self.group.abort()
+            except Exception as exc:
+                log.warning("mesh abort (rank %d): %s", self.rank, exc)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
+    def _wait(self, work) -> None:
+        """Waits for a posted operation unless the mesh is aborted first; raises its error."""
+        if self._aborted.is_set():
+            raise MeshAborted(f"rank {self.rank}: the job was aborted")
+        if self.device.type == "cuda":
+            return work.wait()
+        done, error, threads = threading.Event(), [], []
+        try:
+            work.get_future().add_done_callback(lambda _: done.set())
+        except RuntimeError:  # gloo's send/recv have no future (nor a working is_completed): a waiter thread
+            def wait_in_thread():
+                try:
+                    work.wait()
+                except BaseException as exc:
+                    error.append(exc)
+                done.set()
+            threads.append(threading.Thread(target=wait_in_thread, name="clipmesh-p2p-wait", daemon=True))
+            threads[0].start()
+        while not done.wait(ABORT_POLL_S):
+            if self._aborted.is_set():
+                raise MeshAborted(f"rank {self.rank}: the job was aborted while waiting for a peer")
+        try:
+            if error:
+                raise error[0]
+            if not threads:
+                work.wait()  # done: raises the operation's error, if any
+        except RuntimeError as exc:  # gloo: the connection to a peer broke (it died, or aborted)
+            raise MeshAborted(f"rank {self.rank}: a peer is gone: {exc}") from exc
 
     def take_stats(self) -> tuple[int, int, float]:
         """(bytes_sent, bytes_received, seconds) of every Mesh call since the last take_stats; resets."""
@@ -139,7 +202,7 @@ class Mesh:
             tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor, group=self.group)
+        self._wait(dist.all_gather(parts, tensor, group=self.group, async_op=True))
         out = torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
         mine = sizes[self.rank]
         self._count(mine * per_entry * (self.world_size - 1), (sum(sizes) - mine) * per_entry, began)
@@ -154,7 +217,7 @@ class Mesh:
         began = time.perf_counter()
         tensor = tensor.contiguous()
         out = tensor.new_empty((sum(recv_sizes), *tensor.shape[1:]))
-        dist.all_to_all_single(out, tensor, recv_sizes, send_sizes, group=self.group)
+        self._wait(dist.all_to_all_single(out, tensor, recv_sizes, send_sizes, group=self.group, async_op=True))
         per_entry = _nbytes(tensor[:1]) if tensor.shape[0] else 0
         self._count((sum(send_sizes) - send_sizes[self.rank]) * per_entry,
                     (sum(recv_sizes) - recv_sizes[self.rank]) * per_entry, began)
@@ -165,7 +228,7 @@ class Mesh:
         so no rank is left waiting in a collective its peers will never enter."""
         began = time.perf_counter()
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        self._wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
         out = bool(t.item())
         self._count(4 * (self.world_size - 1), 4 * (self.world_size - 1), began)
         return out
@@ -175,7 +238,7 @@ class Mesh:
         agree on a data-dependent decision (a step cache's measure over the whole video)."""
         began = time.perf_counter()
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        self._wait(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
         self._count(_nbytes(t) * (self.world_size - 1), _nbytes(t) * (self.world_size - 1), began)
         return t.tolist()
 
@@ -234,7 +297,7 @@ class Mesh:
                     incoming[side].append((lo, buf))
         if ops:
             for work in dist.batch_isend_irecv(ops):
-                work.wait()
+                self._wait(work)
         halos = []
         for side in ("left", "right"):
             parts = [buf for _, buf in sorted(incoming[side], key=lambda item: item[0])]
@@ -242,18 +305,18 @@ class Mesh:
         self._count(sent, sum(_nbytes(h) for h in halos), began)
         return halos[0], halos[1]
 
-    def isend(self, tensor: torch.Tensor, dst: int):
-        """Start sending `tensor` (contiguous) to rank `dst`; returns the work to wait on. The
+    def isend(self, tensor: torch.Tensor, dst: int) -> "Sending":
+        """Start sending `tensor` (contiguous) to rank `dst`; returns what to wait() on. The
         tensor must stay untouched until then. Messages between a pair arrive in send order."""
         began = time.perf_counter()
         work = dist.isend(tensor, dst, group=self.group)
         self._count(_nbytes(tensor), 0, began)
-        return work
+        return Sending(self, work)
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Receive the next message from rank `src` into `tensor` (its exact size); returns it."""
         began = time.perf_counter()
-        dist.recv(tensor, src, group=self.group)
+        self._wait(dist.irecv(tensor, src, group=self.group))
         self._count(0, _nbytes(tensor), began)
         return tensor
 
@@ -261,7 +324,7 @@ class Mesh:
         began = time.perf_counter()
         mine = torch.tensor([size], dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(parts, mine, group=self.group)
+        self._wait(dist.all_gather(parts, mine, group=self.group, async_op=True))
         self._count(8 * (self.world_size - 1), 8 * (self.world_size - 1), began)
         return [int(p.item()) for p in parts]
 
@@ -270,6 +333,8 @@ class Mesh:
         if not self._open:
             return
         self._open = False
+        if self._aborted.is_set():
+            _ABANDONED.append(self.group)
         try:
             if dist.is_initialized():
                 dist.destroy_process_group(self.group)
@@ -282,3 +347,14 @@ class Mesh:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class Sending:
+    """A posted send; wait() is the mesh's abortable wait."""
+
+    mesh: Mesh
+    work: object
+
+    def wait(self) -> None:
+        self.mesh._wait(self.work)

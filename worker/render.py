@@ -23,6 +23,7 @@ import torch
 from clipmesh.plan import num_output_frames
 from clipmesh.specs import check_plan as check_against_spec
 from clipmesh.specs import clip_lengths
+from clipmesh.worker import checkpoint
 from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, RenderedFrames, StepReport  # noqa: F401
 from clipmesh.worker.peak_memory import PeakMemory
 from clipmesh.worker.patches import Patches
@@ -39,10 +40,13 @@ def check_plan(model, plan, rank: int, mesh) -> None:
 
 @torch.no_grad()
 def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_stop: Callable[[], bool] | None = None,
-        on_finished: Callable[[FinishedLatents], None] | None = None, latents: torch.Tensor | None = None) -> None:
+        on_finished: Callable[[FinishedLatents], None] | None = None, resume: list[bytes] | None = None,
+        on_checkpoint: Callable[[checkpoint.Part], None] | None = None) -> None:
     """Denoise this rank's part of the job; hand every piece of final latents to `on_finished`.
 
-    `latents`: this rank's clip to resume from at plan.start_step (default: the initial noise)."""
+    `resume`: the checkpoint parts (worker/checkpoint.py) to go on from at plan.start_step
+    (default: from the initial noise). Every plan.checkpoint_every steps (not after the last)
+    this rank's part of a checkpoint goes to `on_checkpoint`."""
     model, req, mesh = job.model, job.request, job.mesh
     check_plan(model, job.plan, job.rank, mesh)
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
@@ -51,7 +55,8 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
     with Patches() as patches:
         strategy.install(job, patches)
         install_savers(job, patches)  # after the strategy: savers wrap whatever it installed
-        schedule = strategy.schedule(job, denoising, latents)
+        schedule = strategy.schedule(job, denoising, resume)
+        every = job.plan.checkpoint_every if on_checkpoint else 0
         done = 0
         while True:
             if schedule.agree_stop(bool(should_stop and should_stop())):
@@ -77,6 +82,9 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
                 on_step(StepReport(work.step + 1, schedule.total, time.perf_counter() - began, sent, received,
                                    comm_seconds, work.latent_start, work.latent_end, work.block,
                                    peak_memory_bytes=memory.peak(), full_pass=patches.full_pass))
+            if every and (work.step + 1) % every == 0 and work.step + 1 < schedule.total:
+                if (part := schedule.checkpoint()) is not None:
+                    on_checkpoint(part)
             _deliver(schedule, on_finished)
         _deliver(schedule, on_finished)
 
@@ -87,16 +95,18 @@ def _deliver(schedule, on_finished) -> None:
             on_finished(piece)
 
 
-def denoise_clip(model, plan, rank: int, mesh, on_step=None, should_stop=None, latents=None) -> torch.Tensor:
+def denoise_clip(model, plan, rank: int, mesh, on_step=None, should_stop=None, resume=None,
+                 on_checkpoint=None) -> torch.Tensor:
     """This rank's clip of final latents [1, C, clip frames, h, w] (frames partitions)."""
     pieces: list[FinishedLatents] = []
-    run(Job(model, plan, rank, mesh), on_step, should_stop, pieces.append, latents)
+    run(Job(model, plan, rank, mesh), on_step, should_stop, pieces.append, resume, on_checkpoint)
     return torch.cat([p.latents for p in pieces], dim=2)
 
 
-def denoise(model, plan, rank: int, mesh, on_step=None, should_stop=None, latents=None) -> torch.Tensor:
+def denoise(model, plan, rank: int, mesh, on_step=None, should_stop=None, resume=None,
+            on_checkpoint=None) -> torch.Tensor:
     """denoise_clip, then the whole video's latents [1, C, num_latent_frames, h, w] on every rank."""
-    local = denoise_clip(model, plan, rank, mesh, on_step, should_stop, latents)
+    local = denoise_clip(model, plan, rank, mesh, on_step, should_stop, resume, on_checkpoint)
     return mesh.all_gather_uneven(local, clip_lengths(plan), dim=2)
 
 
@@ -170,10 +180,11 @@ class Decoder:
 
 def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] | None = None,
            should_stop: Callable[[], bool] | None = None, on_frames: Callable[[RenderedFrames], None] | None = None,
-           on_latents: Callable[[FinishedLatents], None] | None = None, decode: bool = True) -> None:
+           on_latents: Callable[[FinishedLatents], None] | None = None, decode: bool = True,
+           resume: list[bytes] | None = None, on_checkpoint: Callable[[checkpoint.Part], None] | None = None) -> None:
     """Run this rank's part of the plan; hand every decoded piece of the video to `on_frames` as
     soon as it is decoded (and, first, its final latents to `on_latents`). `decode=False`
-    denoises only."""
+    denoises only. `resume`, `on_checkpoint`: as for run()."""
     job = Job(model, plan, rank, mesh)
     # block_pipeline's blocks decode beside the pipeline: inline, a rank's decode stalls every stage
     decoder = Decoder(job, on_frames or (lambda rendered: None), background=bool(plan.layers)) if decode else None
@@ -185,7 +196,7 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
             decoder.add(piece)
 
     try:
-        run(job, on_step, should_stop, finished)
+        run(job, on_step, should_stop, finished, resume, on_checkpoint)
     finally:  # what was handed to the decoder is decoded (and uploaded), also when the job stops
         if decoder:
             decoder.finish()

@@ -33,6 +33,7 @@ class JobOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_OUTCOME_CANCELLED: _ClassVar[JobOutcome]
     JOB_OUTCOME_FAILED: _ClassVar[JobOutcome]
     JOB_OUTCOME_FAILED_AFTER_CANCEL: _ClassVar[JobOutcome]
+    JOB_OUTCOME_ABORTED: _ClassVar[JobOutcome]
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -48,9 +49,10 @@ JOB_OUTCOME_DONE: JobOutcome
 JOB_OUTCOME_CANCELLED: JobOutcome
 JOB_OUTCOME_FAILED: JobOutcome
 JOB_OUTCOME_FAILED_AFTER_CANCEL: JobOutcome
+JOB_OUTCOME_ABORTED: JobOutcome
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers")
+    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,8 @@ class SubmitJobRequest(_message.Message):
     CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     SAVERS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_frames: int
@@ -81,7 +85,9 @@ class SubmitJobRequest(_message.Message):
     clip_parallel: ClipParallelOptions
     block_pipeline: BlockPipelineOptions
     savers: SaverOptions
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ...) -> None: ...
+    checkpoint_every: int
+    max_attempts: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., checkpoint_every: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class SaverOptions(_message.Message):
     __slots__ = ("slice_chunks", "step_cache", "tiled_decode")
@@ -116,7 +122,7 @@ class BlockPipelineOptions(_message.Message):
     def __init__(self, block_frames: _Optional[int] = ..., context_frames: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "request", "error", "created_at", "started_at", "finished_at", "worker_ids", "video_size", "video_sha256", "strategy", "video_frames")
+    __slots__ = ("id", "state", "request", "error", "created_at", "started_at", "finished_at", "worker_ids", "video_size", "video_sha256", "strategy", "video_frames", "attempt", "checkpoint_step")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +135,8 @@ class Job(_message.Message):
     VIDEO_SHA256_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     request: SubmitJobRequest
@@ -141,7 +149,9 @@ class Job(_message.Message):
     video_sha256: str
     strategy: str
     video_frames: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_ids: _Optional[_Iterable[str]] = ..., video_size: _Optional[int] = ..., video_sha256: _Optional[str] = ..., strategy: _Optional[str] = ..., video_frames: _Optional[int] = ...) -> None: ...
+    attempt: int
+    checkpoint_step: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_ids: _Optional[_Iterable[str]] = ..., video_size: _Optional[int] = ..., video_sha256: _Optional[str] = ..., strategy: _Optional[str] = ..., video_frames: _Optional[int] = ..., attempt: _Optional[int] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -212,7 +222,7 @@ class StateChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StepProgress(_message.Message):
-    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds", "block", "peak_memory_bytes", "full_pass")
+    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds", "block", "peak_memory_bytes", "full_pass", "attempt")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +236,7 @@ class StepProgress(_message.Message):
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     FULL_PASS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     step: int
@@ -239,7 +250,8 @@ class StepProgress(_message.Message):
     block: int
     peak_memory_bytes: int
     full_pass: bool
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ..., block: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., full_pass: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ..., block: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., full_pass: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class FramesReceived(_message.Message):
     __slots__ = ("worker_id", "first_frame", "num_frames")
@@ -329,6 +341,50 @@ class ModelInfo(_message.Message):
     attention_heads: int
     def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ..., attention_heads: _Optional[int] = ...) -> None: ...
 
+class CheckpointChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: CheckpointHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CheckpointHeader(_message.Message):
+    __slots__ = ("job_id", "attempt", "worker_id", "step", "latent_start", "latent_end", "size")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LATENT_START_FIELD_NUMBER: _ClassVar[int]
+    LATENT_END_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    worker_id: str
+    step: int
+    latent_start: int
+    latent_end: int
+    size: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class UploadCheckpointResponse(_message.Message):
+    __slots__ = ("complete",)
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    complete: bool
+    def __init__(self, complete: _Optional[bool] = ...) -> None: ...
+
+class FetchCheckpointRequest(_message.Message):
+    __slots__ = ("job_id", "step", "latent_start", "latent_end")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LATENT_START_FIELD_NUMBER: _ClassVar[int]
+    LATENT_END_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    latent_start: int
+    latent_end: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ...) -> None: ...
+
 class WorkerMessage(_message.Message):
     __slots__ = ("register", "heartbeat", "store_ready", "progress", "result", "log")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
@@ -346,7 +402,7 @@ class WorkerMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., store_ready: _Optional[_Union[StoreReady, _Mapping]] = ..., progress: _Optional[_Union[StepProgress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., log: _Optional[_Union[LogMessage, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "host", "device", "memory_bytes", "threads", "model", "speed")
+    __slots__ = ("worker_id", "host", "device", "memory_bytes", "threads", "model", "speed", "running")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +410,7 @@ class Register(_message.Message):
     THREADS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPEED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     device: str
@@ -361,29 +418,44 @@ class Register(_message.Message):
     threads: int
     model: ModelInfo
     speed: float
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ...) -> None: ...
+    running: RunningJob
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., running: _Optional[_Union[RunningJob, _Mapping]] = ...) -> None: ...
+
+class RunningJob(_message.Message):
+    __slots__ = ("job_id", "attempt", "rank")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    rank: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StoreReady(_message.Message):
-    __slots__ = ("job_id", "port")
+    __slots__ = ("job_id", "port", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     port: int
-    def __init__(self, job_id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., port: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "outcome", "error")
+    __slots__ = ("job_id", "outcome", "error", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     outcome: JobOutcome
     error: str
-    def __init__(self, job_id: _Optional[str] = ..., outcome: _Optional[_Union[JobOutcome, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., outcome: _Optional[_Union[JobOutcome, str]] = ..., error: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
     __slots__ = ("registered", "assignment", "rendezvous", "cancel")
@@ -404,24 +476,25 @@ class Registered(_message.Message):
     def __init__(self, heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("job_id", "plan", "rank")
+    __slots__ = ("job_id", "plan", "rank", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     plan: RenderPlan
     rank: int
-    def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[RenderPlan, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[RenderPlan, _Mapping]] = ..., rank: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
-    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "decode_rank", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline", "savers")
+    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline", "savers", "attempt", "checkpoint_every", "resume", "frames_in_video")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LATENT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     CLIPS_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
-    DECODE_RANK_FIELD_NUMBER: _ClassVar[int]
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -429,13 +502,16 @@ class RenderPlan(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     SAVERS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_IN_VIDEO_FIELD_NUMBER: _ClassVar[int]
     request: SubmitJobRequest
     strategy: str
     world_size: int
     num_latent_frames: int
     clips: _containers.RepeatedCompositeFieldContainer[ClipRange]
     start_step: int
-    decode_rank: int
     group_name: str
     timeout_seconds: int
     backend: str
@@ -443,7 +519,29 @@ class RenderPlan(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerRange]
     block_pipeline: BlockPipelineOptions
     savers: SaverOptions
-    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., decode_rank: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ...) -> None: ...
+    attempt: int
+    checkpoint_every: int
+    resume: CheckpointInfo
+    frames_in_video: int
+    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., frames_in_video: _Optional[int] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("step", "parts")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    parts: _containers.RepeatedCompositeFieldContainer[CheckpointPart]
+    def __init__(self, step: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[CheckpointPart, _Mapping]]] = ...) -> None: ...
+
+class CheckpointPart(_message.Message):
+    __slots__ = ("latent_start", "latent_end", "size")
+    LATENT_START_FIELD_NUMBER: _ClassVar[int]
+    LATENT_END_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    latent_start: int
+    latent_end: int
+    size: int
+    def __init__(self, latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ClipRange(_message.Message):
     __slots__ = ("start", "end")
@@ -472,10 +570,14 @@ class Rendezvous(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "attempt", "abort")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    attempt: int
+    abort: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., abort: _Optional[bool] = ...) -> None: ...
 
 class FrameChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -486,20 +588,22 @@ class FrameChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
-    __slots__ = ("job_id", "worker_id", "first_frame", "num_frames", "height", "width")
+    __slots__ = ("job_id", "worker_id", "first_frame", "num_frames", "height", "width", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     first_frame: int
     num_frames: int
     height: int
     width: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., first_frame: _Optional[int] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., first_frame: _Optional[int] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class UploadFramesResponse(_message.Message):
     __slots__ = ("frames_received",)

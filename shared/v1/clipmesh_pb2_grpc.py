@@ -393,6 +393,16 @@ class WorkerGatewayStub:
                 request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.FrameChunk.SerializeToString,
                 response_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.UploadFramesResponse.FromString,
                 _registered_method=True)
+        self.UploadCheckpoint = channel.stream_unary(
+                '/clipmesh.v1.WorkerGateway/UploadCheckpoint',
+                request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.UploadCheckpointResponse.FromString,
+                _registered_method=True)
+        self.FetchCheckpoint = channel.unary_stream(
+                '/clipmesh.v1.WorkerGateway/FetchCheckpoint',
+                request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.FetchCheckpointRequest.SerializeToString,
+                response_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class WorkerGatewayServicer:
@@ -404,7 +414,8 @@ class WorkerGatewayServicer:
 
     def Attach(self, request_iterator, context):
         """One long-lived stream per worker daemon. The first message must be
-        `register`; the coordinator answers with `registered`.
+        `register`; the coordinator answers with `registered`. A newer registration under
+        the same worker_id takes over; the older stream then ends with ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -413,6 +424,21 @@ class WorkerGatewayServicer:
     def UploadFrames(self, request_iterator, context):
         """Decoded frames of a job: a header chunk, then raw RGB24 bytes in order.
         No message exceeds 4 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadCheckpoint(self, request_iterator, context):
+        """One rank's part of a step checkpoint: a header chunk, then the bytes (torch.save of the
+        part's tensors; loaded with weights_only). No message exceeds 4 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchCheckpoint(self, request, context):
+        """A part of the job's last complete checkpoint: a header chunk, then the bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -430,6 +456,16 @@ def add_WorkerGatewayServicer_to_server(servicer, server):
                     servicer.UploadFrames,
                     request_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.FrameChunk.FromString,
                     response_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.UploadFramesResponse.SerializeToString,
+            ),
+            'UploadCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadCheckpoint,
+                    request_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.CheckpointChunk.FromString,
+                    response_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.UploadCheckpointResponse.SerializeToString,
+            ),
+            'FetchCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchCheckpoint,
+                    request_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.FetchCheckpointRequest.FromString,
+                    response_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +526,60 @@ class WorkerGateway:
             '/clipmesh.v1.WorkerGateway/UploadFrames',
             clipmesh_dot_v1_dot_clipmesh__pb2.FrameChunk.SerializeToString,
             clipmesh_dot_v1_dot_clipmesh__pb2.UploadFramesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/clipmesh.v1.WorkerGateway/UploadCheckpoint',
+            clipmesh_dot_v1_dot_clipmesh__pb2.CheckpointChunk.SerializeToString,
+            clipmesh_dot_v1_dot_clipmesh__pb2.UploadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clipmesh.v1.WorkerGateway/FetchCheckpoint',
+            clipmesh_dot_v1_dot_clipmesh__pb2.FetchCheckpointRequest.SerializeToString,
+            clipmesh_dot_v1_dot_clipmesh__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,

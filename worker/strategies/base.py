@@ -11,6 +11,7 @@ A strategy supplies three things and no loop (the runner, render.py, owns the lo
 
 from __future__ import annotations
 
+from clipmesh.worker import checkpoint
 from clipmesh.worker.adapters.unet3d_temporal import TemporalOps
 from clipmesh.worker.job import FinishedLatents, Job, Work
 
@@ -19,7 +20,8 @@ class Schedule:
     """What comes next, for the runner: `next()` a Work (None when done), `run(work)` computes it;
     `agree_stop` is the cancel decision, the same on every rank; `take_finished()` the final
     latents this rank is to decode, as they become final (the runner asks after every unit and
-    once the schedule is done)."""
+    once the schedule is done); `checkpoint()` this rank's state to go on from (None: it has
+    none to give now)."""
 
     total = 0  # steps per latent frame
 
@@ -35,16 +37,22 @@ class Schedule:
     def take_finished(self) -> list[FinishedLatents]:
         return []
 
+    def checkpoint(self) -> checkpoint.Part | None:
+        return None
+
 
 class StepSchedule(Schedule):
     """Every rank steps its own clip through the timesteps [plan.start_step, T), all in lockstep;
     the schedulers we use are elementwise over the latents, so stepping each clip alone is exact."""
 
-    def __init__(self, job: Job, denoising, latents=None):
+    def __init__(self, job: Job, denoising, resume: list[bytes] | None = None):
         self.job, self.d = job, denoising
         self.scheduler = denoising.new_scheduler()
         self.start, self.end = job.clip
-        self.latents = latents if latents is not None else denoising.noise(self.start, self.end, self.scheduler)
+        if resume:  # the checkpoint's latents and scheduler state of this clip, at plan.start_step
+            self.latents = checkpoint.restore(resume, self.start, self.end, self.scheduler, job.model.device)
+        else:
+            self.latents = denoising.noise(self.start, self.end, self.scheduler)
         self.i, self.total = job.plan.start_step, len(denoising.timesteps)
 
     def agree_stop(self, asked: bool) -> bool:
@@ -69,6 +77,11 @@ class StepSchedule(Schedule):
         clip, self.latents = FinishedLatents(self.start, self.end, self.latents), None
         return [clip]
 
+    def checkpoint(self) -> checkpoint.Part | None:
+        if self.latents is None:
+            return None
+        return checkpoint.save(self.i, self.start, self.end, self.latents, self.scheduler)
+
 
 class Strategy:
     name = ""
@@ -82,8 +95,9 @@ class Strategy:
                                           f"for {mixer.kind} ({type(mixer.module).__name__})")
             handler(job, mixer, patches)
 
-    def schedule(self, job: Job, denoising, latents=None) -> Schedule:
-        return StepSchedule(job, denoising, latents)
+    def schedule(self, job: Job, denoising, resume: list[bytes] | None = None) -> Schedule:
+        """`resume`: the checkpoint parts to start from at plan.start_step (None: from noise)."""
+        return StepSchedule(job, denoising, resume)
 
 
 class FrameStrategy(Strategy):

@@ -106,8 +106,8 @@ class BlockPipelineStrategy(Strategy):
             backend = getattr(mixer.module.processor, "_attention_backend", None)
             patches.set_processor(mixer.module, FeatureCacheAttention(self.cache, mixer.ops, backend))
 
-    def schedule(self, job, denoising, latents=None):
-        if latents is not None or job.plan.start_step:
+    def schedule(self, job, denoising, resume=None):
+        if resume or job.plan.start_step:
             raise NotImplementedError("block_pipeline cannot resume at a step yet")
         return (BlockQueue if job.rank == 0 else StageFollower)(job, denoising, self.stages, self.cache)
 

@@ -1,0 +1,112 @@
+"""Step checkpoints (worker/checkpoint.py): a run resumed from a checkpoint equals the
+uninterrupted run: bit for bit with the same split, within 1e-5 re-split over another worker
+count (the latents and UniPC's multistep history are cut per latent frame and glued again).
+Real gloo ranks; tiny-wan (UniPC keeps a history of model outputs, so a resume that lost it
+would differ), 17 frames -> 5 latent frames."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipmesh.plan import split_clips
+from clipmesh.v1 import clipmesh_pb2 as pb
+from ranks import run_ranks
+
+FRAMES, SIDE, STEPS, SEED, LATENT = 17, 32, 5, 99, 5
+TOL = 1e-5
+
+
+def _plan(world_size: int, strategy: str, every: int = 2, resume_step: int = 0) -> pb.RenderPlan:
+    req = pb.SubmitJobRequest(prompt="a kite over dunes", negative_prompt="blurry", num_frames=FRAMES, height=SIDE,
+                              width=SIDE, num_inference_steps=STEPS, guidance_scale=5.0, seed=SEED, model="tiny-wan",
+                              strategy=strategy, num_workers=world_size)
+    plan = pb.RenderPlan(request=req, strategy=strategy, world_size=world_size, num_latent_frames=LATENT,
+                         clips=[pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)],
+                         start_step=resume_step, group_name=f"ckpt-{strategy}-{world_size}-{resume_step}",
+                         timeout_seconds=60, checkpoint_every=every)
+    if strategy == "clip_parallel":
+        plan.clip_parallel.CopyFrom(pb.ClipParallelOptions(local_halo=1, global_frames=1, phase_switch_t=500.0,
+                                                           phase_bias=10.0, entropy_scaling=False))
+    return plan
+
+
+def _rank(mesh, folder, strategy, resume_step, parts):
+    """Denoise this rank's clip (from `parts` at `resume_step`, else from noise); return the whole
+    video's latents, the steps run and this rank's checkpoint parts."""
+    from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.render import denoise
+
+    model = load_adapter(folder, "cpu", torch.float32)
+    plan, steps, written = _plan(mesh.world_size, strategy, resume_step=resume_step), [], []
+    resume = [data for step, _, _, data in parts if step == resume_step] if resume_step else None
+    latents = denoise(model, plan, mesh.rank, mesh, on_step=lambda r: steps.append(r.step), resume=resume,
+                      on_checkpoint=lambda p: written.append((p.step, p.start, p.end, p.data)))
+    return latents.numpy(), steps, written
+
+
+def _run(world_size, folder, strategy, resume_step=0, parts=()):
+    out = run_ranks(_rank, world_size, str(folder), strategy, resume_step, list(parts),
+                    group=f"ckpt-{strategy}-{world_size}-{resume_step}")
+    return torch.from_numpy(out[0][0]), [out[r][1] for r in sorted(out)], [p for r in sorted(out) for p in out[r][2]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_wan_folder):
+    """2 ranks, checkpoints every 2 steps: at 2 and 4 (not after the last step)."""
+    return {s: _run(2, tiny_wan_folder, s) for s in ("exact", "clip_parallel")}
+
+
+@pytest.mark.parametrize("strategy", ["exact", "clip_parallel"])
+def test_checkpoints_are_written_every_k_steps_by_every_rank(uninterrupted, strategy):
+    _, steps, parts = uninterrupted[strategy]
+    assert steps == [list(range(1, STEPS + 1))] * 2
+    assert sorted((step, start, end) for step, start, end, _ in parts) == [(2, 0, 3), (2, 3, 5), (4, 0, 3), (4, 3, 5)]
+
+
+@pytest.mark.parametrize("strategy", ["exact", "clip_parallel"])
+def test_resume_with_the_same_split_is_bitwise(uninterrupted, tiny_wan_folder, strategy):
+    full, _, parts = uninterrupted[strategy]
+    resumed, steps, _ = _run(2, tiny_wan_folder, strategy, 2, parts)
+    assert steps == [[3, 4, 5]] * 2  # only the steps after the checkpoint ran
+    assert torch.equal(resumed, full)
+
+
+@pytest.mark.parametrize(("strategy", "world_size", "step"), [("exact", 3, 2), ("exact", 1, 4),
+                                                               ("clip_parallel", 1, 2)])
+def test_resume_re_split_over_another_count(uninterrupted, tiny_wan_folder, strategy, world_size, step):
+    full, _, parts = uninterrupted[strategy]
+    resumed, steps, _ = _run(world_size, tiny_wan_folder, strategy, step, parts)
+    assert steps == [list(range(step + 1, STEPS + 1))] * world_size
+    diff = (resumed - full).abs().max().item()
+    print(f"{strategy} 2 -> {world_size} ranks from step {step}: max|diff| {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_a_resume_without_the_history_would_differ(uninterrupted, tiny_wan_folder):
+    """The oracle can fail: drop UniPC's history from the parts and the resumed video changes."""
+    from clipmesh.worker import checkpoint
+
+    full, _, parts = uninterrupted["exact"]
+    stripped = []
+    for step, start, end, data in parts:
+        loaded = checkpoint.load(data)
+        latents = loaded["latents"]
+
+        class Fresh:  # a scheduler state with an empty history
+            model_outputs = [None] * len(loaded["frames"]["model_outputs"])
+        part = checkpoint.save(step, start, end, latents, Fresh())
+        stripped.append((step, start, end, part.data))
+    resumed, _, _ = _run(2, tiny_wan_folder, "exact", 2, stripped)
+    assert (resumed - full).abs().max().item() > 1e-3
+
+
+def test_parts_that_miss_frames_are_refused():
+    from clipmesh.worker import checkpoint
+
+    class Scheduler:
+        pass
+
+    part = checkpoint.save(2, 0, 3, torch.zeros(1, 4, 3, 2, 2), Scheduler())
+    with pytest.raises(ValueError, match="cover 3 of latent frames \\[0, 5\\)"):
+        checkpoint.restore([part.data], 0, 5, Scheduler())
