@@ -110,3 +110,47 @@ def test_parts_that_miss_frames_are_refused():
     part = checkpoint.save(2, 0, 3, torch.zeros(1, 4, 3, 2, 2), Scheduler())
     with pytest.raises(ValueError, match="cover 3 of latent frames \\[0, 5\\)"):
         checkpoint.restore([part.data], 0, 5, Scheduler())
+
+
+def test_the_coordinator_keeps_only_the_last_complete_checkpoint(tmp_path):
+    """coordinator/checkpoints.py on a real SQLite store: a step counts once its parts cover
+    every latent frame, earlier steps' files then go; a part that lies is refused and not kept."""
+    import asyncio
+
+    from clipmesh.coordinator.checkpoints import Checkpoints
+    from clipmesh.coordinator.errors import InvalidArgument
+    from clipmesh.coordinator.store import Store
+
+    store = Store(tmp_path / "db.sqlite")
+    checkpoints = Checkpoints(store, tmp_path / "checkpoints")
+
+    async def upload(step, start, end, data: bytes, size=None):
+        header = pb.CheckpointHeader(job_id="j", attempt=1, worker_id="w", step=step, latent_start=start,
+                                     latent_end=end, size=len(data) if size is None else size)
+
+        async def chunks():
+            yield data
+
+        return await checkpoints.receive(header, chunks(), 5)
+
+    async def scenario():
+        assert not await upload(2, 0, 3, b"a" * 10)
+        assert checkpoints.latest("j", 5) is None           # [3, 5) missing
+        assert await upload(2, 3, 5, b"b" * 7)              # complete
+        assert [(p.latent_start, p.latent_end, p.size) for p in checkpoints.latest("j", 5).parts] == [(0, 3, 10),
+                                                                                                       (3, 5, 7)]
+        assert not await upload(4, 0, 3, b"c" * 10)
+        assert checkpoints.latest("j", 5).step == 2         # step 4 not complete: step 2 stays
+        assert await upload(4, 3, 5, b"d" * 7)
+        assert checkpoints.latest("j", 5).step == 4
+        assert not (tmp_path / "checkpoints" / "j" / "2" / "0-3.part").exists()  # the older step's files went
+        assert checkpoints.read("j", 4, 0, 3).read_bytes() == b"c" * 10
+        with pytest.raises(InvalidArgument, match="latent_start/latent_end"):
+            await upload(6, 3, 9, b"e")
+        with pytest.raises(InvalidArgument, match="expected 5 bytes"):
+            await upload(6, 0, 5, b"e" * 3, size=5)
+        assert checkpoints.latest("j", 5).step == 4 and not store.checkpoint_parts("j", 6)
+        checkpoints.drop("j")
+        assert checkpoints.latest("j", 5) is None and not (tmp_path / "checkpoints" / "j").exists()
+
+    asyncio.run(scenario())

@@ -56,7 +56,7 @@ def test_make_plan_sizes_clips_by_worker_speed():
     plan = make_plan(job, members, WAN, timeout_seconds=30)
     assert [(c.start, c.end) for c in plan.clips] == [(0, 10), (10, 33)]  # share 8.25, lifted to the halo
     assert plan.strategy == "clip_parallel" and plan.clip_parallel.local_halo == 10
-    assert plan.group_name == "clipmesh-j1" and plan.num_latent_frames == 33 and plan.world_size == 2
+    assert plan.group_name == "clipmesh-j1-1" and plan.num_latent_frames == 33 and plan.world_size == 2  # attempt 1
 
 
 def test_block_pipeline_plan_splits_layers_not_frames():

@@ -54,10 +54,12 @@ def drain(stream, into: queue.Queue) -> None:
 
 
 class FakeWorker:
-    """Attaches like a worker daemon serving tiny-wan, so the coordinator places jobs on it."""
+    """Attaches like a worker daemon serving tiny-wan, so the coordinator places jobs on it; what
+    it sends of a job carries the attempt it was assigned, as a daemon's messages do."""
 
     def __init__(self, address: str, name: str):
         self.name = name
+        self.attempts: dict[str, int] = {}  # job -> the attempt of its assignment
         self.channel = grpc.insecure_channel(address)
         self.gateway = pb_grpc.WorkerGatewayStub(self.channel)
         self.outbox: queue.Queue = queue.Queue()
@@ -72,20 +74,25 @@ class FakeWorker:
     def expect(self, kind: str) -> pb.CoordinatorMessage:
         msg = self.inbox.get(timeout=WAIT)
         assert msg.WhichOneof("kind") == kind, msg
+        if kind == "assignment":
+            self.attempts[msg.assignment.job_id] = msg.assignment.attempt
         return getattr(msg, kind)
 
     def send(self, **kind) -> None:
+        if "result" in kind:  # a daemon's result names the attempt it ends
+            kind["result"].attempt = self.attempts.get(kind["result"].job_id, 0)
         self.outbox.put(pb.WorkerMessage(**kind))
 
     def step(self, job_id: str, block: int, step: int, total: int) -> None:
         self.send(progress=pb.StepProgress(worker_id=self.name, rank=0, step=step, total_steps=total,
                                            latent_start=2 * block, latent_end=2 * block + 2, seconds=0.01,
-                                           block=block))
+                                           block=block, attempt=self.attempts.get(job_id, 0)))
 
     def upload(self, job_id: str, first: int, end: int) -> int:
         data = frames(first, end).tobytes()
         chunks = [pb.FrameChunk(header=pb.FrameHeader(job_id=job_id, worker_id=self.name, first_frame=first,
-                                                      num_frames=end - first, height=HEIGHT, width=WIDTH))]
+                                                      num_frames=end - first, height=HEIGHT, width=WIDTH,
+                                                      attempt=self.attempts.get(job_id, 0)))]
         chunks += [pb.FrameChunk(data=data[i:i + UPLOAD_CHUNK]) for i in range(0, len(data), UPLOAD_CHUNK)]
         return self.gateway.UploadFrames(iter(chunks), metadata=metadata(TOKEN), timeout=WAIT).frames_received
 
