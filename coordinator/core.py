@@ -20,6 +20,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from clipmesh import faults
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .checkpoints import Checkpoints, stream_part
@@ -194,7 +195,7 @@ class CoordinatorCore:
             async for chunk in chunks:
                 yield chunk.data
 
-        complete = await self.checkpoints.receive(header, data(), active.plan.num_latent_frames)
+        complete = await self.checkpoints.receive(header, data(), faults.checkpoint_frames(active.plan))
         if complete:
             job = self.jobs.get(header.job_id)
             job.checkpoint_step = header.step

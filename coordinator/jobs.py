@@ -222,9 +222,10 @@ class Jobs:
         video = self.kept_videos.pop(job.id, None) or (
             VideoWriter.resume(self._video_file(job.id), job.request.fps) if job.attempt
             else VideoWriter(self._video_file(job.id), job.request.fps))
-        checkpoint = self.checkpoints.latest(job.id, plan.num_latent_frames) if plan.checkpoint_every else None
+        checkpoint = self.checkpoints.latest(job.id, faults.checkpoint_frames(plan)) if plan.checkpoint_every else None
         if checkpoint is not None:
-            plan.start_step = checkpoint.step
+            if not plan.layers:  # block_pipeline's queue holds each block's own step
+                plan.start_step = checkpoint.step
             plan.resume.CopyFrom(checkpoint)
         plan.frames_in_video = video.frames_written
         self.store.save_attempt(job.id, plan, members)
@@ -232,7 +233,7 @@ class Jobs:
         self.not_before.pop(job.id, None)
         job.strategy, job.attempt = plan.strategy, plan.attempt
         job.worker_ids[:] = members
-        resumed = f", resuming at step {plan.start_step}" if plan.start_step else ""
+        resumed = f", resuming at step {plan.resume.step}" if plan.HasField("resume") else ""
         kept = f", {video.frames_written} frames kept" if video.frames_written else ""
         await self.set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy}), "
                                                      f"attempt {plan.attempt}{resumed}{kept}")
@@ -299,7 +300,7 @@ class Jobs:
         self.kept_videos[job_id] = active.video
         backoff = RETRY_BACKOFF_S * 2 ** (active.attempt - 1)
         self.not_before[job_id] = time.monotonic() + backoff
-        checkpoint = self.checkpoints.latest(job_id, active.plan.num_latent_frames)
+        checkpoint = self.checkpoints.latest(job_id, faults.checkpoint_frames(active.plan))
         where = f"step {checkpoint.step}" if checkpoint else "step 0"
         self._queue_again(job, f"attempt {active.attempt} of {limit} failed: {error}; attempt {active.attempt + 1} "
                                f"resumes from {where} in {backoff:g}s")

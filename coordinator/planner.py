@@ -58,7 +58,7 @@ def make_plan(job: pb.Job, members: list[pb.WorkerInfo], model: pb.ModelInfo, ti
     attempt = job.attempt + 1  # the group of each attempt is new: a late peer of the last cannot join it
     plan = pb.RenderPlan(request=req, strategy=spec.name, world_size=len(members), num_latent_frames=latent,
                          start_step=0, group_name=f"clipmesh-{job.id}-{attempt}", timeout_seconds=timeout_seconds,
-                         attempt=attempt, checkpoint_every=faults.checkpoint_every(req, spec.name))
+                         attempt=attempt, checkpoint_every=faults.checkpoint_every(req))
     plan.savers.CopyFrom(resolve_savers(req, model.family))
     options = specs.resolve_options(spec, req, model)
     if options is not None:

@@ -13,15 +13,18 @@ DEFAULT_CHECKPOINT_EVERY = 4
 MAX_CHECKPOINT_EVERY = 200       # = the most steps a job may have
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS = 10
-# Strategies whose schedule cannot write a checkpoint yet: their jobs are retried from step 0.
-NO_CHECKPOINTS = ("block_pipeline",)
 
 
-def checkpoint_every(req, strategy: str) -> int:
-    """Steps between checkpoints of a job under `strategy` (0 = none)."""
-    if strategy in NO_CHECKPOINTS:
-        return 0
+def checkpoint_every(req) -> int:
+    """Steps between checkpoints (block_pipeline: iterations of its queue); 0 = none."""
     return req.checkpoint_every if req.HasField("checkpoint_every") else DEFAULT_CHECKPOINT_EVERY
+
+
+def checkpoint_frames(plan) -> int:
+    """The latent frames a complete checkpoint of `plan` covers: a frames partition's parts
+    cover the video; a layers partition's (block_pipeline) is one part [0, 1) from rank 0,
+    which holds the whole queue."""
+    return 1 if plan.layers else plan.num_latent_frames
 
 
 def max_attempts(req) -> int:

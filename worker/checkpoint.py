@@ -1,4 +1,8 @@
-"""Step checkpoints of a frames partition: what a rank needs to go on exactly from a step.
+"""Step checkpoints: what a rank needs to go on exactly from a step.
+
+Frames partitions (exact, clip_parallel, ulysses): every rank writes a part, below.
+block_pipeline: rank 0 holds the whole queue and writes one part of it (block_queue.py, with
+`dumps` / `loads` and the scheduler state helpers here).
 
 A part holds the latents of the rank's latent frames [start, end) after `step` steps and its
 scheduler's state. The schedulers we use step every latent frame alone (elementwise), so a
@@ -36,31 +40,52 @@ def _is_per_frame(value, shape) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == shape
 
 
+def scheduler_state(scheduler) -> dict:
+    """What a scheduler changes while it steps (its config comes from the model folder)."""
+    return {name: value for name, value in vars(scheduler).items() if name not in _NOT_STATE}
+
+
+def set_scheduler_state(scheduler, state: dict, device="cpu") -> None:
+    for name, value in state.items():
+        setattr(scheduler, name, _to(value, device))
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
+
+
+def dumps(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def loads(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+
 def save(step: int, start: int, end: int, latents: torch.Tensor, scheduler) -> Part:
     """The part of latents [1, C, end - start, h, w] and their scheduler after `step` steps."""
     frames, common = {}, {}
-    for name, value in vars(scheduler).items():
-        if name in _NOT_STATE:
-            continue
+    for name, value in scheduler_state(scheduler).items():
         if _is_per_frame(value, latents.shape) or (isinstance(value, list) and any(
                 _is_per_frame(v, latents.shape) for v in value)):
             frames[name] = value
         else:
             common[name] = value
-    buffer = io.BytesIO()
-    torch.save({"step": step, "start": start, "end": end, "latents": latents, "frames": frames, "common": common},
-               buffer)
-    return Part(step, start, end, buffer.getvalue())
-
-
-def load(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    state = {"step": step, "start": start, "end": end, "latents": latents, "frames": frames, "common": common}
+    return Part(step, start, end, dumps(state))
 
 
 def restore(parts: list[bytes], start: int, end: int, scheduler, device="cpu") -> torch.Tensor:
     """Latents of global latent frames [start, end) from the parts that hold them, with
     `scheduler` set to their state (per-frame entries cut to the same frames)."""
-    loaded = sorted((load(p) for p in parts), key=lambda p: p["start"])
+    loaded = sorted((loads(p) for p in parts), key=lambda p: p["start"])
     pieces = [p for p in loaded if p["start"] < end and start < p["end"]]
     covered = sum(min(p["end"], end) - max(p["start"], start) for p in pieces)
     if covered != end - start:
@@ -71,8 +96,7 @@ def restore(parts: list[bytes], start: int, end: int, scheduler, device="cpu") -
                                    min(p["end"], end) - max(p["start"], start))
                           for p, v in zip(pieces, values)], dim=FRAME_DIM).to(device)
 
-    for name, value in pieces[0]["common"].items():
-        setattr(scheduler, name, value.to(device) if isinstance(value, torch.Tensor) else value)
+    set_scheduler_state(scheduler, pieces[0]["common"], device)
     for name, value in pieces[0]["frames"].items():
         if isinstance(value, list):  # a history: entry i of every part, or None where none is kept yet
             setattr(scheduler, name, [None if value[i] is None else cut([p["frames"][name][i] for p in pieces])

@@ -351,11 +351,16 @@ class WorkerDaemon:
             log.warning("job %s: checkpoint at step %d not kept: %s", a.job_id, part.step, exc.details())
 
     async def _fetch_checkpoint(self, a: pb.Assignment) -> list[bytes]:
-        """The parts of the plan's checkpoint that hold this rank's latent frames."""
-        plan, clip = a.plan, a.plan.clips[a.rank]
+        """The parts of the plan's checkpoint that hold this rank's latent frames (block_pipeline:
+        rank 0's queue, the one part)."""
+        plan = a.plan
+        if plan.layers:
+            parts = plan.resume.parts if a.rank == 0 else []
+        else:
+            clip = plan.clips[a.rank]
+            parts = [p for p in plan.resume.parts if p.latent_start < clip.end and clip.start < p.latent_end]
         wanted = [pb.FetchCheckpointRequest(job_id=a.job_id, step=plan.resume.step, latent_start=part.latent_start,
-                                            latent_end=part.latent_end)
-                  for part in plan.resume.parts if part.latent_start < clip.end and clip.start < part.latent_end]
+                                            latent_end=part.latent_end) for part in parts]
         return [await self._retried(f"job {a.job_id}: checkpoint part [{r.latent_start}, {r.latent_end})",
                                     lambda stub, r=r: _read_part(stub, r, self.token)) for r in wanted]
 

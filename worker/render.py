@@ -45,8 +45,9 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
     """Denoise this rank's part of the job; hand every piece of final latents to `on_finished`.
 
     `resume`: the checkpoint parts (worker/checkpoint.py) to go on from at plan.start_step
-    (default: from the initial noise). Every plan.checkpoint_every steps (not after the last)
-    this rank's part of a checkpoint goes to `on_checkpoint`."""
+    (default: from the initial noise). Every plan.checkpoint_every steps (the schedule says
+    when: block_pipeline counts iterations of its queue) this rank's part of a checkpoint goes
+    to `on_checkpoint`."""
     model, req, mesh = job.model, job.request, job.mesh
     check_plan(model, job.plan, job.rank, mesh)
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
@@ -82,9 +83,8 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
                 on_step(StepReport(work.step + 1, schedule.total, time.perf_counter() - began, sent, received,
                                    comm_seconds, work.latent_start, work.latent_end, work.block,
                                    peak_memory_bytes=memory.peak(), full_pass=patches.full_pass))
-            if every and (work.step + 1) % every == 0 and work.step + 1 < schedule.total:
-                if (part := schedule.checkpoint()) is not None:
-                    on_checkpoint(part)
+            if every and (part := schedule.checkpoint(every)) is not None:
+                on_checkpoint(part)
             _deliver(schedule, on_finished)
         _deliver(schedule, on_finished)
 

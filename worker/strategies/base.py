@@ -20,8 +20,8 @@ class Schedule:
     """What comes next, for the runner: `next()` a Work (None when done), `run(work)` computes it;
     `agree_stop` is the cancel decision, the same on every rank; `take_finished()` the final
     latents this rank is to decode, as they become final (the runner asks after every unit and
-    once the schedule is done); `checkpoint()` this rank's state to go on from (None: it has
-    none to give now)."""
+    once the schedule is done); `checkpoint(every)` after each unit: this rank's part of a
+    checkpoint when one is due every `every` steps (None: none due, or nothing to give)."""
 
     total = 0  # steps per latent frame
 
@@ -37,7 +37,7 @@ class Schedule:
     def take_finished(self) -> list[FinishedLatents]:
         return []
 
-    def checkpoint(self) -> checkpoint.Part | None:
+    def checkpoint(self, every: int) -> checkpoint.Part | None:
         return None
 
 
@@ -77,8 +77,9 @@ class StepSchedule(Schedule):
         clip, self.latents = FinishedLatents(self.start, self.end, self.latents), None
         return [clip]
 
-    def checkpoint(self) -> checkpoint.Part | None:
-        if self.latents is None:
+    def checkpoint(self, every: int) -> checkpoint.Part | None:
+        """After every `every` steps, not after the last (the clip is final then)."""
+        if self.latents is None or self.i % every or self.i >= self.total:
             return None
         return checkpoint.save(self.i, self.start, self.end, self.latents, self.scheduler)
 

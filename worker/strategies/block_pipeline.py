@@ -107,9 +107,12 @@ class BlockPipelineStrategy(Strategy):
             patches.set_processor(mixer.module, FeatureCacheAttention(self.cache, mixer.ops, backend))
 
     def schedule(self, job, denoising, resume=None):
-        if resume or job.plan.start_step:
-            raise NotImplementedError("block_pipeline cannot resume at a step yet")
-        return (BlockQueue if job.rank == 0 else StageFollower)(job, denoising, self.stages, self.cache)
+        """Rank 0 keeps the queue (and resumes it from a checkpoint); the others follow."""
+        if job.plan.start_step:  # a checkpoint resumes the queue's blocks, each at its own step
+            raise ValueError("block_pipeline plans start at step 0; a resume comes as the queue's checkpoint")
+        if job.rank == 0:
+            return BlockQueue(job, denoising, self.stages, self.cache, resume)
+        return StageFollower(job, denoising, self.stages, self.cache)
 
 
 STRATEGY = BlockPipelineStrategy

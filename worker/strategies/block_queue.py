@@ -9,25 +9,41 @@ thread of its own (render.Decoder); the coordinator puts the pieces in order.
 
 Timing: the runner starts an item's clock before `next()`, so an item's time and traffic include
 waiting for what it reads (a follower's header, rank 0's predictions of the blocks it reads).
+
+Checkpoints: rank 0 holds all the state (followers keep only per-iteration caches), so at an
+iteration boundary every `checkpoint_every` iterations it waits for the predictions in flight
+and writes the queue: each block's latents, scheduler and step, the tails the next blocks and
+the decode read, how many blocks have entered, and the last finished blocks (RECENT_SLACK more
+than an interval: those whose frames may still be on their way to the coordinator). A resumed
+queue starts at that boundary and first hands out again the finished blocks whose frames the
+video lacks (plan.frames_in_video), so the stream has no gap and no repeat.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from clipmesh.plan import block_ranges
+from clipmesh.plan import block_ranges, num_output_frames
+from clipmesh.worker import checkpoint
 from clipmesh.worker.job import Cancelled, FinishedLatents, Work
 from clipmesh.worker.memory import release_free_memory
 from clipmesh.worker.noise import coordinated_noise
 from clipmesh.worker.strategies.base import Schedule
 
 WORK, DONE, CANCELLED, DECODE = 1, 0, 2, 3  # header kinds
+log = logging.getLogger("clipmesh.worker")
 # Blocks decoded in a row by one rank: the warm-up of a run (~0.8 of a block's decode on bench-wan)
 # is paid once per run; longer runs wait longer for a rank's turn.
 DECODE_RUN = 4
+# finished blocks a checkpoint keeps beyond one interval, per rank: a decode run waiting its turn,
+# the decoder's backlog and the uploads behind it
+RECENT_SLACK = DECODE_RUN + 2
+
+
 @dataclass(frozen=True)
 class Item:
     """One block's step on its way through the stages (the header of a stage message)."""
@@ -149,7 +165,7 @@ class BlockQueue(_Stage):
     """Rank 0: the queue. Each iteration a new block enters and every queued block advances one
     step, tail -> head; the head block leaves after its last step."""
 
-    def __init__(self, job, denoising, stages, cache):
+    def __init__(self, job, denoising, stages, cache, resume: list[bytes] | None = None):
         super().__init__(job, denoising, stages, cache)
         opts, (self.channels, self.h, self.w) = job.plan.block_pipeline, job.model.latent_shape(
             job.request.height, job.request.width)
@@ -163,7 +179,14 @@ class BlockQueue(_Stage):
         self.local: deque[torch.Tensor] = deque()      # predictions made here (rank 0 is the last stage)
         self.pending: deque[Item] = deque()            # the rest of this iteration's items
         self.video_tail: torch.Tensor | None = None    # the finished video's last latent frames: a decode's warm-up
-        self.iteration, self.done = 0, False
+        self.iteration, self.entered, self.done = 0, 0, False
+        # the last finished blocks a checkpoint keeps, and the decode warm-up before the first of them
+        keep = job.plan.checkpoint_every + RECENT_SLACK * job.mesh.world_size if job.plan.checkpoint_every else 0
+        self.recent: deque[FinishedLatents] = deque(maxlen=keep)
+        self.recent_before: torch.Tensor | None = None
+        self.new_run = False  # the next hand-out opens a decode stream (after a resume)
+        if resume:
+            self._resume(checkpoint.loads(resume[0]))
 
     def agree_stop(self, asked: bool) -> bool:
         """Stops only between iterations: every message in the ring arrives, then CANCELLED."""
@@ -191,6 +214,7 @@ class BlockQueue(_Stage):
             scheduler = self.d.new_scheduler()
             noise = next(self.noises)[:, :, : span[1] - span[0]].to(self.job.model.device)
             self.queue[self.iteration] = QueuedBlock(*span, noise * scheduler.init_noise_sigma, scheduler)
+            self.entered += 1
         self.iteration += 1
         active = sorted((j for j, block in self.queue.items() if block.issued < self.total), reverse=True)
         for position, j in enumerate(active):  # the context is known once the predecessor is waited for
@@ -232,14 +256,79 @@ class BlockQueue(_Stage):
         if block.step == self.total:  # final: it leaves the queue
             del self.queue[item.block]
             self.finished_tail = block.latents[:, :, block.latents.shape[2] - self.context_frames:]
-            self._hand_out(item.block, FinishedLatents(block.start, block.end, block.latents))
+            piece = FinishedLatents(block.start, block.end, block.latents)
+            self._remember(piece)
+            self._hand_out(item.block, piece)
+
+    # -- checkpoints ---------------------------------------------------------------
+    def _remember(self, piece: FinishedLatents) -> None:
+        if not self.recent.maxlen:
+            return
+        if len(self.recent) == self.recent.maxlen:  # the oldest goes; its frames become the warm-up before
+            old = self.recent[0].latents
+            before = old if self.recent_before is None else torch.cat([self.recent_before, old], dim=2)
+            self.recent_before = before[:, :, max(0, before.shape[2] - self.job.model.decode_lookback):]
+        self.recent.append(piece)
+
+    def checkpoint(self, every: int) -> checkpoint.Part | None:
+        """At an iteration boundary every `every` iterations: the whole queue, once the predictions
+        in flight are in (so every block's latents and scheduler are current)."""
+        if self.pending or self.done or not self.iteration or self.iteration % every:
+            return None
+        while self.in_flight:
+            self._take_prediction()
+        blocks = [dict(j=j, start=b.start, end=b.end, latents=b.latents, step=b.step,
+                       scheduler=checkpoint.scheduler_state(b.scheduler)) for j, b in self.queue.items()]
+        state = dict(iteration=self.iteration, entered=self.entered, blocks=blocks, finished_tail=self.finished_tail,
+                     video_tail=self.video_tail, recent=[(p.start, p.end, p.latents) for p in self.recent],
+                     recent_before=self.recent_before)
+        return checkpoint.Part(self.iteration, 0, 1, checkpoint.dumps(state))
+
+    def _resume(self, state: dict) -> None:
+        """The queue as the checkpoint left it; the finished blocks whose frames the video lacks are
+        handed out again first. Where such a block is older than the checkpoint keeps, the queue
+        starts from noise instead (the frames the video has are not uploaded again either way)."""
+        device, stride = self.job.model.device, self.job.model.temporal_stride
+        frames_upto = lambda latent: num_output_frames(latent, stride) if latent else 0  # noqa: E731
+        have = self.job.plan.frames_in_video
+        recent = [FinishedLatents(s, e, x.to(device)) for s, e, x in state["recent"]]
+        finished_end = min((b["start"] for b in state["blocks"]), default=recent[-1].end if recent else 0)
+        kept_from = recent[0].start if recent else finished_end
+        if frames_upto(kept_from) > have:
+            log.warning("checkpoint at iteration %d keeps no blocks before latent frame %d and the video has "
+                        "%d frames: starting from noise", state["iteration"], kept_from, have)
+            return
+        missing = [p for p in recent if frames_upto(p.end) > have]
+        self.iteration, self.entered = state["iteration"], state["entered"]
+        for _ in range(self.entered):  # the blocks and noise already drawn
+            next(self.ranges)
+            next(self.noises)
+        for b in state["blocks"]:
+            scheduler = self.d.new_scheduler()
+            checkpoint.set_scheduler_state(scheduler, b["scheduler"], device)
+            self.queue[b["j"]] = QueuedBlock(b["start"], b["end"], b["latents"].to(device), scheduler, b["step"],
+                                             b["step"])
+        self.finished_tail = None if state["finished_tail"] is None else state["finished_tail"].to(device)
+        self.recent.extend(recent)
+        self.recent_before = state["recent_before"]
+        self.video_tail = None if state["video_tail"] is None else state["video_tail"].to(device)
+        if missing:  # their decode warms up on the frames before the first of them
+            before = ([] if self.recent_before is None else [self.recent_before.to(device)]) + [
+                p.latents for p in recent if p.end <= missing[0].start]
+            tail = torch.cat(before, dim=2) if before else None
+            lookback = self.job.model.decode_lookback
+            self.video_tail = tail[:, :, max(0, tail.shape[2] - lookback):] if tail is not None and lookback else None
+        self.new_run = True  # the next hand-out opens a decode stream (with the warm-up, if any)
+        for piece in missing:
+            self._hand_out(piece.start // self.block_frames, piece)
 
     def _hand_out(self, j: int, piece: FinishedLatents) -> None:
         """Runs of DECODE_RUN blocks are decoded by the ranks in turn (run k on rank k mod N: the
         decode off rank 0's critical path); a run's first block carries the finished video's
         last frames as the causal VAE's warm-up, the others continue its decode stream. A DECODE
         message down the ring takes a block to its rank."""
-        lookback, starts_run = self.job.model.decode_lookback, j % DECODE_RUN == 0
+        lookback, starts_run = self.job.model.decode_lookback, j % DECODE_RUN == 0 or self.new_run
+        self.new_run = False
         if lookback:
             video = piece.latents if self.video_tail is None else torch.cat([self.video_tail, piece.latents], dim=2)
             tail, self.video_tail = self.video_tail, video[:, :, max(0, video.shape[2] - lookback):]
