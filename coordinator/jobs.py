@@ -116,6 +116,10 @@ class Jobs:
                 path.unlink(missing_ok=True)
         return video
 
+    async def _video_on_disk(self, job: pb.Job) -> VideoWriter:
+        """A retried job's video after a coordinator restart: what the dead one's ffmpeg closed."""
+        return await asyncio.to_thread(VideoWriter.resume, self._video_file(job.id), job.request.fps)
+
     def _queue_again(self, job: pb.Job, detail: str) -> None:
         job.state = pb.QUEUED
         del job.worker_ids[:]
@@ -189,8 +193,8 @@ class Jobs:
         if job.state in FINAL_STATES:
             raise self.already_ended(job_id)
         if job_id not in self.active:  # queued (maybe between attempts, with frames kept)
-            kept = self.kept_videos.pop(job_id, None)
-            if kept is not None:
+            kept = self.kept_videos.pop(job_id, None) or (await self._video_on_disk(job) if job.attempt else None)
+            if kept is not None and kept.frames_written:
                 self.active[job_id] = ActiveJob(plan=pb.RenderPlan(request=job.request), members=[], pending=set(),
                                                 video=kept)
                 await self.end(job_id, pb.CANCELLED, detail="cancelled by client")
@@ -220,8 +224,7 @@ class Jobs:
         """Attempt plan.attempt of the job is placed on `members` (rank order): RUNNING, with its
         video open (kept from the attempt before, if any), resuming from its last checkpoint."""
         video = self.kept_videos.pop(job.id, None) or (
-            VideoWriter.resume(self._video_file(job.id), job.request.fps) if job.attempt
-            else VideoWriter(self._video_file(job.id), job.request.fps))
+            await self._video_on_disk(job) if job.attempt else VideoWriter(self._video_file(job.id), job.request.fps))
         checkpoint = self.checkpoints.latest(job.id, faults.checkpoint_frames(plan)) if plan.checkpoint_every else None
         if checkpoint is not None:
             if not plan.layers:  # block_pipeline's queue holds each block's own step

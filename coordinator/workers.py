@@ -6,9 +6,10 @@ members are told to start or stop, and where rank 0's StoreReady is brokered int
 Rendezvous for every member. It knows nothing of jobs beyond their ids: what a lost
 worker means for its job is decided by the facade (core.py) and jobs.py.
 
-A name is one worker: a newer registration under an attached name takes over (the old
-session is fenced off: its stream is closed and nothing it sends counts), since a
-supervisor restarts a worker faster than its old session is noticed as lost. A worker that
+A name is one worker: a newer process under an attached name takes over (the old session is
+fenced off: its stream is closed and nothing it sends counts), since a supervisor restarts a
+worker faster than its old session is noticed as lost; an older process registering again
+(back from a freeze) is refused, so the name cannot flap between them (Register.incarnation). A worker that
 fails jobs repeatedly is kept out of placement for a while.
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from clipmesh import presets
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-from .errors import InvalidArgument
+from .errors import AlreadyExists, InvalidArgument
 from .store import Store, now_ts
 
 log = logging.getLogger("clipmesh.coordinator")
@@ -52,6 +53,7 @@ class WorkerRegistry:
         self.store = store
         self.heartbeat_timeout = heartbeat_timeout
         self.sessions: dict[str, WorkerSession] = {}
+        self.incarnations: dict[str, int] = {}      # worker -> the newest process seen under its name
         self.failures: dict[str, list[float]] = {}  # worker -> monotonic times of its failed attempts
         self.kept_out_until: dict[str, float] = {}
 
@@ -91,6 +93,9 @@ class WorkerRegistry:
         (reg.running) is BUSY with it, so it is not placed before that is over."""
         if not reg.worker_id:
             raise InvalidArgument("register.worker_id", "must not be empty")
+        if reg.incarnation < self.incarnations.get(reg.worker_id, 0):  # an old process back from a freeze
+            raise AlreadyExists(f"worker {reg.worker_id!r}: a newer process runs under this name")
+        self.incarnations[reg.worker_id] = reg.incarnation
         old = self.sessions.pop(reg.worker_id, None)
         if old is not None:
             old.replaced = True

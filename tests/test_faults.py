@@ -246,17 +246,21 @@ def test_backfill_and_a_cancelled_blocker(whole_farm):
 
 
 def test_a_worker_restarted_under_its_name_takes_over(whole_farm):
-    """The old process is frozen (its session still attached, heartbeats not yet missed) when
-    a new one registers under its name: the new one takes over; the old one, thawed, is told
-    ALREADY_EXISTS and exits instead of taking the name back."""
+    """The old process is frozen (its session attached until its heartbeats are missed) when a
+    new one registers under its name: the new one takes over; the old one, thawed, is told
+    ALREADY_EXISTS (its session replaced, or its registration older) and exits for good."""
     farm = whole_farm
     old = farm.workers["f2"]
     old.send_signal(signal.SIGSTOP)
     farm.procs.remove(old)
+    attached_before = _attached_since(farm, "f2")
     farm.workers["f2"] = new = farm.worker("f2")
     with farm.client() as client:
-        wait_until(lambda: any(w.id == "f2" and w.state == pb.IDLE for w in client.workers()) and
-                   new.poll() is None and _attached_since(farm, "f2") >= 2, 120, "the new f2 attached", farm)
+        # whichever comes first, the new process's registration or the old session's heartbeat loss,
+        # the thawed old process must not take the name back
+        wait_until(lambda: _attached_since(farm, "f2") > attached_before and new.poll() is None and
+                   any(w.id == "f2" and w.state == pb.IDLE for w in client.workers()), 120, "the new f2 attached",
+                   farm)
         old.send_signal(signal.SIGCONT)
         old.wait(timeout=30)
         assert new.poll() is None
@@ -303,3 +307,27 @@ def test_chaos_random_kills_of_workers_and_the_coordinator(whole_farm, tmp_path)
         print(f"round {round_}: {strategy}, killed the {target} at step {step}: {pb.JobState.Name(job.state)}")
     print(f"faults survived: {survived}")
     assert survived >= 3
+
+
+def test_a_name_follows_the_newest_process(tmp_path):
+    """The registry's fencing, both orders: a newer process replaces an attached session (which
+    then ends with ALREADY_EXISTS); an older process registering later is refused."""
+    import asyncio
+
+    from clipmesh.coordinator.errors import AlreadyExists
+    from clipmesh.coordinator.store import Store
+    from clipmesh.coordinator.workers import WorkerRegistry
+
+    async def scenario():
+        registry = WorkerRegistry(Store(tmp_path / "db.sqlite"), heartbeat_timeout=3)
+        old, replaced = registry.attach(pb.Register(worker_id="w", incarnation=100))
+        assert replaced is None and registry.current(old)
+        new, replaced = registry.attach(pb.Register(worker_id="w", incarnation=200))
+        assert replaced is old and old.replaced and registry.current(new) and not registry.current(old)
+        registry.detach("w", "no heartbeat")
+        with pytest.raises(AlreadyExists, match="newer process"):
+            registry.attach(pb.Register(worker_id="w", incarnation=100))  # the old one, back from a freeze
+        again, _ = registry.attach(pb.Register(worker_id="w", incarnation=200))  # the same process re-dials
+        assert registry.current(again)
+
+    asyncio.run(scenario())

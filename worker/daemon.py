@@ -72,6 +72,7 @@ class WorkerDaemon:
         self.threads = threads
         self.token = token
         self.speed = speed  # 0: measured at load
+        self.incarnation = time.time_ns()  # a newer process under this name fences this one off
         self.jobs: dict[str, JobContext] = {}
         self._tasks: set[asyncio.Task] = set()
         self.outbox: collections.deque = collections.deque()  # kept across streams
@@ -109,7 +110,8 @@ class WorkerDaemon:
                         for c in self.jobs.values()), None)
         return pb.WorkerMessage(register=pb.Register(
             worker_id=self.worker_id, host=self.advertise_host, device=self.device, memory_bytes=memory,
-            threads=torch.get_num_threads(), model=self.model_info, speed=self.speed, running=running))
+            threads=torch.get_num_threads(), model=self.model_info, speed=self.speed, running=running,
+            incarnation=self.incarnation))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
