@@ -67,8 +67,8 @@ class FrameIntake:
             path.unlink(missing_ok=True)
             raise InvalidArgument("data", f"expected {expected} bytes of RGB24, got {received}")
         try:
-            await self._add_part(active, FramePart(header.first_frame, header.num_frames, header.height,
-                                                   header.width, path))
+            part = FramePart(header.first_frame, header.num_frames, header.height, header.width, path)
+            await self._add_part(header.job_id, active, part)
         except VideoClosed:  # the job ended while this part was on its way
             raise self.jobs.already_ended(header.job_id) from None
         except ValueError as exc:
@@ -81,7 +81,10 @@ class FrameIntake:
         return header.num_frames
 
     @shielded
-    async def _add_part(self, active: ActiveJob, part: FramePart) -> None:
+    async def _add_part(self, job_id: str, active: ActiveJob, part: FramePart) -> None:
         """The lock is held until the writer thread is done, even if the upload's caller went away."""
         async with active.video_lock:
+            if self.jobs.active.get(job_id) is not active:  # the attempt ended meanwhile (a fault)
+                part.path.unlink(missing_ok=True)
+                raise FailedPrecondition(f"attempt {active.attempt} of job {job_id} has ended")
             await asyncio.to_thread(active.video.add, part)

@@ -299,7 +299,8 @@ class Jobs:
             await self.end(job_id, pb.FAILED, error=f"{error} (attempt {active.attempt} of {limit})")
             return await self._finish_if_done(job_id)
         self.active.pop(job_id)
-        active.video.drop_held()  # only frames in the video count; the next attempt renders the rest
+        async with active.video_lock:  # (an upload of this attempt may be writing)
+            active.video.drop_held()  # only frames in the video count; the next attempt renders the rest
         self.kept_videos[job_id] = active.video
         backoff = RETRY_BACKOFF_S * 2 ** (active.attempt - 1)
         self.not_before[job_id] = time.monotonic() + backoff
