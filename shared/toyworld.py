@@ -5,7 +5,8 @@ and an approximation (dual-scope attention, a step cache, block_pipeline's conte
 judged by its distance to `exact`. In this world a prompt names what a video must show ("a red
 circle moving right"), and a colour-segmenting detector measures whether it does: per frame
 the shape's presence, colour, kind and centroid; from the track, prompt accuracy, smoothness and
-the jump at clip boundaries. The toy model is trained on it (train/), bench/quality.py reports it.
+the jump at clip boundaries. It is the world a toy model is to be trained on, and the measure of
+its videos (not yet wired to a preset or a benchmark).
 """
 
 from __future__ import annotations
