@@ -68,7 +68,6 @@ def loads(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
-
 def save(step: int, start: int, end: int, latents: torch.Tensor, scheduler) -> Part:
     """The part of latents [1, C, end - start, h, w] and their scheduler after `step` steps."""
     frames, common = {}, {}

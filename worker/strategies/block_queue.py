@@ -44,6 +44,16 @@ DECODE_RUN = 4
 RECENT_SLACK = DECODE_RUN + 2
 
 
+def last_frames(pieces: list[torch.Tensor | None], n: int) -> torch.Tensor | None:
+    """The last `n` latent frames of `pieces` joined in order (None entries skipped): a causal
+    VAE's warm-up. None when there is nothing or n is 0."""
+    pieces = [p for p in pieces if p is not None]
+    if not n or not pieces:
+        return None
+    joined = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+    return joined[:, :, max(0, joined.shape[2] - n):]
+
+
 @dataclass(frozen=True)
 class Item:
     """One block's step on its way through the stages (the header of a stage message)."""
@@ -265,9 +275,8 @@ class BlockQueue(_Stage):
         if not self.recent.maxlen:
             return
         if len(self.recent) == self.recent.maxlen:  # the oldest goes; its frames become the warm-up before
-            old = self.recent[0].latents
-            before = old if self.recent_before is None else torch.cat([self.recent_before, old], dim=2)
-            self.recent_before = before[:, :, max(0, before.shape[2] - self.job.model.decode_lookback):]
+            self.recent_before = last_frames([self.recent_before, self.recent[0].latents],
+                                             self.job.model.decode_lookback)
         self.recent.append(piece)
 
     def checkpoint(self, every: int) -> checkpoint.Part | None:
@@ -313,11 +322,9 @@ class BlockQueue(_Stage):
         self.recent_before = state["recent_before"]
         self.video_tail = None if state["video_tail"] is None else state["video_tail"].to(device)
         if missing:  # their decode warms up on the frames before the first of them
-            before = ([] if self.recent_before is None else [self.recent_before.to(device)]) + [
-                p.latents for p in recent if p.end <= missing[0].start]
-            tail = torch.cat(before, dim=2) if before else None
-            lookback = self.job.model.decode_lookback
-            self.video_tail = tail[:, :, max(0, tail.shape[2] - lookback):] if tail is not None and lookback else None
+            before = [None if self.recent_before is None else self.recent_before.to(device)]
+            self.video_tail = last_frames(before + [p.latents for p in recent if p.end <= missing[0].start],
+                                          self.job.model.decode_lookback)
         self.new_run = True  # the next hand-out opens a decode stream (with the warm-up, if any)
         for piece in missing:
             self._hand_out(piece.start // self.block_frames, piece)
@@ -330,8 +337,7 @@ class BlockQueue(_Stage):
         lookback, starts_run = self.job.model.decode_lookback, j % DECODE_RUN == 0 or self.new_run
         self.new_run = False
         if lookback:
-            video = piece.latents if self.video_tail is None else torch.cat([self.video_tail, piece.latents], dim=2)
-            tail, self.video_tail = self.video_tail, video[:, :, max(0, video.shape[2] - lookback):]
+            tail, self.video_tail = self.video_tail, last_frames([self.video_tail, piece.latents], lookback)
             piece = FinishedLatents(piece.start, piece.end, piece.latents, tail if starts_run else None)
         target = j // DECODE_RUN % self.mesh.world_size
         if target == 0:
