@@ -136,7 +136,8 @@ def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = N
                 print(f"clipmesh: job {job.id} {progress.STATE_NAMES[job.state]}: {job.error}", file=sys.stderr)
                 return 1
             size = cluster.client.fetch(job.id, output)
-        print(f"wrote {output} ({fields['num_frames']} frames {fields['width']}x{fields['height']}, {size} bytes) "
+        print(f"wrote {output}: \"{prompt}\" ({fields['model']}, {fields['num_frames']} frames "
+              f"{fields['width']}x{fields['height']}, {size} bytes) "
               f"in {time.monotonic() - t0:.1f}s")
         return 0
     finally:

@@ -174,6 +174,26 @@ PRESETS: dict[str, dict] = {
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
                        max_side=512, native_latent_frames=21),
     },
+    # Trained on the toy world (clipmesh.toytrain): shapes that move as the prompt says, at
+    # 64x64 and 17 frames (5 latent frames). Its weights ship in the package (TRAINED_ROOT); the
+    # other presets' configs build random weights. A VAE of x4 in space (16x16 latents): at x8
+    # a small VAE on CPU learned the colours but blurred the shapes away.
+    "toy-wan": {
+        "transformer": dict(
+            patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=64, ffn_dim=256, num_layers=6, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        "vae": dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                    temperal_downsample=[True, True], dropout=0.0, scale_factor_spatial=4, scale_factor_temporal=4),
+        "text_encoder": _umt5(32),
+        "scheduler": _WAN_SCHEDULER,
+        # Option defaults sized to its native 5 latent frames, as the family's are to Wan's 21: a
+        # +-2 window (Video-Infinity's P), blocks of 3 with 1 frame of context each way (DualParal).
+        "limits": dict(family="wan", spatial_multiple=8, temporal_stride=4, max_frames=1025,
+                       max_side=256, native_latent_frames=5, clip_parallel_defaults=dict(local_halo=2),
+                       block_pipeline_defaults=dict(block_frames=3, context_frames=1)),
+        "trained": True,
+    },
     # UNet3D (zeroscope / ModelScope / VideoCrafter2 architecture): seconds on CPU at 64x64.
     "tiny-unet3d": {
         "unet": _unet((32, 64), groups=8, head_dim=4, text_dim=32),
@@ -234,8 +254,17 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("CLIPMESH_CACHE") or pathlib.Path.home() / ".cache" / "clipmesh")
 
 
+TRAINED_ROOT = pathlib.Path(__file__).resolve().parent / "models"  # trained presets' folders, in the package
+
+
 def model_folder(name_or_path: str) -> pathlib.Path:
-    """A diffusers folder for a preset name (built on first use) or a local folder path."""
+    """A diffusers folder for a preset name (built on first use, or shipped trained) or a local folder path."""
+    if PRESETS.get(name_or_path, {}).get("trained"):
+        folder = TRAINED_ROOT / name_or_path
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"the trained preset {name_or_path!r} is missing from {folder} "
+                                    f"(python -m clipmesh.toytrain makes it)")
+        return folder
     if name_or_path in PRESETS:
         target = cache_root() / f"{name_or_path}-{PRESETS[name_or_path].get('version', _VERSION)}"
         if not (target / "model_index.json").is_file():

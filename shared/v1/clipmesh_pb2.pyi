@@ -316,7 +316,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers", "attention_heads")
+    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers", "attention_heads", "block_pipeline_defaults")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SPATIAL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +328,7 @@ class ModelInfo(_message.Message):
     CLIP_PARALLEL_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_PIPELINE_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     spatial_multiple: int
@@ -339,7 +340,8 @@ class ModelInfo(_message.Message):
     clip_parallel_defaults: ClipParallelOptions
     num_layers: int
     attention_heads: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ..., attention_heads: _Optional[int] = ...) -> None: ...
+    block_pipeline_defaults: BlockPipelineOptions
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ..., attention_heads: _Optional[int] = ..., block_pipeline_defaults: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -1,0 +1,298 @@
+"""Train the `toy-wan` preset from scratch on CPU: a small AutoencoderKLWan, then a small
+WanTransformer3DModel with flow matching, on the toy world's videos (clipmesh.toyworld).
+
+    python -m clipmesh.toytrain --out /tmp/toy-wan-train          # every phase, ~1 h on 2 cores
+    python -m clipmesh.toytrain --out DIR --phase transformer      # one phase (each resumes from DIR)
+
+Phases, each writing into --out, so a phase can be rerun alone:
+  vae          reconstruction of short clips (5 frames: the causal VAE's first frame alone, then
+               one 4-frame chunk; longer videos reuse the same chunks). The loss weighs pixels
+               that differ from the background 21x: with a plain loss the decoder learns the
+               background and ignores its latent (every clip decodes to the same blur).
+               No KL term: the posterior's mean is the latent, as a KL-free autoencoder's.
+  vae-check    the gate before the transformer trains: the detector must read the prompt
+               (presence, colour, direction) back from reconstructions of 17-frame clips.
+  latents      a fixed set of encoded 17-frame clips and their prompts' text embeddings; the
+               per-channel mean and std go into the VAE config (latents_mean / latents_std), as
+               Wan's VAE carries them, so the transformer sees unit-scale latents.
+  transformer  flow matching as Wan trains: x_t = (1 - s) x0 + s noise, target noise - x0,
+               timestep 1000 s, s drawn through the scheduler's shift (3.0) so training sees the
+               sigmas sampling visits; 10% of prompts dropped to "" so classifier-free guidance works.
+  export       the diffusers folder (WanPipeline.save_pretrained, safetensors) into --export
+               (default shared/models/toy-wan), and the loss curves into docs/.
+
+The text encoder (a 2-layer UMT5 with the presets' offline byte tokenizer) is random and frozen,
+as Wan's UMT5 is frozen: the transformer learns to read it. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import time
+
+import numpy as np
+import torch
+
+from clipmesh import presets, toyworld
+
+SIDE, FRAMES = 64, 17
+PRESET = presets.PRESETS["toy-wan"]  # the architecture; this script gives it its weights
+VAE_CONFIG, TRANSFORMER_CONFIG, TEXT_CONFIG = PRESET["vae"], PRESET["transformer"], PRESET["text_encoder"]
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+SHIFT = presets._WAN_SCHEDULER["flow_shift"]
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def clips(rng: np.random.Generator, n: int, frames: int) -> tuple[list[toyworld.Scene], torch.Tensor]:
+    """n scenes and their videos as the VAE takes them: [n, 3, frames, SIDE, SIDE] in [-1, 1]."""
+    scenes = [toyworld.sample_scene(rng, SIDE, frames) for _ in range(n)]
+    video = np.stack([toyworld.render(s, frames, SIDE) for s in scenes])
+    return scenes, torch.from_numpy(video).float().permute(0, 4, 1, 2, 3) / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[n, 3, F, H, W] in [-1, 1] -> uint8 [n, F, H, W, 3]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
+
+
+def foreground_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    background = torch.tensor(toyworld.BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1, 1) / 127.5 - 1
+    weight = 1 + 20 * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+    err = out - x
+    return (weight * (err.abs() + err ** 2)).mean() / weight.mean()
+
+
+def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4) -> None:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = AutoencoderKLWan(**VAE_CONFIG)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    curve, t0 = [], time.time()
+    for step in range(steps):
+        _, x = clips(rng, batch, 5)
+        loss = foreground_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        curve.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {np.mean(curve[-50:]):.4f} ({time.time() - t0:.0f} s)")
+    vae.eval().save_pretrained(out / "vae")
+    (out / "vae_loss.json").write_text(json.dumps(dict(loss=curve, seconds=time.time() - t0, batch=batch)))
+
+
+def check_vae(out: pathlib.Path, seed: int, n: int = 24) -> dict:
+    """The detector's reading of reconstructed 17-frame clips; raises if it cannot read the prompt."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(out / "vae").eval()
+    scenes, x = clips(np.random.default_rng(seed + 1), n, FRAMES)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        rec = to_uint8(vae.decode(z).sample)
+        moved = (vae.decode(z + torch.randn_like(z)).sample - vae.decode(z).sample).abs().mean().item()
+    scores = [toyworld.prompt_accuracy(toyworld.track(r), s) for r, s in zip(rec, scenes)]
+    result = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    result["latent_sensitivity"] = moved
+    log(f"vae check: {result}")
+    (out / "vae_check.json").write_text(json.dumps(result))
+    if result["present"] < 0.95 or result["colour"] < 0.9 or result["direction"] < 0.9:
+        raise SystemExit(f"the VAE does not reconstruct the world well enough to train on: {result}")
+    return result
+
+
+def text_encoder_and_tokenizer(seed: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(**TEXT_CONFIG)).eval(), presets._tokenizer()
+
+
+def embed(prompts: list[str], text_encoder, tokenizer) -> torch.Tensor:
+    """As WanPipeline.encode_prompt and the worker give them: padded to the worker's text length
+    (WanPipeline's default, 512), zeros after each prompt's tokens. The transformer must train on
+    that length: the pads' keys take part in its cross-attention."""
+    from clipmesh.worker.adapters.wan import MAX_SEQUENCE_LENGTH
+
+    ids = tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                    return_tensors="pt")
+    with torch.no_grad():
+        hidden = text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
+    return hidden * ids.attention_mask[..., None]
+
+
+def make_latents(out: pathlib.Path, n: int, seed: int) -> None:
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(out / "vae").eval()
+    text_encoder, tokenizer = text_encoder_and_tokenizer(seed)
+    rng = np.random.default_rng(seed + 2)
+    latents, prompts, t0 = [], [], time.time()
+    with torch.no_grad():
+        for start in range(0, n, 16):
+            scenes, x = clips(rng, min(16, n - start), FRAMES)
+            latents.append(vae.encode(x).latent_dist.mode())
+            prompts += [s.prompt for s in scenes]
+            if start % 256 == 0:
+                log(f"latents {start}/{n} ({time.time() - t0:.0f} s)")
+    latents = torch.cat(latents)
+    mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    vae.save_pretrained(out / "vae")
+    vocabulary = sorted(set(prompts)) + [""]
+    torch.save(dict(latents=(latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1),
+                    prompt_index=torch.tensor([vocabulary.index(p) for p in prompts]),
+                    vocabulary=vocabulary, embeddings=embed(vocabulary, text_encoder, tokenizer)),
+               out / "latents.pt")
+    log(f"{n} latents {tuple(latents.shape[1:])}, {len(vocabulary) - 1} prompts, mean |{mean.abs().mean():.3f}| "
+        f"std {std.mean():.3f} ({time.time() - t0:.0f} s)")
+
+
+def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int) -> None:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    data = torch.load(out / "latents.pt")
+    latents, index, embeddings = data["latents"], data["prompt_index"], data["embeddings"]
+    empty = len(data["vocabulary"]) - 1
+    model = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    log(f"transformer {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{latents.shape[0]} clips")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    curve, t0 = [], time.time()
+    for step in range(steps):
+        pick = torch.randint(len(latents), (batch,))
+        x0 = latents[pick]
+        cond = torch.where(torch.rand(batch) < 0.1, torch.full((batch,), empty), index[pick])
+        u = torch.rand(batch)
+        sigma = SHIFT * u / (1 + (SHIFT - 1) * u)  # the scheduler's shifted sigmas
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        pred = model(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000,
+                     encoder_hidden_states=embeddings[cond], return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for k, v in model.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        curve.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"transformer step {step}/{steps} loss {np.mean(curve[-50:]):.4f} ({time.time() - t0:.0f} s)")
+    model.load_state_dict(ema)
+    model.eval().save_pretrained(out / "transformer")
+    (out / "transformer_loss.json").write_text(json.dumps(dict(loss=curve, seconds=time.time() - t0, batch=batch)))
+
+
+def export(out: pathlib.Path, target: pathlib.Path, seed: int) -> None:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    text_encoder, tokenizer = text_encoder_and_tokenizer(seed)
+    vae = AutoencoderKLWan.from_pretrained(out / "vae").eval()
+    # what WanPipeline reads its scale factors from (the network's own layout has them too)
+    vae.register_to_config(**{k: VAE_CONFIG[k] for k in ("scale_factor_spatial", "scale_factor_temporal")})
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                       vae=vae,
+                       scheduler=UniPCMultistepScheduler(**presets._WAN_SCHEDULER),
+                       transformer=WanTransformer3DModel.from_pretrained(out / "transformer").eval())
+    pipe.save_pretrained(target, safe_serialization=True)
+    log(f"exported to {target}")
+
+
+def report(out: pathlib.Path) -> None:
+    """docs/toy-training.md and its loss curves (an SVG: no plotting package needed)."""
+    vae, transformer = (json.loads((out / f"{part}_loss.json").read_text()) for part in ("vae", "transformer"))
+    check = json.loads((out / "vae_check.json").read_text())
+    curves = [("VAE (foreground-weighted L1 + L2)", vae["loss"]), ("transformer (flow matching MSE)", transformer["loss"])]
+    DOCS.joinpath("toy-training.svg").write_text(_svg(curves))
+    DOCS.joinpath("toy-training.md").write_text(f"""# Training the toy-wan preset
+
+`python -m clipmesh.toytrain --out DIR` (seeded; see the module's docstring for what each phase
+does and why). Trained once on 2 CPU cores and committed in `shared/models/toy-wan`; CI never trains.
+
+| phase | steps | batch | seconds | loss, first 50 steps | loss, last 50 steps |
+|---|---|---|---|---|---|
+| VAE | {len(vae["loss"])} | {vae.get("batch", 4)} clips x 5 frames | {vae["seconds"]:.0f} | {np.mean(vae["loss"][:50]):.4f} | {np.mean(vae["loss"][-50:]):.4f} |
+| transformer | {len(transformer["loss"])} | {transformer["batch"]} clips x 17 frames | {transformer["seconds"]:.0f} | {np.mean(transformer["loss"][:50]):.4f} | {np.mean(transformer["loss"][-50:]):.4f} |
+
+The VAE's gate before the transformer trained (the detector on reconstructions of 24 held-out
+17-frame clips; latent sensitivity: mean output change under unit noise on the latent):
+
+| present | colour | shape | direction | latent sensitivity |
+|---|---|---|---|---|
+| {check["present"]:.2f} | {check["colour"]:.2f} | {check["shape"]:.2f} | {check["direction"]:.2f} | {check["latent_sensitivity"]:.3f} |
+
+![loss curves](toy-training.svg)
+""")
+
+
+def _svg(curves: list[tuple[str, list[float]]], width: int = 480, height: int = 200) -> str:
+    """One panel per curve: the loss (a 25-step running mean) against the step, log scale."""
+    panels = []
+    for i, (title, loss) in enumerate(curves):
+        smooth = np.convolve(loss, np.ones(25) / 25, mode="valid") if len(loss) > 25 else np.asarray(loss)
+        logs = np.log10(np.maximum(smooth, 1e-8))
+        low, high = logs.min(), max(logs.max(), logs.min() + 1e-6)
+        xs = 40 + (width - 50) * np.arange(len(logs)) / max(len(logs) - 1, 1)
+        ys = 20 + (height - 45) * (high - logs) / (high - low)
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+        panels.append(f'<g transform="translate({i * width},0)"><text x="40" y="14" font-size="12">{title}</text>'
+                      f'<polyline fill="none" stroke="#36c" stroke-width="1.5" points="{points}"/>'
+                      f'<text x="2" y="24" font-size="10">{10 ** high:.3g}</text>'
+                      f'<text x="2" y="{height - 25}" font-size="10">{10 ** low:.3g}</text>'
+                      f'<text x="40" y="{height - 8}" font-size="10">step 0</text>'
+                      f'<text x="{width - 60}" y="{height - 8}" font-size="10">{len(loss)}</text></g>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(curves)}" height="{height}" '
+            f'font-family="sans-serif">{"".join(panels)}</svg>\n')
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True, help="working folder (each phase's results)")
+    ap.add_argument("--phase", default="all", choices=["all", "vae", "vae-check", "latents", "transformer", "export", "report"])
+    ap.add_argument("--vae-steps", type=int, default=2400)
+    ap.add_argument("--clips", type=int, default=3072, help="encoded clips the transformer trains on")
+    ap.add_argument("--transformer-steps", type=int, default=3000)
+    ap.add_argument("--vae-batch", type=int, default=4, help="clips of 5 frames per VAE step")
+    ap.add_argument("--batch", type=int, default=32, help="clips of 17 frames per transformer step")
+    ap.add_argument("--seed", type=int, default=20261201)
+    ap.add_argument("--export", type=pathlib.Path, default=presets.TRAINED_ROOT / "toy-wan")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = (lambda phase: args.phase in ("all", phase))
+    if run("vae"):
+        train_vae(args.out, args.vae_steps, args.seed, args.vae_batch)
+    if run("vae-check"):
+        check_vae(args.out, args.seed)
+    if run("latents"):
+        make_latents(args.out, args.clips, args.seed)
+    if run("transformer"):
+        train_transformer(args.out, args.transformer_steps, args.batch, args.seed)
+    if run("export"):
+        export(args.out, args.export, args.seed)
+    if run("report"):
+        report(args.out)
+
+
+if __name__ == "__main__":
+    main()
