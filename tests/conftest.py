@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-# The tests fork subprocesses (imageio's ffmpeg reading a video) while gRPC channels are open;
-# gRPC's fork handlers then ran its poller in the child ("epoll_wait error: Bad file descriptor")
-# and, once under load, broke the reading ffmpeg's output. Nothing here needs gRPC in a child.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
-from clipmesh import presets  # noqa: E402
-from clipmesh.client import Client  # noqa: E402
-from clipmesh.v1 import clipmesh_pb2 as pb  # noqa: E402
+# `import clipmesh` turns gRPC's fork handlers off (shared/__init__.py): the tests fork ffmpeg too
+from clipmesh import presets
+from clipmesh.client import Client
+from clipmesh.v1 import clipmesh_pb2 as pb
 
 TOKEN = "test-token"
 
