@@ -104,8 +104,7 @@ def run_row(row: Row, client, prompts, steps: int, out: Path, model_info) -> Non
     from clipmesh.v1 import clipmesh_pb2 as pb
 
     for prompt, seed in prompts:
-        words = prompt.split()
-        scene = toyworld.Scene(shape=words[2], colour=words[1], direction=words[-1], speed=0, start=(0, 0), size=0)
+        scene = toyworld.scene_of(prompt)
         common = dict(height=64, width=64, num_inference_steps=steps, model=MODEL)
         if row.method == "naive split":
             jobs = [client.submit(prompt, **common, num_frames=NATIVE, strategy="exact", num_workers=1,

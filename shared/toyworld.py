@@ -5,8 +5,8 @@ and an approximation (dual-scope attention, a step cache, block_pipeline's conte
 judged by its distance to `exact`. In this world a prompt names what a video must show ("a red
 circle moving right"), and a colour-segmenting detector measures whether it does: per frame
 the shape's presence, colour, kind and centroid; from the track, prompt accuracy, smoothness and
-the jump at clip boundaries. It is the world a toy model is to be trained on, and the measure of
-its videos (not yet wired to a preset or a benchmark).
+the jump at clip boundaries. The toy-wan preset is trained on it (clipmesh.toytrain), and
+bench/quality.py measures every strategy with it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ class Scene:
     def centre(self, frame: int) -> tuple[float, float]:
         dx, dy = DIRECTIONS[self.direction]
         return self.start[0] + dx * self.speed * frame, self.start[1] + dy * self.speed * frame
+
+
+def scene_of(prompt: str) -> Scene:
+    """The scene a prompt names ("a red circle moving right"), for scoring: no path, only what
+    the prompt says. ValueError naming the allowed words otherwise."""
+    words = prompt.split()
+    if len(words) != 5 or words[1] not in COLOURS or words[2] not in SHAPES or words[4] not in DIRECTIONS:
+        raise ValueError(f"a prompt of the toy world reads \"a COLOUR SHAPE moving DIRECTION\" with COLOUR in "
+                         f"{', '.join(COLOURS)}, SHAPE in {', '.join(SHAPES)}, DIRECTION in {', '.join(DIRECTIONS)}; "
+                         f"got {prompt!r}")
+    return Scene(words[2], words[1], words[4], speed=0.0, start=(0.0, 0.0), size=0.0)
 
 
 def sample_scene(rng: np.random.Generator, side: int, frames: int) -> Scene:
@@ -173,3 +184,50 @@ def seam_jump_ratio(video: np.ndarray, detections: list[Detection], boundaries: 
         return float(np.nanmean(values[at]) / inside) if inside > 0 else math.inf
 
     return dict(track=ratio(deviation + 1e-3), pixels=ratio(pixel + 1e-3))
+
+
+def frame_strip(video: np.ndarray, count: int = 9, scale: int = 2, gap: int = 2) -> np.ndarray:
+    """`count` evenly spaced frames side by side (nearest-neighbour `scale`x), for a README."""
+    picks = np.linspace(0, len(video) - 1, min(count, len(video))).round().astype(int)
+    tiles = [video[i].repeat(scale, axis=0).repeat(scale, axis=1) for i in picks]
+    spacer = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([part for tile in tiles for part in (tile, spacer)][:-1], axis=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m clipmesh.toyworld read VIDEO "a red circle moving right"   what the detector sees
+       python -m clipmesh.toyworld strip VIDEO OUT.png                      a strip of its frames"""
+    import argparse
+
+    import imageio.v3 as iio
+
+    ap = argparse.ArgumentParser(prog="python -m clipmesh.toyworld", description=main.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    read = sub.add_parser("read", help="the detector's reading of a video against a prompt")
+    read.add_argument("video")
+    read.add_argument("prompt", help='"a COLOUR SHAPE moving DIRECTION"')
+    strip = sub.add_parser("strip", help="a PNG strip of a video's frames")
+    strip.add_argument("video")
+    strip.add_argument("output")
+    strip.add_argument("--frames", type=int, default=9)
+    args = ap.parse_args(argv)
+    video = iio.imread(args.video)
+    if args.command == "strip":
+        iio.imwrite(args.output, frame_strip(video, args.frames))
+        print(f"wrote {args.output}")
+        return 0
+    try:
+        scene = scene_of(args.prompt)
+    except ValueError as exc:
+        ap.error(str(exc))
+    detections = track(video)
+    scores = prompt_accuracy(detections, scene)
+    print(f"{len(video)} frames; a shape in {scores['present']:.0%}, {scene.colour} in {scores['colour']:.0%}, "
+          f"a {scene.shape} in {scores['shape']:.0%}; it moves {direction_of(detections) or 'nowhere'} "
+          f"(asked: {scene.direction}); smoothness {smoothness(detections):.2f} px/frame²")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
