@@ -13,9 +13,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# toy-wan: the preset trained on the toy world (python -m clipmesh.toytrain); its detector then
+# says what the video shows.
+DEMO_PROMPT ?= a red circle moving right
 demo: install
-	$(VENV)/bin/clipmesh generate "a lighthouse on a cliff at dusk, waves rolling in" \
-		--frames 17 --workers 2 --output out/demo.mp4
+	$(VENV)/bin/clipmesh generate "$(DEMO_PROMPT)" --model toy-wan --frames 17 --workers 2 --output out/demo.mp4
+	$(PY) -m clipmesh.toyworld read out/demo.mp4 "$(DEMO_PROMPT)"
 
 test: install
 	$(PY) -m pytest -q

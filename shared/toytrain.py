@@ -5,8 +5,11 @@ WanTransformer3DModel with flow matching, on the toy world's videos (clipmesh.to
     python -m clipmesh.toytrain --out DIR --phase transformer      # one phase (each resumes from DIR)
 
 Phases, each writing into --out, so a phase can be rerun alone:
-  vae          reconstruction of short clips (5 frames: the causal VAE's first frame alone, then
-               one 4-frame chunk; longer videos reuse the same chunks). The loss weighs pixels
+  vae          reconstruction, in stages of longer clips (VAE_STAGES): 5 frames (the causal VAE's
+               first frame alone, then one 4-frame chunk: cheap, learns the world), then 9 and 17,
+               where a chunk's causal cache comes from earlier chunks, as in every video. Trained
+               on 5 frames alone, frames 6 and on decoded to mush; after 9, colours still drifted
+               from frame 11 on. The loss weighs pixels
                that differ from the background 21x: with a plain loss the decoder learns the
                background and ignores its latent (every clip decodes to the same blur).
                No KL term: the posterior's mean is the latent, as a KL-free autoencoder's.
@@ -43,6 +46,7 @@ PRESET = presets.PRESETS["toy-wan"]  # the architecture; this script gives it it
 VAE_CONFIG, TRANSFORMER_CONFIG, TEXT_CONFIG = PRESET["vae"], PRESET["transformer"], PRESET["text_encoder"]
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 SHIFT = presets._WAN_SCHEDULER["flow_shift"]
+VAE_STAGES = "2000x5x4x1e-3,450x9x3x5e-4,250x17x2x3e-4"  # steps x frames x clips per step x learning rate
 
 
 def log(msg: str) -> None:
@@ -68,17 +72,23 @@ def foreground_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (weight * (err.abs() + err ** 2)).mean() / weight.mean()
 
 
-def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4) -> None:
+def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: int = 5, lr: float = 1e-3,
+              resume: bool = False) -> None:
+    """One stage of VAE training on `frames`-frame clips; `resume`: from the last stage's weights
+    (its curve and stages kept in vae_loss.json)."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    vae = AutoencoderKLWan(**VAE_CONFIG)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    rng = np.random.default_rng(seed + 10 * resume)
+    vae = AutoencoderKLWan.from_pretrained(out / "vae") if resume else AutoencoderKLWan(**VAE_CONFIG)
+    vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    warmup = 20 if resume else 50
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    past = json.loads((out / "vae_loss.json").read_text()) if resume else dict(loss=[], seconds=0.0, stages=[])
     curve, t0 = [], time.time()
     for step in range(steps):
-        _, x = clips(rng, batch, 5)
+        _, x = clips(rng, batch, frames)
         loss = foreground_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
         opt.zero_grad()
         loss.backward()
@@ -87,9 +97,11 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4) -> None:
         sched.step()
         curve.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps} loss {np.mean(curve[-50:]):.4f} ({time.time() - t0:.0f} s)")
+            log(f"vae step {step}/{steps} ({frames} frames) loss {np.mean(curve[-50:]):.4f} ({time.time() - t0:.0f} s)")
     vae.eval().save_pretrained(out / "vae")
-    (out / "vae_loss.json").write_text(json.dumps(dict(loss=curve, seconds=time.time() - t0, batch=batch)))
+    past["stages"].append(dict(steps=steps, frames=frames, batch=batch, lr=lr, seconds=time.time() - t0))
+    (out / "vae_loss.json").write_text(json.dumps(dict(loss=past["loss"] + curve, seconds=past["seconds"] + time.time() - t0,
+                                                       stages=past["stages"])))
 
 
 def check_vae(out: pathlib.Path, seed: int, n: int = 24) -> dict:
@@ -222,6 +234,13 @@ def report(out: pathlib.Path) -> None:
     check = json.loads((out / "vae_check.json").read_text())
     curves = [("VAE (foreground-weighted L1 + L2)", vae["loss"]), ("transformer (flow matching MSE)", transformer["loss"])]
     DOCS.joinpath("toy-training.svg").write_text(_svg(curves))
+    rows, done = [], 0
+    for i, st in enumerate(vae["stages"]):
+        part = vae["loss"][done:done + st["steps"]]
+        done += st["steps"]
+        rows.append(f"| VAE stage {i + 1} (lr {st['lr']:g}) | {st['steps']} | {st['batch']} clips x {st['frames']} frames "
+                    f"| {st['seconds']:.0f} | {np.mean(part[:50]):.4f} | {np.mean(part[-50:]):.4f} |")
+    stages = "\n".join(rows)
     DOCS.joinpath("toy-training.md").write_text(f"""# Training the toy-wan preset
 
 `python -m clipmesh.toytrain --out DIR` (seeded; see the module's docstring for what each phase
@@ -229,7 +248,7 @@ does and why). Trained once on 2 CPU cores and committed in `shared/models/toy-w
 
 | phase | steps | batch | seconds | loss, first 50 steps | loss, last 50 steps |
 |---|---|---|---|---|---|
-| VAE | {len(vae["loss"])} | {vae.get("batch", 4)} clips x 5 frames | {vae["seconds"]:.0f} | {np.mean(vae["loss"][:50]):.4f} | {np.mean(vae["loss"][-50:]):.4f} |
+{stages}
 | transformer | {len(transformer["loss"])} | {transformer["batch"]} clips x 17 frames | {transformer["seconds"]:.0f} | {np.mean(transformer["loss"][:50]):.4f} | {np.mean(transformer["loss"][-50:]):.4f} |
 
 The VAE's gate before the transformer trained (the detector on reconstructions of 24 held-out
@@ -267,10 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=pathlib.Path, required=True, help="working folder (each phase's results)")
     ap.add_argument("--phase", default="all", choices=["all", "vae", "vae-check", "latents", "transformer", "export", "report"])
-    ap.add_argument("--vae-steps", type=int, default=2400)
+    ap.add_argument("--vae-stages", default=VAE_STAGES,
+                    help="STEPSxFRAMESxBATCHxLR,...: the VAE's stages, each from the last one's weights")
+    ap.add_argument("--vae-from-stage", type=int, default=1, help="start at this stage (1-based) from the VAE in --out")
     ap.add_argument("--clips", type=int, default=3072, help="encoded clips the transformer trains on")
-    ap.add_argument("--transformer-steps", type=int, default=3000)
-    ap.add_argument("--vae-batch", type=int, default=4, help="clips of 5 frames per VAE step")
+    ap.add_argument("--transformer-steps", type=int, default=2200)
     ap.add_argument("--batch", type=int, default=32, help="clips of 17 frames per transformer step")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--export", type=pathlib.Path, default=presets.TRAINED_ROOT / "toy-wan")
@@ -281,7 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     run = (lambda phase: args.phase in ("all", phase))
     if run("vae"):
-        train_vae(args.out, args.vae_steps, args.seed, args.vae_batch)
+        for number, stage in enumerate(args.vae_stages.split(","), 1):
+            steps, frames, batch, lr = stage.split("x")
+            if number >= args.vae_from_stage:
+                train_vae(args.out, int(steps), args.seed, int(batch), int(frames), float(lr), resume=number > 1)
     if run("vae-check"):
         check_vae(args.out, args.seed)
     if run("latents"):
