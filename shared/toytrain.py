@@ -83,10 +83,16 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: 
     vae = AutoencoderKLWan.from_pretrained(out / "vae") if resume else AutoencoderKLWan(**VAE_CONFIG)
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    warmup = 20 if resume else 50
+    warmup = min(20 if resume else 50, max(steps // 5, 1))  # (the min: short test runs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     past = json.loads((out / "vae_loss.json").read_text()) if resume else dict(loss=[], seconds=0.0, stages=[])
-    curve, t0 = [], time.time()
+    _, held_out = clips(np.random.default_rng(seed + 99), 4, frames)  # the same clips before and after
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return foreground_loss(vae.decode(vae.encode(held_out).latent_dist.mode()).sample, held_out).item()
+
+    before, curve, t0 = held_out_loss(), [], time.time()
     for step in range(steps):
         _, x = clips(rng, batch, frames)
         loss = foreground_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
@@ -98,9 +104,12 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: 
         curve.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} ({frames} frames) loss {np.mean(curve[-50:]):.4f} ({time.time() - t0:.0f} s)")
+    seconds = time.time() - t0
     vae.eval().save_pretrained(out / "vae")
-    past["stages"].append(dict(steps=steps, frames=frames, batch=batch, lr=lr, seconds=time.time() - t0))
-    (out / "vae_loss.json").write_text(json.dumps(dict(loss=past["loss"] + curve, seconds=past["seconds"] + time.time() - t0,
+    past["stages"].append(dict(steps=steps, frames=frames, batch=batch, lr=lr, seconds=seconds,
+                               held_out=[before, held_out_loss()]))
+    log(f"vae stage: held-out loss {past['stages'][-1]['held_out'][0]:.4f} -> {past['stages'][-1]['held_out'][1]:.4f}")
+    (out / "vae_loss.json").write_text(json.dumps(dict(loss=past["loss"] + curve, seconds=past["seconds"] + seconds,
                                                        stages=past["stages"])))
 
 
@@ -182,9 +191,23 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int) -> N
     log(f"transformer {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{latents.shape[0]} clips")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    warmup = min(100, max(steps // 5, 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    curve, t0 = [], time.time()
+    # a fixed batch (clips, prompts, noise, sigmas over the whole range), before and after
+    g = torch.Generator().manual_seed(seed + 99)
+    fixed = torch.arange(min(16, len(latents)))
+    fixed_sigma = torch.linspace(0.05, 0.95, len(fixed))
+    fixed_noise = torch.randn(latents[fixed].shape, generator=g)
+
+    def fixed_loss() -> float:
+        s = fixed_sigma.view(-1, 1, 1, 1, 1)
+        with torch.no_grad():
+            pred = model(hidden_states=(1 - s) * latents[fixed] + s * fixed_noise, timestep=fixed_sigma * 1000,
+                         encoder_hidden_states=embeddings[index[fixed]], return_dict=False)[0]
+        return torch.nn.functional.mse_loss(pred, fixed_noise - latents[fixed]).item()
+
+    before, curve, t0 = fixed_loss(), [], time.time()
     for step in range(steps):
         pick = torch.randint(len(latents), (batch,))
         x0 = latents[pick]
@@ -208,9 +231,13 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int) -> N
         curve.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log(f"transformer step {step}/{steps} loss {np.mean(curve[-50:]):.4f} ({time.time() - t0:.0f} s)")
+    seconds = time.time() - t0
     model.load_state_dict(ema)
+    fixed_after = fixed_loss()
+    log(f"transformer: loss on a fixed batch {before:.4f} -> {fixed_after:.4f} (EMA weights)")
     model.eval().save_pretrained(out / "transformer")
-    (out / "transformer_loss.json").write_text(json.dumps(dict(loss=curve, seconds=time.time() - t0, batch=batch)))
+    (out / "transformer_loss.json").write_text(json.dumps(dict(loss=curve, seconds=seconds, batch=batch,
+                                                               fixed_batch=[before, fixed_after])))
 
 
 def export(out: pathlib.Path, target: pathlib.Path, seed: int) -> None:
