@@ -125,6 +125,7 @@ def run_row(row: Row, client, prompts, steps: int, out: Path, model_info) -> Non
         video = np.concatenate(parts)[:row.frames]
         detections = toyworld.track(video)
         score = toyworld.prompt_accuracy(detections, scene)
+        score["identity"] = toyworld.identity_kept(detections)
         score["smoothness"] = toyworld.smoothness(detections)
         seam = toyworld.seam_jump_ratio(video, detections, seams(row, model_info))
         score["seam_track"], score["seam_pixels"] = seam["track"], seam["pixels"]
@@ -152,14 +153,14 @@ def mean(row: Row, key: str) -> float:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| frames | method | workers | present | colour | shape | direction | smoothness (px/f²) "
+    head = ("| frames | method | workers | present | colour | shape | direction | identity kept | smoothness (px/f²) "
             "| seam jump, track | seam jump, pixels | seconds |")
-    lines = [head, "|---" * 11 + "|"]
+    lines = [head, "|---" * 12 + "|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.frames} | {r.method} | {r.workers} | {r.error} |" + " |" * 8)
+            lines.append(f"| {r.frames} | {r.method} | {r.workers} | {r.error} |" + " |" * 9)
             continue
-        cells = [f"{mean(r, k):.2f}" for k in ("present", "colour", "shape", "direction", "smoothness",
+        cells = [f"{mean(r, k):.2f}" for k in ("present", "colour", "shape", "direction", "identity", "smoothness",
                                                   "seam_track", "seam_pixels")]
         lines.append(f"| {r.frames} | {r.method} | {r.workers} | " + " | ".join(cells) + f" | {np.mean(r.seconds):.1f} |")
     return "\n".join(lines)
@@ -209,7 +210,8 @@ def main() -> int:
         f"- Command: `python -m bench.quality {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         "Columns: present / colour / shape: share of frames where the detector finds the shape, of the "
-        "prompt's colour, of its kind; direction: share of videos whose track moves the named way; "
+        "prompt's colour, of its kind; direction: share of videos whose track moves the named way; identity kept: "
+        "share of frames showing the video's most common colour and kind (one object throughout: 1.0); "
         "smoothness: mean |second difference| of the centroid track (0 = uniform motion); seam jump: "
         "mean deviation from the median step at clip (block) boundaries over inside clips, for the track "
         "and for the mean |pixel difference| of consecutive frames (1.0 = a seam looks like any frame); "

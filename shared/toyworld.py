@@ -153,6 +153,13 @@ def prompt_accuracy(detections: list[Detection], scene: Scene) -> dict[str, floa
                 direction=float(direction_of(detections) == scene.direction))
 
 
+def identity_kept(detections: list[Detection]) -> float:
+    """Share of the frames with a shape whose colour and kind are the video's most common pair:
+    1.0 when one object stays itself throughout (whatever the prompt asked)."""
+    pairs = [(d.colour, d.shape) for d in detections if d.present]
+    return max(pairs.count(p) for p in set(pairs)) / len(pairs) if pairs else 0.0
+
+
 def step_lengths(detections: list[Detection]) -> np.ndarray:
     """|centroid(f+1) - centroid(f)| for each pair of frames (nan where one frame has no shape)."""
     points = np.array([d.centroid for d in detections], float)

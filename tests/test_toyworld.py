@@ -30,6 +30,7 @@ def test_the_detector_reads_back_what_was_rendered(scenes):
             cx, cy = scene.centre(f)
             assert math.hypot(d.centroid[0] - cx, d.centroid[1] - cy - offset) < 0.6, (scene, f, d)
         assert toyworld.smoothness(detections) < 0.3
+        assert toyworld.identity_kept(detections) == 1.0
 
 
 def test_scenes_stay_in_the_frame_and_prompts_say_them(scenes):
@@ -59,3 +60,10 @@ def test_a_seam_shows_in_the_jump_ratio():
     broken = toyworld.seam_jump_ratio(jumped, toyworld.track(jumped), [9])
     assert clean["track"] < 3 and 0.5 < clean["pixels"] < 2
     assert broken["track"] > 10 and broken["pixels"] > 2
+
+
+def test_identity_kept_sees_an_object_change():
+    red = toyworld.render(toyworld.Scene("circle", "red", "right", 1.0, (14.0, 32.0), 8.0), FRAMES, SIDE)
+    green = toyworld.render(toyworld.Scene("square", "green", "right", 1.0, (14.0, 32.0), 8.0), FRAMES, SIDE)
+    switched = np.concatenate([red[:12], green[12:]])
+    assert toyworld.identity_kept(toyworld.track(switched)) == pytest.approx(12 / 17)
