@@ -1,7 +1,7 @@
 """Train the `toy-wan` preset from scratch on CPU: a small AutoencoderKLWan, then a small
 WanTransformer3DModel with flow matching, on the toy world's videos (clipmesh.toyworld).
 
-    python -m clipmesh.toytrain --out /tmp/toy-wan-train          # every phase, ~1 h on 2 cores
+    python -m clipmesh.toytrain --out /tmp/toy-wan-train          # every phase, ~1.5 h on 2 cores
     python -m clipmesh.toytrain --out DIR --phase transformer      # one phase (each resumes from DIR)
 
 Phases, each writing into --out, so a phase can be rerun alone:
@@ -9,10 +9,10 @@ Phases, each writing into --out, so a phase can be rerun alone:
                first frame alone, then one 4-frame chunk: cheap, learns the world), then 9 and 17,
                where a chunk's causal cache comes from earlier chunks, as in every video. Trained
                on 5 frames alone, frames 6 and on decoded to mush; after 9, colours still drifted
-               from frame 11 on. The loss weighs pixels
-               that differ from the background 21x: with a plain loss the decoder learns the
-               background and ignores its latent (every clip decodes to the same blur).
-               No KL term: the posterior's mean is the latent, as a KL-free autoencoder's.
+               from frame 11 on. The loss weighs pixels that differ from the background 21x:
+               with a plain loss the decoder learns the background and ignores its latent (every
+               clip decodes to the same blur). No KL term (it collapsed the posterior): the
+               posterior's mean is the latent. Each stage logs a held-out batch's loss.
   vae-check    the gate before the transformer trains: the detector must read the prompt
                (presence, colour, direction) back from reconstructions of 17-frame clips.
   latents      a fixed set of encoded 17-frame clips and their prompts' text embeddings; the
@@ -21,8 +21,10 @@ Phases, each writing into --out, so a phase can be rerun alone:
   transformer  flow matching as Wan trains: x_t = (1 - s) x0 + s noise, target noise - x0,
                timestep 1000 s, s drawn through the scheduler's shift (3.0) so training sees the
                sigmas sampling visits; 10% of prompts dropped to "" so classifier-free guidance works.
+               EMA weights are saved; a fixed batch's loss is logged before and after.
   export       the diffusers folder (WanPipeline.save_pretrained, safetensors) into --export
-               (default shared/models/toy-wan), and the loss curves into docs/.
+               (default shared/models/toy-wan).
+  report       docs/toy-training.md and its loss curves (docs/toy-training.svg).
 
 The text encoder (a 2-layer UMT5 with the presets' offline byte tokenizer) is random and frozen,
 as Wan's UMT5 is frozen: the transformer learns to read it. Everything is seeded.
