@@ -48,6 +48,7 @@ PRESET = presets.PRESETS["toy-wan"]  # the architecture; this script gives it it
 VAE_CONFIG, TRANSFORMER_CONFIG, TEXT_CONFIG = PRESET["vae"], PRESET["transformer"], PRESET["text_encoder"]
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 SHIFT = presets._WAN_SCHEDULER["flow_shift"]
+NOTES = "<!-- notes: written by hand, kept when the report is rewritten -->"
 VAE_STAGES = "2000x5x4x1e-3,450x9x3x5e-4,250x17x2x3e-4"  # steps x frames x clips per step x learning rate
 
 
@@ -270,7 +271,9 @@ def report(out: pathlib.Path) -> None:
         rows.append(f"| VAE stage {i + 1} (lr {st['lr']:g}) | {st['steps']} | {st['batch']} clips x {st['frames']} frames "
                     f"| {st['seconds']:.0f} | {np.mean(part[:50]):.4f} | {np.mean(part[-50:]):.4f} |")
     stages = "\n".join(rows)
-    DOCS.joinpath("toy-training.md").write_text(f"""# Training the toy-wan preset
+    doc = DOCS / "toy-training.md"
+    notes = doc.read_text().partition(NOTES)[2] if doc.is_file() else ""  # written by hand: kept
+    doc.write_text(f"""# Training the toy-wan preset
 
 `python -m clipmesh.toytrain --out DIR` (seeded; see the module's docstring for what each phase
 does and why). Trained once on 2 CPU cores and committed in `shared/models/toy-wan`; CI never trains.
@@ -288,7 +291,8 @@ The VAE's gate before the transformer trained (the detector on reconstructions o
 | {check["present"]:.2f} | {check["colour"]:.2f} | {check["shape"]:.2f} | {check["direction"]:.2f} | {check["latent_sensitivity"]:.3f} |
 
 ![loss curves](toy-training.svg)
-""")
+
+{NOTES}{notes or chr(10)}""")
 
 
 def _svg(curves: list[tuple[str, list[float]]], width: int = 480, height: int = 200) -> str:
