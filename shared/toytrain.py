@@ -68,6 +68,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
 
 
+def warmup_cosine(opt, steps: int, warmup: int, floor: float):
+    """A linear warm-up (at most a fifth of the run: short test runs), then a cosine from the
+    learning rate down to `floor` times it."""
+    warmup = min(warmup, max(steps // 5, 1))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / steps))))
+
+
 def foreground_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     background = torch.tensor(toyworld.BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1, 1) / 127.5 - 1
     weight = 1 + 20 * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
@@ -86,8 +94,7 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: 
     vae = AutoencoderKLWan.from_pretrained(out / "vae") if resume else AutoencoderKLWan(**VAE_CONFIG)
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    warmup = min(20 if resume else 50, max(steps // 5, 1))  # (the min: short test runs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    sched = warmup_cosine(opt, steps, warmup=20 if resume else 50, floor=0.1)
     past = json.loads((out / "vae_loss.json").read_text()) if resume else dict(loss=[], seconds=0.0, stages=[])
     _, held_out = clips(np.random.default_rng(seed + 99), 4, frames)  # the same clips before and after
 
@@ -124,8 +131,9 @@ def check_vae(out: pathlib.Path, seed: int, n: int = 24) -> dict:
     scenes, x = clips(np.random.default_rng(seed + 1), n, FRAMES)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
-        rec = to_uint8(vae.decode(z).sample)
-        moved = (vae.decode(z + torch.randn_like(z)).sample - vae.decode(z).sample).abs().mean().item()
+        decoded = vae.decode(z).sample
+        rec = to_uint8(decoded)
+        moved = (vae.decode(z + torch.randn_like(z)).sample - decoded).abs().mean().item()
     scores = [toyworld.prompt_accuracy(toyworld.track(r), s) for r, s in zip(rec, scenes)]
     result = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
     result["latent_sensitivity"] = moved
@@ -144,16 +152,17 @@ def text_encoder_and_tokenizer(seed: int):
 
 
 def embed(prompts: list[str], text_encoder, tokenizer) -> torch.Tensor:
-    """As WanPipeline.encode_prompt and the worker give them: padded to the worker's text length
-    (WanPipeline's default, 512), zeros after each prompt's tokens. The transformer must train on
-    that length: the pads' keys take part in its cross-attention."""
+    """The prompts' embeddings as the worker gets them: WanPipeline.encode_prompt at the worker's
+    text length (512, WanPipeline's default), zeros after each prompt's tokens. The transformer
+    must train on that length: the pads' keys take part in its cross-attention."""
+    from diffusers import WanPipeline
+
     from clipmesh.worker.adapters.wan import MAX_SEQUENCE_LENGTH
 
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                    return_tensors="pt")
+    text_only = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None, transformer=None)
     with torch.no_grad():
-        hidden = text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
-    return hidden * ids.attention_mask[..., None]
+        return text_only.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                       max_sequence_length=MAX_SEQUENCE_LENGTH, device="cpu")[0]
 
 
 def make_latents(out: pathlib.Path, n: int, seed: int) -> None:
@@ -194,8 +203,7 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int) -> N
     log(f"transformer {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{latents.shape[0]} clips")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    warmup = min(100, max(steps // 5, 1))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    sched = warmup_cosine(opt, steps, warmup=100, floor=0.05)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # a fixed batch (clips, prompts, noise, sigmas over the whole range), before and after
     g = torch.Generator().manual_seed(seed + 99)
