@@ -103,6 +103,7 @@ def run_row(row: Row, client, prompts, steps: int, out: Path, model_info) -> Non
     from clipmesh import toyworld
     from clipmesh.v1 import clipmesh_pb2 as pb
 
+    boundaries = seams(row, model_info)
     for prompt, seed in prompts:
         scene = toyworld.scene_of(prompt)
         common = dict(height=64, width=64, num_inference_steps=steps, model=MODEL)
@@ -127,7 +128,7 @@ def run_row(row: Row, client, prompts, steps: int, out: Path, model_info) -> Non
         score = toyworld.prompt_accuracy(detections, scene)
         score["identity"] = toyworld.identity_kept(detections)
         score["smoothness"] = toyworld.smoothness(detections)
-        seam = toyworld.seam_jump_ratio(video, detections, seams(row, model_info))
+        seam = toyworld.seam_jump_ratio(video, detections, boundaries)
         score["seam_track"], score["seam_pixels"] = seam["track"], seam["pixels"]
         row.scores.append(score)
         began = min(j.started_at.ToDatetime() for j in done)
