@@ -56,6 +56,8 @@ def _upload_seconds(data: bytes, tmp) -> float:
 
     import grpc
 
+    from clipmesh import presets
+    from clipmesh.auth import SESSION_HEADER
     from clipmesh.coordinator.core import CoordinatorCore
     from clipmesh.coordinator.service import WorkerGatewayService
     from clipmesh.v1 import clipmesh_pb2 as pb
@@ -72,6 +74,10 @@ def _upload_seconds(data: bytes, tmp) -> float:
         from clipmesh.coordinator.jobs import ActiveJob
         core.jobs.active[job.id] = ActiveJob(plan=pb.RenderPlan(num_latent_frames=1, attempt=1), members=["w"],
                                              pending={"w"}, video=None)
+        # the member's attach session, whose key its uploads carry
+        session, _ = core.workers.attach(pb.Register(worker_id="w", incarnation=1,
+                                                     model=pb.ModelInfo(**presets.model_limits("bench-wan"))))
+        session.info.current_job_id = job.id
 
         async def chunks():
             yield pb.CheckpointChunk(header=pb.CheckpointHeader(job_id=job.id, attempt=1, worker_id="w", step=1,
@@ -81,7 +87,7 @@ def _upload_seconds(data: bytes, tmp) -> float:
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             began = time.perf_counter()
-            await pb_grpc.WorkerGatewayStub(channel).UploadCheckpoint(chunks())
+            await pb_grpc.WorkerGatewayStub(channel).UploadCheckpoint(chunks(), metadata=((SESSION_HEADER, session.key),))
             seconds = time.perf_counter() - began
         await server.stop(None)
         return seconds

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from clipmesh import faults
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .checkpoints import Checkpoints, stream_part
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .errors import AlreadyExists, InvalidArgument
 from .intake import FrameIntake
 from .jobs import Jobs, shielded
+from .limits import Limits
 from .scheduler import BACKFILL_WAIT_S, Scheduler
 from .store import Store
 from .workers import WorkerRegistry, WorkerSession
@@ -44,16 +46,18 @@ def _stamped(msg, worker_id: str):
 
 class CoordinatorCore:
     def __init__(self, data_dir: Path, heartbeat_timeout: float = 15.0, collective_timeout: int = 120,
-                 checkpoint_dir: Path | None = None, backfill_wait_s: float = BACKFILL_WAIT_S):
+                 checkpoint_dir: Path | None = None, backfill_wait_s: float = BACKFILL_WAIT_S, limits: Limits = Limits()):
+        self.limits = limits
         self.data_dir = Path(data_dir)
         (self.data_dir / "videos").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / "clipmesh.db")
         self.workers = WorkerRegistry(self.store, heartbeat_timeout)
         self.checkpoints = Checkpoints(self.store, checkpoint_dir or self.data_dir / "checkpoints")
-        self.jobs = Jobs(self.store, self.data_dir, self.workers, self.checkpoints)
+        self.jobs = Jobs(self.store, self.data_dir, self.workers, self.checkpoints, limits)
         self.scheduler = Scheduler(self.jobs, self.workers, collective_timeout, backfill_wait_s)
-        self.intake = FrameIntake(self.jobs)
+        self.intake = FrameIntake(self.jobs, limits)
+        self.next_expiry = 0.0  # monotonic time of the next retention pass
         self.workers.recover()
         # running jobs wait this long for their members to re-attach (they re-dial every second)
         self.jobs.recover(grace_s=2 * heartbeat_timeout)
@@ -62,16 +66,17 @@ class CoordinatorCore:
     def model_info(self, name: str) -> pb.ModelInfo | None:
         return self.workers.model_info(name)
 
-    async def submit(self, req: pb.SubmitJobRequest) -> pb.Job:
-        job = await self.jobs.submit(req)
+    async def submit(self, req: pb.SubmitJobRequest, owner: str = "") -> pb.Job:
+        job = await self.jobs.submit(req, owner)
         await self.schedule()
         return self.get_job(job.id)
 
     def get_job(self, job_id: str) -> pb.Job:
         return self.jobs.get(job_id)
 
-    def list_jobs(self, limit: int) -> list[pb.Job]:
-        return self.jobs.list(limit)
+    def list_jobs(self, limit: int, owner: str | None = None) -> list[pb.Job]:
+        """The newest `limit` jobs (of `owner` only, where given)."""
+        return self.jobs.list(limit, owner)
 
     def list_workers(self) -> list[pb.WorkerInfo]:
         return self.workers.list()
@@ -91,13 +96,18 @@ class CoordinatorCore:
         await self.scheduler.schedule()
 
     # -- workers ------------------------------------------------------------
-    async def serve_worker(self, inbound: AsyncIterator[pb.WorkerMessage]) -> AsyncIterator[pb.CoordinatorMessage]:
+    async def serve_worker(self, inbound: AsyncIterator[pb.WorkerMessage],
+                           identity: str = "") -> AsyncIterator[pb.CoordinatorMessage]:
         """One worker's Attach stream: registers it from the first message, handles what it
-        sends while yielding what it is sent, and detaches it when either side ends."""
-        first = await anext(inbound, None)
+        sends while yielding what it is sent, and detaches it when either side ends.
+        `identity`: the worker id the caller's credential names, if any (workers.attach)."""
+        try:
+            first = await asyncio.wait_for(anext(inbound, None), self.limits.register_timeout_s)
+        except TimeoutError:
+            raise InvalidArgument("register", f"none within {self.limits.register_timeout_s:g}s") from None
         if first is None or first.WhichOneof("kind") != "register":
             raise InvalidArgument("register", "the first message must be register")
-        session = await self.attach(first.register)
+        session = await self.attach(first.register, identity)
         worker_id = first.register.worker_id
 
         async def pump_inbound():
@@ -120,10 +130,10 @@ class CoordinatorCore:
             await self.detach(worker_id, "stream closed", session)
 
     @shielded
-    async def attach(self, reg: pb.Register) -> WorkerSession:
+    async def attach(self, reg: pb.Register, identity: str = "") -> WorkerSession:
         """Registers the worker (a newer registration under its name takes over); a worker still
         rendering a job goes on with it if that is the job's current attempt, else is told to abort."""
-        session, replaced = self.workers.attach(reg)
+        session, replaced = self.workers.attach(reg, identity)
         running = reg.running if reg.HasField("running") else None
         adopted = running is not None and self.jobs.adopt(running, reg.worker_id)
         if running is not None and not adopted:
@@ -178,18 +188,18 @@ class CoordinatorCore:
         for job_id, member in self.jobs.not_adopted():
             await self.jobs.member_left(job_id, member, f"worker {member} did not re-attach after the coordinator "
                                                         "restarted")
+        if self.limits.retention_s and time.monotonic() >= self.next_expiry:
+            self.next_expiry = time.monotonic() + min(60.0, self.limits.retention_s / 4)
+            self.jobs.expire(self.limits.retention_s)
         await self.schedule()
 
     # -- checkpoints ----------------------------------------------------------
-    async def upload_checkpoint(self, chunks: AsyncIterator[pb.CheckpointChunk]) -> bool:
+    async def upload_checkpoint(self, session: WorkerSession, chunks: AsyncIterator[pb.CheckpointChunk]) -> bool:
         first = await anext(chunks, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise InvalidArgument("header", "the first chunk must be a header")
         header = first.header
-        active = self.jobs.active.get(header.job_id)
-        if active is None or active.attempt != header.attempt or header.worker_id not in active.members:
-            raise FailedPrecondition(f"attempt {header.attempt} of job {header.job_id!r} is not running on worker "
-                                     f"{header.worker_id!r}")
+        active = self.jobs.member_of(session, header.job_id, header.worker_id, header.attempt)
 
         async def data():
             async for chunk in chunks:
@@ -202,14 +212,14 @@ class CoordinatorCore:
             self.store.save_job(job)
         return complete
 
-    def fetch_checkpoint(self, req: pb.FetchCheckpointRequest) -> AsyncIterator[pb.CheckpointChunk]:
+    def fetch_checkpoint(self, session: WorkerSession, req: pb.FetchCheckpointRequest) -> AsyncIterator[pb.CheckpointChunk]:
+        """A part of the job's checkpoint, for a member of its running attempt only."""
+        active = self.jobs.active.get(req.job_id)
+        self.jobs.member_of(session, req.job_id, session.info.id, active.attempt if active else -1)
         path = self.checkpoints.read(req.job_id, req.step, req.latent_start, req.latent_end)
         return stream_part(path, pb.CheckpointHeader(job_id=req.job_id, step=req.step, latent_start=req.latent_start,
                                                      latent_end=req.latent_end, size=path.stat().st_size))
 
     # -- frames -------------------------------------------------------------
-    async def upload_frames(self, chunks: AsyncIterator[pb.FrameChunk]) -> int:
-        return await self.intake.upload(chunks)
-
-    async def receive_frames(self, header: pb.FrameHeader, chunks: AsyncIterator[bytes]) -> int:
-        return await self.intake.receive(header, chunks)
+    async def upload_frames(self, session: WorkerSession, chunks: AsyncIterator[pb.FrameChunk]) -> int:
+        return await self.intake.upload(session, chunks)

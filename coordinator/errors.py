@@ -21,3 +21,11 @@ class FailedPrecondition(CoordinatorError):
 
 class AlreadyExists(CoordinatorError):
     pass
+
+
+class PermissionDenied(CoordinatorError):
+    """The caller is known, but this is not theirs to do (another client's job, another worker's frames)."""
+
+
+class ResourceExhausted(CoordinatorError):
+    """A limit that protects the coordinator (queued jobs, watchers, bytes) is reached."""

@@ -1,7 +1,8 @@
 """Frame intake: a worker's UploadFrames stream, checked and handed to the job's video.
 
 An upload is a header, then raw RGB24 bytes. The part is checked against the running
-job (its member, its size, its frame range), spooled to the job's scratch folder, then
+job (sent on the attach session of its member, of that member's own frames, of the right
+size), spooled to the job's scratch folder, then
 given to the stitcher under the job's video lock, so it either makes the video or is
 refused with a reason the worker can act on.
 """
@@ -12,21 +13,23 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
+from clipmesh.plan import DECODE_RUN, decoding_rank, latent_of_frame
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from .jobs import ActiveJob, Jobs, shielded
+from .limits import Limits
 from .stitcher import FramePart, VideoClosed
 from .store import FINAL_STATES
 
 
 class FrameIntake:
-    def __init__(self, jobs: Jobs):
-        self.jobs = jobs
+    def __init__(self, jobs: Jobs, limits: Limits = Limits()):
+        self.jobs, self.limits = jobs, limits
         self._upload_ids = itertools.count()  # part files never share a name, even for a repeated upload
 
-    async def upload(self, chunks: AsyncIterator[pb.FrameChunk]) -> int:
-        """One UploadFrames stream: a header chunk first, then the data chunks."""
+    async def upload(self, session, chunks: AsyncIterator[pb.FrameChunk]) -> int:
+        """One UploadFrames stream of a worker's attach `session`: a header chunk first, then the data chunks."""
         first = await anext(chunks, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise InvalidArgument("header", "the first chunk must be a header")
@@ -35,13 +38,10 @@ class FrameIntake:
             async for chunk in chunks:
                 yield chunk.data
 
-        return await self.receive(first.header, data())
+        return await self.receive(session, first.header, data())
 
-    async def receive(self, header: pb.FrameHeader, chunks: AsyncIterator[bytes]) -> int:
-        active = self.jobs.active.get(header.job_id)
-        if active is None or header.worker_id not in active.members or header.attempt != active.attempt:
-            raise FailedPrecondition(f"attempt {header.attempt} of job {header.job_id!r} is not running on worker "
-                                     f"{header.worker_id!r}")
+    async def receive(self, session, header: pb.FrameHeader, chunks: AsyncIterator[bytes]) -> int:
+        active = self.jobs.member_of(session, header.job_id, header.worker_id, header.attempt)
         if self.jobs.get(header.job_id).state in FINAL_STATES:
             raise self.jobs.already_ended(header.job_id)
         req = active.plan.request
@@ -52,6 +52,13 @@ class FrameIntake:
             # an unbounded job (num_frames 0) takes any frame index
             raise InvalidArgument("header.first_frame/num_frames",
                                   f"must lie within [0, {req.num_frames or 'unbounded'})")
+        self._check_own_frames(active, header)
+        if not req.num_frames:  # unbounded: nothing far past the video's end is held
+            ahead = self.limits.turns_ahead * active.plan.world_size * DECODE_RUN * active.plan.block_pipeline.block_frames
+            limit = active.video.frames_written + ahead * self.jobs.workers.model_info(req.model).temporal_stride
+            if end > limit:
+                raise FailedPrecondition(f"header.first_frame/num_frames: frames up to {limit} only (the video has "
+                                         f"{active.video.frames_written}); send the ones before first")
         expected = header.num_frames * header.height * header.width * 3
         folder = self.jobs.scratch_dir(header.job_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +86,14 @@ class FrameIntake:
         await self.jobs.emit(header.job_id, frames=pb.FramesReceived(
             worker_id=header.worker_id, first_frame=header.first_frame, num_frames=header.num_frames))
         return header.num_frames
+
+    def _check_own_frames(self, active: ActiveJob, header: pb.FrameHeader) -> None:
+        """Every frame of the part is one the member's rank decodes (plan.decoding_rank)."""
+        rank, plan = active.members.index(header.worker_id), active.plan
+        stride = self.jobs.workers.model_info(plan.request.model).temporal_stride
+        for frame in range(header.first_frame, header.first_frame + header.num_frames):
+            if decoding_rank(plan, latent_of_frame(frame, stride)) != rank:
+                raise PermissionDenied(f"header.first_frame/num_frames: frame {frame} is not rank {rank}'s to upload")
 
     @shielded
     async def _add_part(self, job_id: str, active: ActiveJob, part: FramePart) -> None:

@@ -31,7 +31,8 @@ from clipmesh import faults
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .checkpoints import Checkpoints
-from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from .limits import Limits
 from .hub import ProgressHub
 from .stitcher import FramePart, VideoWriter
 from .store import FINAL_STATES, Store, now_ts
@@ -77,7 +78,10 @@ class ActiveJob:
 
 
 class Jobs:
-    def __init__(self, store: Store, data_dir: Path, workers: WorkerRegistry, checkpoints: Checkpoints):
+    def __init__(self, store: Store, data_dir: Path, workers: WorkerRegistry, checkpoints: Checkpoints,
+                 limits: Limits = Limits()):
+        self.limits = limits
+        self.watchers: dict[str, int] = {}  # job -> WatchJob streams open on it
         self.store = store
         self.data_dir = data_dir
         self.workers = workers  # to tell a job's members to stop, and which models exist
@@ -149,13 +153,16 @@ class Jobs:
         await self.emit(job.id, state=pb.StateChange(state=state, detail=detail or error))
 
     # -- client API ---------------------------------------------------------
-    async def submit(self, req: pb.SubmitJobRequest) -> pb.Job:
+    async def submit(self, req: pb.SubmitJobRequest, owner: str = "") -> pb.Job:
         validate_request(req, self.workers.model_info(req.model), self.workers.known_models())
         registered = self.workers.registered_for(req.model)
         if registered and req.num_workers > registered:
             raise InvalidArgument("num_workers", f"must be at most {registered}: only {registered} workers are "
                                                  f"registered for {req.model}, so {req.num_workers} could never run it")
-        job = self.store.create_job(req)
+        if self.store.count_jobs(pb.QUEUED) >= self.limits.max_queued_jobs:
+            raise ResourceExhausted(f"the queue holds {self.limits.max_queued_jobs} jobs, the most it takes; "
+                                    "submit again once some have run")
+        job = self.store.create_job(req, owner)
         self.queued_since[job.id] = time.monotonic()
         await self.emit(job.id, state=pb.StateChange(state=pb.QUEUED, detail="accepted"))
         log.info("job %s queued: %d frames %dx%d, %d steps", job.id, req.num_frames, req.width, req.height,
@@ -168,20 +175,28 @@ class Jobs:
             raise NotFound(f"no job {job_id!r}")
         return job
 
-    def list(self, limit: int) -> list[pb.Job]:
-        return self.store.list_jobs(limit if limit > 0 else 100)
+    def list(self, limit: int, owner: str | None = None) -> list[pb.Job]:
+        return self.store.list_jobs(limit if limit > 0 else 100, owner)
 
     async def watch(self, job_id: str) -> AsyncIterator[pb.JobEvent]:
         """Replays the job's events, then follows live; ends once the job is final."""
         self.get(job_id)
-        seq = 0
-        while True:
-            for event in self.store.events_after(job_id, seq):
-                seq = event.seq
-                yield event
-            if self.get(job_id).state in FINAL_STATES and not self.store.events_after(job_id, seq):
-                return
-            await self.hub.wait(job_id, timeout=1.0)
+        if self.watchers.get(job_id, 0) >= self.limits.max_watchers_per_job:
+            raise ResourceExhausted(f"job {job_id} has {self.limits.max_watchers_per_job} watchers, the most it takes")
+        self.watchers[job_id] = self.watchers.get(job_id, 0) + 1
+        try:
+            seq = 0
+            while True:
+                for event in self.store.events_after(job_id, seq):
+                    seq = event.seq
+                    yield event
+                if self.get(job_id).state in FINAL_STATES and not self.store.events_after(job_id, seq):
+                    return
+                await self.hub.wait(job_id, timeout=1.0)
+        finally:
+            self.watchers[job_id] -= 1
+            if not self.watchers[job_id]:
+                del self.watchers[job_id]
 
     def already_ended(self, job_id: str) -> FailedPrecondition:
         """The refusal of anything that needs the job still going."""
@@ -240,6 +255,18 @@ class Jobs:
         kept = f", {video.frames_written} frames kept" if video.frames_written else ""
         await self.set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy}), "
                                                      f"attempt {plan.attempt}{resumed}{kept}")
+
+    def member_of(self, session, job_id: str, worker_id: str, attempt: int) -> ActiveJob:
+        """The running attempt of the job, if the session's worker is its member: a call on a
+        job (upload, checkpoint) is refused unless it comes from that member's own session."""
+        if worker_id != session.info.id:
+            raise PermissionDenied(f"worker_id {worker_id!r}: this session is worker {session.info.id!r}'s")
+        active = self.active.get(job_id)
+        if active is not None and (worker_id not in active.members or session.info.current_job_id != job_id):
+            raise PermissionDenied(f"job {job_id!r} is not assigned to worker {worker_id!r} (this session)")
+        if active is None or active.attempt != attempt:  # over, or an attempt before: a member's late call
+            raise FailedPrecondition(f"attempt {attempt} of job {job_id!r} is not running on worker {worker_id!r}")
+        return active
 
     def is_member(self, worker_id: str, job_id: str) -> bool:
         return job_id in self.active and worker_id in self.active[job_id].members
@@ -320,6 +347,19 @@ class Jobs:
         self.active.pop(job_id, None)
         self._forget(job_id)
         return True
+
+    def expire(self, retention_s: float) -> int:
+        """Deletes the jobs that ended more than `retention_s` ago: video, events, row. Returns how many."""
+        cutoff = time.time() - retention_s
+        expired = [job for job in self.store.final_jobs() if job.finished_at.ToSeconds() < cutoff
+                   and job.id not in self.active and not self.watchers.get(job.id)]
+        for job in expired:
+            self._video_file(job.id).unlink(missing_ok=True)
+            self._forget(job.id)
+            self.store.delete_job(job.id)
+        if expired:
+            log.info("retention: deleted %d jobs that ended over %gs ago", len(expired), retention_s)
+        return len(expired)
 
     def _forget(self, job_id: str) -> None:
         """The job is over: its scratch parts and checkpoints go."""

@@ -16,20 +16,32 @@ import grpc
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
 
+from clipmesh.auth import SESSION_HEADER
+
+from . import access
 from .core import CoordinatorCore
-from .errors import AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, NotFound
+from .errors import (AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+                     ResourceExhausted)
 
 _CODES = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 VIDEO_CHUNK = 1 << 20  # well under gRPC's 4 MiB message limit
+MAX_DETAIL = 1000  # characters of an error's text: it may echo input (a 1 MB model name)
 
 
 def _status_for(exc: CoordinatorError) -> grpc.StatusCode:
     return next(code for cls, code in _CODES.items() if isinstance(exc, cls))
+
+
+def _detail(exc: CoordinatorError) -> str:
+    text = str(exc)
+    return text if len(text) <= MAX_DETAIL else f"{text[:MAX_DETAIL]}... ({len(text)} characters)"
 
 
 def grpc_errors(method):
@@ -44,7 +56,7 @@ def grpc_errors(method):
                     async for item in items:
                         yield item
             except CoordinatorError as exc:
-                await context.abort(_status_for(exc), str(exc))
+                await context.abort(_status_for(exc), _detail(exc))
         return stream
 
     @functools.wraps(method)
@@ -52,37 +64,50 @@ def grpc_errors(method):
         try:
             return await method(self, request, context)
         except CoordinatorError as exc:
-            await context.abort(_status_for(exc), str(exc))
+            await context.abort(_status_for(exc), _detail(exc))
     return unary
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """A client sees, cancels and fetches only its own jobs (an admin, or anyone on an open
+    coordinator, every job): access.caller() is who is asking."""
+
     def __init__(self, core: CoordinatorCore):
         self.core = core
 
+    def _visible(self, job_id: str) -> pb.Job:
+        job = self.core.get_job(job_id)
+        if not access.caller().sees(job.owner):
+            raise PermissionDenied(f"job {job_id} is another client's")
+        return job
+
     @grpc_errors
     async def SubmitJob(self, request, context):
-        return await self.core.submit(request)
+        return await self.core.submit(request, owner=access.caller().name)
 
     @grpc_errors
     async def GetJob(self, request, context):
-        return self.core.get_job(request.job_id)
+        return self._visible(request.job_id)
 
     @grpc_errors
     async def ListJobs(self, request, context):
-        return pb.ListJobsResponse(jobs=self.core.list_jobs(request.limit))
+        who = access.caller()
+        return pb.ListJobsResponse(jobs=self.core.list_jobs(request.limit, owner=None if who.sees_all else who.name))
 
     @grpc_errors
     async def WatchJob(self, request, context):
+        self._visible(request.job_id)
         async for event in self.core.watch(request.job_id):
             yield event
 
     @grpc_errors
     async def CancelJob(self, request, context):
+        self._visible(request.job_id)
         return await self.core.cancel(request.job_id)
 
     @grpc_errors
     async def FetchVideo(self, request, context):
+        self._visible(request.job_id)
         path = self.core.video_path(request.job_id)
         with open(path, "rb") as f:
             while data := f.read(VIDEO_CHUNK):
@@ -94,24 +119,34 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
 
 class WorkerGatewayService(pb_grpc.WorkerGatewayServicer):
+    """A worker speaks for itself only: its id is its credential's where that names one
+    (a certificate, a NAME:TOKEN), and every call but Attach carries its attach session's key."""
+
     def __init__(self, core: CoordinatorCore):
         self.core = core
 
+    def _session(self, context):
+        key = dict(context.invocation_metadata() or ()).get(SESSION_HEADER, "")
+        return self.core.workers.by_key(key, access.caller().name)
+
     @grpc_errors
     async def Attach(self, request_iterator, context):
-        async with aclosing(self.core.serve_worker(request_iterator)) as outbound:
+        async with aclosing(self.core.serve_worker(request_iterator, access.caller().name)) as outbound:
             async for message in outbound:
                 yield message
 
     @grpc_errors
     async def UploadFrames(self, request_iterator, context):
-        return pb.UploadFramesResponse(frames_received=await self.core.upload_frames(request_iterator))
+        session = self._session(context)
+        return pb.UploadFramesResponse(frames_received=await self.core.upload_frames(session, request_iterator))
 
     @grpc_errors
     async def UploadCheckpoint(self, request_iterator, context):
-        return pb.UploadCheckpointResponse(complete=await self.core.upload_checkpoint(request_iterator))
+        session = self._session(context)
+        return pb.UploadCheckpointResponse(complete=await self.core.upload_checkpoint(session, request_iterator))
 
     @grpc_errors
     async def FetchCheckpoint(self, request, context):
-        async for chunk in self.core.fetch_checkpoint(request):
+        session = self._session(context)
+        async for chunk in self.core.fetch_checkpoint(session, request):
             yield chunk

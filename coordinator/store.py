@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     ord INTEGER NOT NULL,          -- FIFO order of submission
     state INTEGER NOT NULL,
-    job BLOB NOT NULL              -- clipmesh.v1.Job
+    job BLOB NOT NULL,             -- clipmesh.v1.Job
+    owner TEXT NOT NULL DEFAULT '' -- Job.owner: a client lists its own jobs
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, ord);
 CREATE TABLE IF NOT EXISTS events (
@@ -66,15 +67,19 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if "owner" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:  # a store from before
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, ord)")
 
     def close(self) -> None:
         self._db.close()
 
     # -- jobs -------------------------------------------------------------
-    def create_job(self, request: pb.SubmitJobRequest) -> pb.Job:
-        job = pb.Job(id=uuid.uuid4().hex[:12], state=pb.QUEUED, request=request, created_at=now_ts())
+    def create_job(self, request: pb.SubmitJobRequest, owner: str = "") -> pb.Job:
+        job = pb.Job(id=uuid.uuid4().hex[:12], state=pb.QUEUED, request=request, created_at=now_ts(), owner=owner)
         (ord_,) = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM jobs").fetchone()
-        self._db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?)", (job.id, ord_, job.state, job.SerializeToString()))
+        self._db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
+                         (job.id, ord_, job.state, job.SerializeToString(), owner))
         return job
 
     def save_job(self, job: pb.Job) -> None:
@@ -84,9 +89,26 @@ class Store:
         row = self._db.execute("SELECT job FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return pb.Job.FromString(row[0]) if row else None
 
-    def list_jobs(self, limit: int) -> list[pb.Job]:
-        rows = self._db.execute("SELECT job FROM jobs ORDER BY ord DESC LIMIT ?", (limit,))
+    def list_jobs(self, limit: int, owner: str | None = None) -> list[pb.Job]:
+        """The newest `limit` jobs, of `owner` only where given."""
+        if owner is None:
+            rows = self._db.execute("SELECT job FROM jobs ORDER BY ord DESC LIMIT ?", (limit,))
+        else:
+            rows = self._db.execute("SELECT job FROM jobs WHERE owner = ? ORDER BY ord DESC LIMIT ?", (owner, limit))
         return [pb.Job.FromString(r[0]) for r in rows]
+
+    def count_jobs(self, state: int) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0]
+
+    def final_jobs(self) -> list[pb.Job]:
+        rows = self._db.execute(f"SELECT job FROM jobs WHERE state IN ({','.join('?' * len(FINAL_STATES))})",
+                                FINAL_STATES)
+        return [pb.Job.FromString(r[0]) for r in rows]
+
+    def delete_job(self, job_id: str) -> None:
+        """The job and everything of it (retention)."""
+        for table in ("jobs", "events", "attempts", "checkpoint_parts"):
+            self._db.execute(f"DELETE FROM {table} WHERE {'id' if table == 'jobs' else 'job_id'} = ?", (job_id,))
 
     def jobs_in_state(self, state: int) -> list[pb.Job]:
         rows = self._db.execute("SELECT job FROM jobs WHERE state = ? ORDER BY ord", (state,))

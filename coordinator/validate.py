@@ -34,6 +34,8 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
     for field in ("prompt", "negative_prompt"):
         if len(getattr(req, field)) > MAX_PROMPT_CHARS:
             raise InvalidArgument(field, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(getattr(req, field))}")
+    if len(req.model) > MAX_MODEL_NAME:
+        raise InvalidArgument("model", f"must be at most {MAX_MODEL_NAME} characters, got {len(req.model)}")
     if model is None:
         raise InvalidArgument("model", f"unknown model {req.model!r}; known: {', '.join(sorted(known_models)) or 'none'}")
     if req.strategy and req.strategy not in model.strategies:
@@ -79,3 +81,30 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
     specs.check_divides(spec, "num_workers", req.num_workers, model)
     specs.check_range("num_workers", req.num_workers, 0, min(specs.worker_limit(spec, req, model), MAX_WORKERS))
     return num_latent_frames(req.num_frames, stride) if req.num_frames else 0
+
+
+# A worker's claim of its model's limits (for a model the coordinator cannot read itself): the
+# bounds a sane model stays in. What matters beyond them is pinned by the first claim (workers.py).
+CLAIM_BOUNDS = dict(spatial_multiple=(1, 256), temporal_stride=(1, 16), max_frames=(1, 100_001),
+                    max_side=(1, 8192), native_latent_frames=(1, 4096), num_layers=(0, 4096),
+                    attention_heads=(0, 4096))
+MAX_MODEL_NAME = 512
+
+
+def check_model_claim(model: pb.ModelInfo) -> None:
+    """InvalidArgument naming the field of a claim outside the bounds (register.model.*)."""
+    try:
+        if not 1 <= len(model.name) <= MAX_MODEL_NAME:
+            raise InvalidArgument("register.model.name", f"must be 1 to {MAX_MODEL_NAME} characters")
+        families = {family for spec in specs.STRATEGY_SPECS.values() for family in spec.families}
+        if model.family not in families:
+            raise InvalidArgument("register.model.family", f"must be one of {', '.join(sorted(families))}")
+        for field, (low, high) in CLAIM_BOUNDS.items():
+            specs.check_range(f"register.model.{field}", getattr(model, field), low, high)
+        if model.max_side < model.spatial_multiple:
+            raise InvalidArgument("register.model.max_side", f"must be >= spatial_multiple ({model.spatial_multiple})")
+        if set(model.strategies) - set(specs.strategies_for(model.family)):
+            raise InvalidArgument("register.model.strategies",
+                                  f"must be among {', '.join(specs.strategies_for(model.family))}")
+    except specs.SpecError as exc:
+        raise InvalidArgument(exc.field, exc.detail) from None

@@ -16,7 +16,9 @@ fails jobs repeatedly is kept out of placement for a while.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 from clipmesh import presets
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-from .errors import AlreadyExists, InvalidArgument
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from .store import Store, now_ts
+from .validate import check_model_claim
 
 log = logging.getLogger("clipmesh.coordinator")
 
@@ -43,6 +46,7 @@ class WorkerSession:
     last_seen: float = field(default_factory=time.monotonic)
     attempt: int = 0  # of info.current_job_id
     replaced: bool = False  # a newer registration under its name took over
+    key: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # Registered.session_key
 
     def send(self, **kind) -> None:
         self.outbox.put_nowait(pb.CoordinatorMessage(**kind))
@@ -56,6 +60,8 @@ class WorkerRegistry:
         self.incarnations: dict[str, int] = {}      # worker -> the newest process seen under its name
         self.failures: dict[str, list[float]] = {}  # worker -> monotonic times of its failed attempts
         self.kept_out_until: dict[str, float] = {}
+        self.own_limits: dict[str, pb.ModelInfo | None] = {}               # model -> from its preset / folder
+        self.claims: dict[str, tuple[pb.ModelInfo, set[str]]] = {}         # model -> first claim, live holders
 
     def recover(self) -> None:
         """After a restart no worker is attached: every known one is LOST."""
@@ -70,29 +76,50 @@ class WorkerRegistry:
 
     # -- models the cluster knows ---------------------------------------------
     def model_info(self, name: str) -> pb.ModelInfo | None:
-        """Limits of a model: from a worker that serves it, else from a preset or a model
-        folder readable here (configs only, no torch), else None (unknown)."""
-        for info in self.store.list_workers():
-            if info.model.name == name:
-                return info.model
-        try:
-            return pb.ModelInfo(**presets.model_limits(name))
-        except (ValueError, OSError, KeyError):
-            return None
+        """Limits of a model, the coordinator's own: from a preset or a model folder readable
+        here (configs only, no torch), else the first live worker's claim (pinned while a worker
+        holding it is attached), else None (unknown)."""
+        if name not in self.own_limits:
+            try:
+                self.own_limits[name] = pb.ModelInfo(**presets.model_limits(name))
+            except (ValueError, OSError, KeyError, TypeError):
+                self.own_limits[name] = None
+        own = self.own_limits[name]
+        claim = self.claims.get(name)
+        return own if own is not None else claim[0] if claim else None
 
     def known_models(self) -> list[str]:
-        return sorted(set(presets.PRESETS) | {w.model.name for w in self.store.list_workers()})
+        return sorted(set(presets.PRESETS) | set(self.claims))
+
+    def _check_claim(self, reg: pb.Register) -> None:
+        """A worker's model limits must be sane, and the same as the coordinator's own or the pinned claim's."""
+        check_model_claim(reg.model)
+        pinned = self.model_info(reg.model.name)
+        if pinned is None:
+            return
+        theirs, ours = (pb.ModelInfo(), pb.ModelInfo())
+        theirs.CopyFrom(reg.model)
+        ours.CopyFrom(pinned)
+        if theirs != ours:
+            differ = [f.name for f in pb.ModelInfo.DESCRIPTOR.fields if getattr(theirs, f.name) != getattr(ours, f.name)]
+            source = "its preset or folder" if self.own_limits.get(reg.model.name) else "the first worker's claim"
+            raise FailedPrecondition(f"register.model: {reg.model.name}'s limits are pinned from {source}; this worker "
+                                     f"claims other {', '.join(differ)}: " + "; ".join(
+                                         f"{f} {getattr(theirs, f)} (pinned {getattr(ours, f)})"[:200] for f in differ))
 
     def registered_for(self, model: str) -> int:
         """Workers ever registered for `model` (attached or not)."""
         return sum(w.model.name == model for w in self.store.list_workers())
 
     # -- attach, detach, heartbeats -------------------------------------------
-    def attach(self, reg: pb.Register) -> tuple[WorkerSession, WorkerSession | None]:
+    def attach(self, reg: pb.Register, identity: str = "") -> tuple[WorkerSession, WorkerSession | None]:
         """(the new session, the one it replaced or None). A worker still rendering a job
-        (reg.running) is BUSY with it, so it is not placed before that is over."""
+        (reg.running) is BUSY with it, so it is not placed before that is over. `identity`: the
+        worker id its credential names ("" where it names none): the only id it may register."""
         if not reg.worker_id:
             raise InvalidArgument("register.worker_id", "must not be empty")
+        if identity and reg.worker_id != identity:
+            raise PermissionDenied(f"register.worker_id: this credential is worker {identity!r}'s")
         if reg.incarnation < self.incarnations.get(reg.worker_id, 0):  # an old process back from a freeze
             raise AlreadyExists(f"worker {reg.worker_id!r}: a newer process runs under this name")
         self.incarnations[reg.worker_id] = reg.incarnation
@@ -100,18 +127,41 @@ class WorkerRegistry:
         if old is not None:
             old.replaced = True
             old.outbox.put_nowait(None)
+            self._drop_claim(old.info)
             log.warning("worker %s registered again: the newer session takes over", reg.worker_id)
+        self._check_claim(reg)
         running = reg.running if reg.HasField("running") else None
         info = pb.WorkerInfo(id=reg.worker_id, state=pb.BUSY if running else pb.IDLE, host=reg.host,
                              device=reg.device, memory_bytes=reg.memory_bytes, threads=reg.threads, model=reg.model,
                              speed=reg.speed, last_heartbeat=now_ts(), current_job_id=running.job_id if running else "")
         session = WorkerSession(info=info, attempt=running.attempt if running else 0)
         self.sessions[reg.worker_id] = session
+        if self.own_limits.get(reg.model.name) is None:  # its claim counts while it is attached
+            self.claims.setdefault(reg.model.name, (reg.model, set()))[1].add(reg.worker_id)
         self.store.save_worker(info)
-        session.send(registered=pb.Registered(heartbeat_seconds=max(self.heartbeat_timeout / 4, 0.2)))
+        session.send(registered=pb.Registered(heartbeat_seconds=max(self.heartbeat_timeout / 4, 0.2),
+                                              session_key=session.key))
         log.info("worker %s attached (%s, %s, model %s%s)", info.id, info.host, info.device, info.model.name,
                  f", still rendering job {running.job_id} attempt {running.attempt}" if running else "")
         return session, old
+
+    def by_key(self, key: str, identity: str = "") -> WorkerSession:
+        """The live session whose key a call carries; PermissionDenied for any other key (and
+        where the caller's credential names another worker)."""
+        session = next((s for s in self.sessions.values() if hmac.compare_digest(s.key, key)), None) if key else None
+        if session is None:
+            raise PermissionDenied("x-clipmesh-session: not the key of a live attach session")
+        if identity and identity != session.info.id:
+            raise PermissionDenied(f"x-clipmesh-session: the session of worker {session.info.id!r}, not of this "
+                                   f"credential's {identity!r}")
+        return session
+
+    def _drop_claim(self, info: pb.WorkerInfo) -> None:
+        claim = self.claims.get(info.model.name)
+        if claim is not None:
+            claim[1].discard(info.id)
+            if not claim[1]:  # no live worker holds it: the next one's claim is pinned
+                del self.claims[info.model.name]
 
     def current(self, session: WorkerSession) -> bool:
         """Whether `session` is still its worker's (not replaced by a newer registration, not detached)."""
@@ -126,6 +176,7 @@ class WorkerRegistry:
         if session is None:
             return None
         session.outbox.put_nowait(None)
+        self._drop_claim(session.info)
         session.info.state = pb.LOST
         job_id, session.info.current_job_id = session.info.current_job_id, ""
         self.store.save_worker(session.info)
@@ -200,7 +251,8 @@ class WorkerRegistry:
         """Rank 0 (only) hosts the job's store: every member learns where to meet."""
         if members[0] != worker_id:
             return
-        host = self.sessions[worker_id].info.host
+        host, secret = self.sessions[worker_id].info.host, secrets.token_hex(16)
         for wid in members:
             if wid in self.sessions:
-                self.sessions[wid].send(rendezvous=pb.Rendezvous(job_id=ready.job_id, host=host, port=ready.port))
+                self.sessions[wid].send(rendezvous=pb.Rendezvous(job_id=ready.job_id, host=host, port=ready.port,
+                                                                 secret=secret))

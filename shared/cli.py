@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from clipmesh import faults
+from clipmesh.auth import TLS
 from clipmesh.client import DEFAULT_ADDRESS, REQUEST_DEFAULTS
 from clipmesh.savers import AUTO, MAX_SLICE_CHUNKS, STEP_CACHES
 from clipmesh.specs import STRATEGY_SPECS
@@ -111,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where jobs' step checkpoints are kept (default: DATA/checkpoints; shared storage on a farm)")
     p.add_argument("--backfill-wait", type=float, default=30.0,
                    help="seconds a job too big for the idle workers lets later jobs that fit run first (0 = FIFO)")
+    p.add_argument("--max-queued-jobs", type=int, default=10_000, help="queued jobs beyond which SubmitJob is refused")
+    p.add_argument("--retention-hours", type=float, default=168.0,
+                   help="a finished job's video and events are deleted this long after it ended (0 = kept)")
+    g = p.add_argument_group("credentials (none at all: open to anyone who reaches --listen); the environment "
+                             "keeps tokens out of `ps`")
+    for role, env, what in (("client", "CLIPMESH_CLIENT_TOKEN", "submit and see their own jobs"),
+                            ("admin", "CLIPMESH_ADMIN_TOKEN", "see, cancel and fetch every job"),
+                            ("worker", "CLIPMESH_WORKER_TOKEN", "attach and upload")):
+        g.add_argument(f"--{role}-token", default=os.environ.get(env, ""), metavar="[NAME:]TOKEN,...",
+                       help=f"tokens of {role}s, who {what} (env {env})")
 
     p = sub.add_parser("worker", help="run a worker daemon")
     p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
@@ -121,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--speed", type=float, default=0.0,
                    help="speed figure to report instead of measuring one (clip lengths follow it)")
+    p.add_argument("--token", default=os.environ.get("CLIPMESH_WORKER_TOKEN", ""),
+                   help="a worker token of the coordinator (env CLIPMESH_WORKER_TOKEN)")
+
+    p = sub.add_parser("certs", help="make a CA and the certificates of a farm (TLS; mTLS for every peer)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PEM files")
+    p.add_argument("--hosts", default="127.0.0.1,localhost", help="names and addresses of the coordinator")
+    p.add_argument("--workers", default="", help="worker ids, comma-separated (worker/ID certificates)")
+    p.add_argument("--clients", default="", help="client names, comma-separated (client/NAME certificates)")
+    p.add_argument("--admins", default="", help="admin names, comma-separated (admin/NAME certificates)")
+    p.add_argument("--days", type=int, default=365)
 
     p = sub.add_parser("submit", help="submit a job and print its id")
     _add_request_args(p, "--num-workers")
@@ -140,11 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--keep-data", type=Path, help="keep the coordinator's data folder here")
 
-    for sp in sub.choices.values():
-        sp.add_argument("--address", default=os.environ.get("CLIPMESH_COORDINATOR", DEFAULT_ADDRESS),
-                        help="coordinator address (client commands)")
-        sp.add_argument("--token", default=os.environ.get("CLIPMESH_TOKEN", ""), help="shared auth token")
+    for name, sp in sub.choices.items():
+        if name in ("generate", "certs"):
+            continue
+        if name not in ("coordinator", "worker"):
+            sp.add_argument("--address", default=os.environ.get("CLIPMESH_COORDINATOR", DEFAULT_ADDRESS),
+                            help="coordinator address")
+            sp.add_argument("--token", default=os.environ.get("CLIPMESH_TOKEN", ""),
+                            help="a client or admin token of the coordinator (env CLIPMESH_TOKEN)")
+        tls = TLS.from_env()
+        g = sp.add_argument_group("TLS")
+        g.add_argument("--tls-ca", default=tls.ca, help="CA that signed the other side's certificate "
+                       "(coordinator: then every peer must present one; env CLIPMESH_TLS_CA)")
+        g.add_argument("--tls-cert", default=tls.cert, help="this side's certificate, PEM (env CLIPMESH_TLS_CERT)")
+        g.add_argument("--tls-key", default=tls.key, help="its private key, PEM (env CLIPMESH_TLS_KEY)")
     return parser
+
+
+def _tls(args) -> TLS:
+    return TLS(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,24 +210,36 @@ def _run(args) -> int | None:
     if args.command == "coordinator":
         import uvloop
 
+        from clipmesh.coordinator.access import Credentials
+        from clipmesh.coordinator.limits import Limits
         from clipmesh.coordinator.server import serve
 
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
-        uvloop.run(serve(args.listen, args.data, token=args.token, heartbeat_timeout=args.heartbeat_timeout,
+        credentials = Credentials(args.client_token, args.admin_token, args.worker_token, certificates=bool(args.tls_ca))
+        uvloop.run(serve(args.listen, args.data, credentials, _tls(args), heartbeat_timeout=args.heartbeat_timeout,
                          collective_timeout=args.collective_timeout, port_file=args.port_file,
-                         checkpoint_dir=args.checkpoint_dir, backfill_wait=args.backfill_wait))
+                         checkpoint_dir=args.checkpoint_dir, backfill_wait=args.backfill_wait,
+                         limits=Limits(max_queued_jobs=args.max_queued_jobs, retention_s=args.retention_hours * 3600)))
         return 0
     if args.command == "worker":
         from clipmesh.worker.daemon import main as worker_main
 
         worker_main(args)
         return 0
+    if args.command == "certs":
+        from clipmesh.certs import make_farm
+
+        for path in make_farm(args.out, args.hosts.split(","), *(filter(None, getattr(args, role).split(","))
+                                                                 for role in ("workers", "clients", "admins")),
+                              days=args.days):
+            print(path)
+        return 0
     if args.command == "generate":
         from clipmesh.local import generate
 
         return generate(args.prompt, _request_fields(args), args.output, keep_data=args.keep_data)
 
-    with Client(args.address, args.token) as client:
+    with Client(args.address, args.token, _tls(args)) as client:
         if args.command == "submit":
             job = client.submit(args.prompt, **_request_fields(args))
             print(job.id)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from clipmesh.auth import metadata
+from clipmesh.auth import TLS, channel, metadata
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
 
@@ -21,10 +21,12 @@ REQUEST_DEFAULTS = dict(negative_prompt="", num_frames=17, height=64, width=64, 
 
 
 class Client:
-    def __init__(self, address: str = "", token: str | None = None):
+    def __init__(self, address: str = "", token: str | None = None, tls: TLS | None = None):
+        """`token`, `tls`: a client's (or admin's) credential; None reads CLIPMESH_TOKEN and
+        CLIPMESH_TLS_CA / _CERT / _KEY."""
         self.address = address or os.environ.get("CLIPMESH_COORDINATOR", DEFAULT_ADDRESS)
         self._metadata = metadata(os.environ.get("CLIPMESH_TOKEN", "") if token is None else token)
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = channel(self.address, TLS.from_env() if tls is None else tls)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:

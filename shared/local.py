@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from clipmesh import progress
+from clipmesh.auth import TLS
 from clipmesh.client import Client
 from clipmesh.v1 import clipmesh_pb2 as pb
 
@@ -26,12 +27,13 @@ class LocalCluster:
 
     def __init__(self, model: str, num_workers: int, data_dir: Path):
         self.model, self.num_workers, self.data_dir = model, num_workers, data_dir
-        self.token = secrets.token_hex(16)  # via the environment: never visible in `ps`
+        # one token per role, via the environment: never visible in `ps`
+        self.token, self.worker_token = secrets.token_hex(16), secrets.token_hex(16)
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def _spawn(self, name: str, *args: str) -> None:
         log = open(self.data_dir / f"{name}.log", "wb")
-        env = {**os.environ, "CLIPMESH_TOKEN": self.token}
+        env = {**os.environ, "CLIPMESH_CLIENT_TOKEN": self.token, "CLIPMESH_WORKER_TOKEN": self.worker_token}
         # own session: a terminal's Ctrl-C reaches only `generate`, which still needs the
         # coordinator to cancel a stream and fetch what it kept; stop() ends them
         proc = subprocess.Popen([sys.executable, "-m", "clipmesh.cli", *args], stdout=log, stderr=log,
@@ -52,7 +54,7 @@ class LocalCluster:
                     "--port-file", str(port_file))
         self._wait(lambda: port_file.exists(), 60, "the coordinator to listen")
         self.address = f"127.0.0.1:{port_file.read_text()}"
-        self.client = Client(self.address, self.token)
+        self.client = Client(self.address, self.token, TLS())
 
     def start_workers(self) -> None:
         threads = max(1, (os.cpu_count() or 1) // self.num_workers)

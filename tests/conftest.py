@@ -16,7 +16,8 @@ from clipmesh import presets
 from clipmesh.client import Client
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-TOKEN = "test-token"
+TOKEN = "test-token"                # a client's
+WORKER_TOKEN = "test-worker-token"  # the workers'
 
 
 class Daemons:
@@ -29,7 +30,7 @@ class Daemons:
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "ab")
-        env = {**os.environ, "CLIPMESH_TOKEN": TOKEN}
+        env = {**os.environ, "CLIPMESH_CLIENT_TOKEN": TOKEN, "CLIPMESH_WORKER_TOKEN": WORKER_TOKEN}
         proc = subprocess.Popen([sys.executable, "-m", "clipmesh.cli", *args], stdout=log, stderr=log, env=env)
         self.procs.append(proc)
         return proc
@@ -45,10 +46,11 @@ class Daemons:
         self.address = f"127.0.0.1:{port_file.read_text()}"
         return self.address
 
-    def worker(self, name: str, model: str = "tiny-wan", threads: int = 1, speed: float = 1.0) -> subprocess.Popen:
+    def worker(self, name: str, model: str = "tiny-wan", threads: int = 1, speed: float = 1.0,
+               *extra: str) -> subprocess.Popen:
         # A fixed speed keeps clip splits reproducible (a measured one varies with machine load).
         return self.spawn(name, "worker", "--coordinator", self.address, "--model", model, "--name", name,
-                          "--threads", str(threads), "--speed", str(speed))
+                          "--threads", str(threads), "--speed", str(speed), *extra)
 
     def client(self) -> Client:
         return Client(self.address, TOKEN)

@@ -66,7 +66,7 @@ def _run(mesh, folder, plan_bytes):
 def _pipeline(folder, plan) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """The finished blocks of every rank, in video order: runs of DECODE_RUN blocks are handed to
     the ranks in turn to decode."""
-    from clipmesh.worker.strategies.block_queue import DECODE_RUN
+    from clipmesh.plan import DECODE_RUN
 
     by_rank = run_ranks(_run, plan.world_size, folder, plan.SerializeToString(),
                         group=f"bp-{plan.world_size}-{plan.request.num_frames}")

@@ -16,6 +16,7 @@ import grpc
 import imageio.v3 as iio
 import pytest
 
+from clipmesh import presets
 from clipmesh.v1 import clipmesh_pb2 as pb
 from conftest import Daemons, wait_until
 
@@ -318,16 +319,18 @@ def test_a_name_follows_the_newest_process(tmp_path):
     from clipmesh.coordinator.store import Store
     from clipmesh.coordinator.workers import WorkerRegistry
 
+    model = pb.ModelInfo(**presets.model_limits("tiny-wan"))  # a registration names a model the coordinator accepts
+
     async def scenario():
         registry = WorkerRegistry(Store(tmp_path / "db.sqlite"), heartbeat_timeout=3)
-        old, replaced = registry.attach(pb.Register(worker_id="w", incarnation=100))
+        old, replaced = registry.attach(pb.Register(worker_id="w", incarnation=100, model=model))
         assert replaced is None and registry.current(old)
-        new, replaced = registry.attach(pb.Register(worker_id="w", incarnation=200))
+        new, replaced = registry.attach(pb.Register(worker_id="w", incarnation=200, model=model))
         assert replaced is old and old.replaced and registry.current(new) and not registry.current(old)
         registry.detach("w", "no heartbeat")
         with pytest.raises(AlreadyExists, match="newer process"):
-            registry.attach(pb.Register(worker_id="w", incarnation=100))  # the old one, back from a freeze
-        again, _ = registry.attach(pb.Register(worker_id="w", incarnation=200))  # the same process re-dials
+            registry.attach(pb.Register(worker_id="w", incarnation=100, model=model))  # the old one, back from a freeze
+        again, _ = registry.attach(pb.Register(worker_id="w", incarnation=200, model=model))  # the same process re-dials
         assert registry.current(again)
 
     asyncio.run(scenario())

@@ -8,98 +8,14 @@ import queue
 import threading
 
 import grpc
-import imageio.v3 as iio
-import numpy as np
 import pytest
 
-from clipmesh import cli, presets
-from clipmesh.auth import metadata
+from clipmesh import cli
 from clipmesh.v1 import clipmesh_pb2 as pb
-from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
 from conftest import TOKEN
+from fake_worker import HEIGHT, WAIT, WIDTH, FakeWorker, assert_frames_in_order, drain
 
-HEIGHT, WIDTH = 32, 48
 SMALL = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, fps=8.0, num_workers=1)
-WAIT = 30.0  # seconds for any one awaited message; the coordinator answers in milliseconds
-UPLOAD_CHUNK = 1 << 20
-
-
-def colour(i: int) -> np.ndarray:
-    """Frame i's solid colour: no two of the first 16 closer than 58 (H.264 is off by ~2)."""
-    return np.array([(i * 67) % 256, (i * 131 + 50) % 256, (255 - i * 19) % 256], np.uint8)
-
-
-def frames(first: int, end: int) -> np.ndarray:
-    return np.stack([np.broadcast_to(colour(i), (HEIGHT, WIDTH, 3)) for i in range(first, end)])
-
-
-def assert_frames_in_order(path, count: int) -> None:
-    """Each decoded frame's mean colour is nearest to its own frame's colour."""
-    video = iio.imread(path)
-    assert video.shape == (count, HEIGHT, WIDTH, 3)
-    means = video.reshape(count, -1, 3).mean(axis=1)
-    palette = np.stack([colour(i) for i in range(count)]).astype(float)
-    nearest = np.linalg.norm(means[:, None] - palette[None], axis=-1).argmin(axis=1)
-    assert nearest.tolist() == list(range(count))
-    assert np.abs(means - palette).max() < 12
-
-
-def drain(stream, into: queue.Queue) -> None:
-    """Moves a gRPC response stream into a queue until it ends (or its channel closes)."""
-    try:
-        for message in stream:
-            into.put(message)
-    except grpc.RpcError:
-        pass
-
-
-class FakeWorker:
-    """Attaches like a worker daemon serving tiny-wan, so the coordinator places jobs on it; what
-    it sends of a job carries the attempt it was assigned, as a daemon's messages do."""
-
-    def __init__(self, address: str, name: str):
-        self.name = name
-        self.attempts: dict[str, int] = {}  # job -> the attempt of its assignment
-        self.channel = grpc.insecure_channel(address)
-        self.gateway = pb_grpc.WorkerGatewayStub(self.channel)
-        self.outbox: queue.Queue = queue.Queue()
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox.put(pb.WorkerMessage(register=pb.Register(
-            worker_id=name, host="127.0.0.1", device="cpu", threads=1, speed=1.0,
-            model=pb.ModelInfo(**presets.model_limits("tiny-wan")))))
-        stream = self.gateway.Attach(iter(self.outbox.get, None), metadata=metadata(TOKEN))
-        threading.Thread(target=drain, args=(stream, self.inbox), daemon=True).start()
-        self.expect("registered")
-
-    def expect(self, kind: str) -> pb.CoordinatorMessage:
-        msg = self.inbox.get(timeout=WAIT)
-        assert msg.WhichOneof("kind") == kind, msg
-        if kind == "assignment":
-            self.attempts[msg.assignment.job_id] = msg.assignment.attempt
-        return getattr(msg, kind)
-
-    def send(self, **kind) -> None:
-        if "result" in kind:  # a daemon's result names the attempt it ends
-            kind["result"].attempt = self.attempts.get(kind["result"].job_id, 0)
-        self.outbox.put(pb.WorkerMessage(**kind))
-
-    def step(self, job_id: str, block: int, step: int, total: int) -> None:
-        self.send(progress=pb.StepProgress(worker_id=self.name, rank=0, step=step, total_steps=total,
-                                           latent_start=2 * block, latent_end=2 * block + 2, seconds=0.01,
-                                           block=block, attempt=self.attempts.get(job_id, 0)))
-
-    def upload(self, job_id: str, first: int, end: int) -> int:
-        data = frames(first, end).tobytes()
-        chunks = [pb.FrameChunk(header=pb.FrameHeader(job_id=job_id, worker_id=self.name, first_frame=first,
-                                                      num_frames=end - first, height=HEIGHT, width=WIDTH,
-                                                      attempt=self.attempts.get(job_id, 0)))]
-        chunks += [pb.FrameChunk(data=data[i:i + UPLOAD_CHUNK]) for i in range(0, len(data), UPLOAD_CHUNK)]
-        return self.gateway.UploadFrames(iter(chunks), metadata=metadata(TOKEN), timeout=WAIT).frames_received
-
-    def close(self) -> None:
-        self.outbox.put(None)
-        self.channel.close()
-
 
 class Events:
     """A job's WatchJob stream, read in the background so the test can wait on each event."""

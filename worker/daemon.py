@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from clipmesh.auth import metadata
+from clipmesh.auth import SESSION_HEADER, TLS, channel, metadata
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
 from clipmesh.worker.memory import release_free_memory
@@ -63,14 +63,15 @@ class JobContext:
 
 class WorkerDaemon:
     def __init__(self, coordinator: str, model: str, device: str, advertise_host: str, name: str = "",
-                 threads: int = 0, token: str = "", speed: float = 0.0):
+                 threads: int = 0, token: str = "", speed: float = 0.0, tls: TLS | None = None):
         self.coordinator = coordinator
         self.model_name = model
         self.device = device
         self.advertise_host = advertise_host
         self.worker_id = name or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
         self.threads = threads
-        self.token = token
+        self.token, self.tls = token, tls
+        self.session_key = ""  # of the current attach session: uploads carry it
         self.speed = speed  # 0: measured at load
         self.incarnation = time.time_ns()  # a newer process under this name fences this one off
         self.jobs: dict[str, JobContext] = {}
@@ -123,7 +124,8 @@ class WorkerDaemon:
             try:
                 await self._attached()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS):
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.ALREADY_EXISTS):
                     raise SystemExit(f"clipmesh worker: {exc.details()}") from None
                 log.warning("coordinator %s: %s; re-dialling%s", self.coordinator, exc.details(),
                             f" (still rendering {', '.join(self.jobs)})" if self.jobs else "")
@@ -158,9 +160,9 @@ class WorkerDaemon:
                 except TimeoutError:
                     pass
 
-        async with grpc.aio.insecure_channel(self.coordinator) as channel:
-            self.channel = channel
-            call = pb_grpc.WorkerGatewayStub(channel).Attach(outbound(), metadata=metadata(self.token))
+        async with channel(self.coordinator, self.tls, aio=True) as dialled:
+            self.channel = dialled
+            call = pb_grpc.WorkerGatewayStub(dialled).Attach(outbound(), metadata=metadata(self.token))
             stop_waiter = asyncio.create_task(self.stopping.wait())
             heartbeats = None
             try:
@@ -168,6 +170,7 @@ class WorkerDaemon:
                     kind = msg.WhichOneof("kind")
                     if kind == "registered":
                         log.info("%s attached to %s", self.worker_id, self.coordinator)
+                        self.session_key = msg.registered.session_key
                         self.attached.set()
                         heartbeats = asyncio.create_task(self._heartbeat(msg.registered.heartbeat_seconds))
                     elif kind == "assignment":
@@ -193,6 +196,18 @@ class WorkerDaemon:
         while True:
             await asyncio.sleep(every)
             self._send(heartbeat=pb.Heartbeat())
+
+    async def _session_changed(self, key: str) -> bool:
+        """Whether the attach session `key` is replaced by a new one within a few re-dials."""
+        for _ in range(3):
+            if self.session_key != key or not self.attached.is_set():
+                return True
+            await asyncio.sleep(RECONNECT_SECONDS)
+        return False
+
+    def _session_metadata(self) -> tuple[tuple[str, str], ...]:
+        """A call on behalf of the current attach session (read at each try: a re-attach makes a new one)."""
+        return (*metadata(self.token), (SESSION_HEADER, self.session_key))
 
     def _send(self, **kind) -> None:
         if "progress" in kind and len(self.outbox) >= OUTBOX_LIMIT:
@@ -289,7 +304,7 @@ class WorkerDaemon:
 
         group = Mesh.open(rdv.host, rdv.port, a.rank, plan.world_size, plan.group_name, backend=plan.backend,
                           timeout_s=plan.timeout_seconds, store=store, device=self.device,
-                          local_host=self.advertise_host)
+                          local_host=self.advertise_host, secret=rdv.secret)
         ctx.mesh = group
         if ctx.aborted:  # told while the group was opening
             group.abort()
@@ -310,10 +325,13 @@ class WorkerDaemon:
         deadline = time.monotonic() + UPLOAD_RETRY_S
         while True:
             await self.attached.wait()
+            key = self.session_key
             try:
                 return await call(pb_grpc.WorkerGatewayStub(self.channel))
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRIED or time.monotonic() > deadline:
+                # PERMISSION_DENIED for a session that just ended (a coordinator restart): the next one may
+                stale = exc.code() == grpc.StatusCode.PERMISSION_DENIED and await self._session_changed(key)
+                if (exc.code() not in _RETRIED and not stale) or time.monotonic() > deadline:
                     raise
                 log.warning("%s: %s; retrying once the coordinator is back", what, exc.details())
                 await asyncio.sleep(RECONNECT_SECONDS)
@@ -334,7 +352,7 @@ class WorkerDaemon:
                 yield pb.FrameChunk(data=data[offset:offset + UPLOAD_CHUNK])
 
         await self._retried(f"job {a.job_id}: frames from {rendered.first_frame}",
-                            lambda stub: stub.UploadFrames(chunks(), metadata=metadata(self.token), timeout=300))
+                            lambda stub: stub.UploadFrames(chunks(), metadata=self._session_metadata(), timeout=300))
 
     async def _upload_checkpoint(self, a: pb.Assignment, part) -> None:
         """One checkpoint part; a failure costs only this checkpoint (the last complete one stays)."""
@@ -347,7 +365,7 @@ class WorkerDaemon:
 
         try:
             await self._retried(f"job {a.job_id}: checkpoint at step {part.step}",
-                                lambda stub: stub.UploadCheckpoint(chunks(), metadata=metadata(self.token),
+                                lambda stub: stub.UploadCheckpoint(chunks(), metadata=self._session_metadata(),
                                                                    timeout=300))
         except grpc.aio.AioRpcError as exc:
             log.warning("job %s: checkpoint at step %d not kept: %s", a.job_id, part.step, exc.details())
@@ -364,12 +382,12 @@ class WorkerDaemon:
         wanted = [pb.FetchCheckpointRequest(job_id=a.job_id, step=plan.resume.step, latent_start=part.latent_start,
                                             latent_end=part.latent_end) for part in parts]
         return [await self._retried(f"job {a.job_id}: checkpoint part [{r.latent_start}, {r.latent_end})",
-                                    lambda stub, r=r: _read_part(stub, r, self.token)) for r in wanted]
+                                    lambda stub, r=r: _read_part(stub, r, self._session_metadata())) for r in wanted]
 
 
-async def _read_part(stub, request: pb.FetchCheckpointRequest, token: str) -> bytes:
+async def _read_part(stub, request: pb.FetchCheckpointRequest, call_metadata) -> bytes:
     data = bytearray()
-    async for chunk in stub.FetchCheckpoint(request, metadata=metadata(token), timeout=300):
+    async for chunk in stub.FetchCheckpoint(request, metadata=call_metadata, timeout=300):
         if chunk.WhichOneof("kind") == "data":
             data += chunk.data
     return bytes(data)
@@ -398,6 +416,6 @@ def main(args) -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack: a stuck daemon explains itself
 
     daemon = WorkerDaemon(args.coordinator, args.model, args.device, args.advertise_host, args.name,
-                          args.threads, args.token, args.speed)
+                          args.threads, args.token, args.speed, TLS(args.tls_ca, args.tls_cert, args.tls_key))
 
     uvloop.run(daemon.run())

@@ -15,6 +15,8 @@ through its future; NCCL's waits do not block the host, and its group is aborted
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import fcntl
 import logging
 import os
@@ -44,13 +46,19 @@ class MeshAborted(RuntimeError):
 
 
 def host_store(advertise_host: str, timeout_s: float = 300) -> tuple[dist.TCPStore, int]:
-    """Rank 0: start the job's TCPStore on an OS-chosen port; peers dial advertise_host:port.
-
-    The server listens on all interfaces; `advertise_host` is only what the master's own
-    client dials, which also proves the advertised address is reachable from here.
-    """
-    store = dist.TCPStore(advertise_host, 0, world_size=None, is_master=True,
-                          timeout=_timeout(timeout_s), wait_for_workers=False)
+    """Rank 0: start the job's TCPStore on an OS-chosen port of `advertise_host` only (TCPStore
+    alone listens on every interface); peers dial advertise_host:port. The master's own client
+    dials it too, which proves the advertised address is reachable from here."""
+    family = socket.AF_INET6 if ":" in advertise_host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind((advertise_host, 0))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    store = dist.TCPStore(advertise_host, listener.getsockname()[1], world_size=None, is_master=True,
+                          timeout=_timeout(timeout_s), wait_for_workers=False, master_listen_fd=listener.detach())
     return store, store.port
 
 
@@ -158,8 +166,13 @@ class Mesh:
     @classmethod
     def open(cls, host: str, port: int, rank: int, world_size: int, group_name: str, backend: str = "",
              timeout_s: float = 300, store=None, device: torch.device | str = "cpu",
-             local_host: str | None = None) -> "Mesh":
+             local_host: str | None = None, secret: str = "") -> "Mesh":
         """Join the job's group. `store`: rank 0 passes the one from host_store; others dial host:port.
+
+        `secret` (the rendezvous's): the group's keys live under it, so a peer without it cannot
+        meet the group in the store; and every rank proves it holds it once the group is up.
+        What it cannot do: gloo and NCCL sockets are unauthenticated and unencrypted, so whoever
+        is on the network path can read and forge the traffic. Workers belong on a private network.
 
         `local_host`: this worker's advertised IPv4; with gloo it pins the interface gloo
         listens on (GLOO_SOCKET_IFNAME), otherwise gloo guesses from the hostname, which on
@@ -181,9 +194,26 @@ class Mesh:
             torch.cuda.set_device(device)
             kwargs["device_id"] = device  # eager NCCL init bound to this GPU
         # the prefix keeps this job's keys apart from any other job sharing the store
-        dist.init_process_group(backend, store=dist.PrefixStore(group_name, store), rank=rank,
+        prefix = f"{group_name}/{secret}" if secret else group_name
+        dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
                                 world_size=world_size, timeout=timeout, **kwargs)
-        return cls(dist.group.WORLD, rank, world_size, device, store)
+        mesh = cls(dist.group.WORLD, rank, world_size, device, store)
+        if secret:
+            mesh._prove_membership(group_name, secret)
+        return mesh
+
+    def _prove_membership(self, group_name: str, secret: str) -> None:
+        """Every rank shows an HMAC of its rank under the secret; a rank that cannot is not ours."""
+        def proof(rank: int) -> torch.Tensor:
+            digest = hmac.new(secret.encode(), f"{group_name}/{rank}".encode(), hashlib.sha256).digest()
+            return torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(torch.int32)
+
+        proofs = [torch.empty(32, dtype=torch.int32, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(proofs, proof(self.rank).to(self.device), group=self.group)
+        strangers = [r for r, p in enumerate(proofs) if not torch.equal(p.cpu(), proof(r))]
+        if strangers:
+            self.close()
+            raise RuntimeError(f"ranks {strangers} of group {group_name} do not hold its secret")
 
     def all_gather_uneven(self, tensor: torch.Tensor, sizes: list[int], dim: int) -> torch.Tensor:
         """Concatenate every rank's `tensor` along `dim`, rank i contributing sizes[i] entries.

@@ -122,7 +122,7 @@ class BlockPipelineOptions(_message.Message):
     def __init__(self, block_frames: _Optional[int] = ..., context_frames: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "request", "error", "created_at", "started_at", "finished_at", "worker_ids", "video_size", "video_sha256", "strategy", "video_frames", "attempt", "checkpoint_step")
+    __slots__ = ("id", "state", "request", "error", "created_at", "started_at", "finished_at", "worker_ids", "video_size", "video_sha256", "strategy", "video_frames", "attempt", "checkpoint_step", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class Job(_message.Message):
     VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     request: SubmitJobRequest
@@ -151,7 +152,8 @@ class Job(_message.Message):
     video_frames: int
     attempt: int
     checkpoint_step: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_ids: _Optional[_Iterable[str]] = ..., video_size: _Optional[int] = ..., video_sha256: _Optional[str] = ..., strategy: _Optional[str] = ..., video_frames: _Optional[int] = ..., attempt: _Optional[int] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_ids: _Optional[_Iterable[str]] = ..., video_size: _Optional[int] = ..., video_sha256: _Optional[str] = ..., strategy: _Optional[str] = ..., video_frames: _Optional[int] = ..., attempt: _Optional[int] = ..., checkpoint_step: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -474,10 +476,12 @@ class CoordinatorMessage(_message.Message):
     def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("heartbeat_seconds",)
+    __slots__ = ("heartbeat_seconds", "session_key")
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     heartbeat_seconds: float
-    def __init__(self, heartbeat_seconds: _Optional[float] = ...) -> None: ...
+    session_key: str
+    def __init__(self, heartbeat_seconds: _Optional[float] = ..., session_key: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("job_id", "plan", "rank", "attempt")
@@ -564,14 +568,16 @@ class LayerRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class Rendezvous(_message.Message):
-    __slots__ = ("job_id", "host", "port")
+    __slots__ = ("job_id", "host", "port", "secret")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     host: str
     port: int
-    def __init__(self, job_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, job_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("job_id", "attempt", "abort")

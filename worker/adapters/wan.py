@@ -23,6 +23,12 @@ DECODE_CHUNK = 4  # latent frames per streamed VAE chunk (16 video frames): boun
 WAN21_LOOKBACK = 39  # Wan 2.1's decoder warm-up (wan_decode.py measures it): the bound used where it cannot
 
 
+def text_length(tokenizer) -> int:
+    """The text length prompts are padded to: WanPipeline's default, or the tokenizer's own limit
+    where it is shorter (toy-wan's prompts fit in 32 tokens; 480 pads would only cost time)."""
+    return min(MAX_SEQUENCE_LENGTH, tokenizer.model_max_length)
+
+
 def load_wan(folder, device: torch.device | str, dtype: torch.dtype) -> WanPipeline:
     """Load exactly like Wan2.1-T2V-*-Diffusers; the VAE stays fp32 as Wan recommends."""
     vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
@@ -145,7 +151,7 @@ class WanAdapter(ModelAdapter):
         cond, uncond = self.pipe.encode_prompt(
             prompt=prompt, negative_prompt=negative_prompt or None,
             do_classifier_free_guidance=guidance_scale > 1.0,
-            max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device)
+            max_sequence_length=text_length(self.pipe.tokenizer), device=self.device)
         dtype = self.pipe.transformer.dtype
         return cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clipmesh.plan import block_ranges, num_output_frames
+from clipmesh.plan import DECODE_RUN, block_ranges, decoding_rank, num_output_frames
 from clipmesh.worker import checkpoint
 from clipmesh.worker.job import Cancelled, FinishedLatents, Work
 from clipmesh.worker.memory import release_free_memory
@@ -36,9 +36,6 @@ from clipmesh.worker.strategies.base import Schedule
 
 WORK, DONE, CANCELLED, DECODE = 1, 0, 2, 3  # header kinds
 log = logging.getLogger("clipmesh.worker")
-# Blocks decoded in a row by one rank: the warm-up of a run (~0.8 of a block's decode on bench-wan)
-# is paid once per run; longer runs wait longer for a rank's turn.
-DECODE_RUN = 4
 # finished blocks a checkpoint keeps beyond one interval, per rank: a decode run waiting its turn,
 # the decoder's backlog and the uploads behind it
 RECENT_SLACK = DECODE_RUN + 2
@@ -339,7 +336,7 @@ class BlockQueue(_Stage):
         if lookback:
             tail, self.video_tail = self.video_tail, last_frames([self.video_tail, piece.latents], lookback)
             piece = FinishedLatents(piece.start, piece.end, piece.latents, tail if starts_run else None)
-        target = j // DECODE_RUN % self.mesh.world_size
+        target = decoding_rank(self.job.plan, piece.start)
         if target == 0:
             self.finished.append(piece)
             return
