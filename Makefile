@@ -20,10 +20,18 @@ demo: install
 	$(VENV)/bin/clipmesh generate "$(DEMO_PROMPT)" --model toy-wan --frames 17 --workers 2 --output out/demo.mp4
 	$(PY) -m clipmesh.toyworld read out/demo.mp4 "$(DEMO_PROMPT)"
 
-test: install
+# System packages tests need, where missing and we may install them (root with apt):
+# iproute2 for tests/test_netns.py (each host in its own network namespace).
+SYSTEM_DEPS := ip:iproute2
+system-deps:
+	@for dep in $(SYSTEM_DEPS); do cmd=$${dep%%:*}; pkg=$${dep#*:}; \
+	  if ! command -v $$cmd >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg) >/dev/null; fi; done
+
+test: install system-deps
 	$(PY) -m pytest -q
 
 proto: install
 	$(PY) proto/generate.py
 
-.PHONY: install demo test proto
+.PHONY: install demo test proto system-deps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -109,6 +110,15 @@ class Store:
         """The job and everything of it (retention)."""
         for table in ("jobs", "events", "attempts", "checkpoint_parts"):
             self._db.execute(f"DELETE FROM {table} WHERE {'id' if table == 'jobs' else 'job_id'} = ?", (job_id,))
+
+    def queued_jobs(self, page: int = 256) -> Iterator[pb.Job]:
+        """QUEUED jobs oldest first, read a page at a time: a pass that stops early reads little,
+        and each page is a fresh query (the pass may change jobs between pages)."""
+        last = 0
+        while rows := self._db.execute("SELECT ord, job FROM jobs WHERE state = ? AND ord > ? ORDER BY ord LIMIT ?",
+                                       (pb.QUEUED, last, page)).fetchall():
+            yield from (pb.Job.FromString(blob) for _, blob in rows)
+            last = rows[-1][0]
 
     def jobs_in_state(self, state: int) -> list[pb.Job]:
         rows = self._db.execute("SELECT job FROM jobs WHERE state = ? ORDER BY ord", (state,))

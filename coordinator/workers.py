@@ -62,10 +62,12 @@ class WorkerRegistry:
         self.kept_out_until: dict[str, float] = {}
         self.own_limits: dict[str, pb.ModelInfo | None] = {}               # model -> from its preset / folder
         self.claims: dict[str, tuple[pb.ModelInfo, set[str]]] = {}         # model -> first claim, live holders
+        self.registered: dict[str, set[str]] = {}                          # model -> workers ever registered
 
     def recover(self) -> None:
         """After a restart no worker is attached: every known one is LOST."""
         for info in self.store.list_workers():
+            self.registered.setdefault(info.model.name, set()).add(info.id)
             if info.state != pb.LOST:
                 info.state = pb.LOST
                 info.current_job_id = ""
@@ -108,8 +110,8 @@ class WorkerRegistry:
                                          f"{f} {getattr(theirs, f)} (pinned {getattr(ours, f)})"[:200] for f in differ))
 
     def registered_for(self, model: str) -> int:
-        """Workers ever registered for `model` (attached or not)."""
-        return sum(w.model.name == model for w in self.store.list_workers())
+        """Workers ever registered for `model` (attached or not): kept in memory, not read per submit."""
+        return len(self.registered.get(model, ()))
 
     # -- attach, detach, heartbeats -------------------------------------------
     def attach(self, reg: pb.Register, identity: str = "") -> tuple[WorkerSession, WorkerSession | None]:
@@ -136,6 +138,7 @@ class WorkerRegistry:
                              speed=reg.speed, last_heartbeat=now_ts(), current_job_id=running.job_id if running else "")
         session = WorkerSession(info=info, attempt=running.attempt if running else 0)
         self.sessions[reg.worker_id] = session
+        self.registered.setdefault(reg.model.name, set()).add(reg.worker_id)
         if self.own_limits.get(reg.model.name) is None:  # its claim counts while it is attached
             self.claims.setdefault(reg.model.name, (reg.model, set()))[1].add(reg.worker_id)
         self.store.save_worker(info)
@@ -202,11 +205,15 @@ class WorkerRegistry:
                 yield wid
 
     # -- a job's members --------------------------------------------------------
-    def idle_for(self, model: str) -> list[str]:
-        """Idle workers of `model` that may be placed (not kept out for failing)."""
+    def idle_by_model(self) -> dict[str, list[str]]:
+        """Idle workers that may be placed (not kept out for failing), by model, in name order;
+        only models with some."""
         now = time.monotonic()
-        return sorted(wid for wid, s in self.sessions.items() if s.info.state == pb.IDLE
-                      and s.info.model.name == model and self.kept_out_until.get(wid, 0.0) <= now)
+        idle: dict[str, list[str]] = {}
+        for wid, s in sorted(self.sessions.items()):
+            if s.info.state == pb.IDLE and self.kept_out_until.get(wid, 0.0) <= now:
+                idle.setdefault(s.info.model.name, []).append(wid)
+        return idle
 
     def failed(self, worker_id: str) -> None:
         """The worker failed an attempt of its own: after FAILURES_TO_QUARANTINE within the
