@@ -105,3 +105,23 @@ class FakeWorker:
     def close(self) -> None:
         self.outbox.put(None)
         self.channel.close()
+
+
+def call_raw(channel: grpc.Channel, service: str, method, messages: list[bytes], token: str, session: str = "",
+             timeout: float = 10.0) -> grpc.StatusCode:
+    """One call of any shape (`method`: a MethodDescriptor of `service`, its full name) with raw
+    request bytes: a request stream sends `messages`, a unary call the first. The status it ends with."""
+    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+            (True, False): channel.stream_unary, (True, True): channel.stream_stream}[
+        method.client_streaming, method.server_streaming]
+    request = iter(messages) if method.client_streaming else messages[0]
+    credentials = (*metadata(token), *(((SESSION_HEADER, session),) if session else ()))
+    try:
+        response = kind(f"/{service}/{method.name}", request_serializer=None, response_deserializer=None)(
+            request, metadata=credentials, timeout=timeout)
+        if method.server_streaming:
+            for _ in response:
+                pass
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()

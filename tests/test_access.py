@@ -9,11 +9,11 @@ import imageio.v3 as iio
 import pytest
 
 from clipmesh import cli, presets
-from clipmesh.auth import TLS, metadata
+from clipmesh.auth import TLS
 from clipmesh.client import Client
 from clipmesh.v1 import clipmesh_pb2 as pb
 from conftest import WORKER_TOKEN, wait_until
-from fake_worker import HEIGHT, WIDTH, FakeWorker, assert_frames_in_order
+from fake_worker import HEIGHT, WIDTH, FakeWorker, assert_frames_in_order, call_raw
 
 CLIENTS = "alice:tok-alice,bob:tok-bob"
 CREDENTIALS = {"none": "", "unknown": "tok-nobody", "client": "tok-alice", "admin": "tok-ops",
@@ -29,30 +29,12 @@ def secured(daemons):
     return daemons
 
 
-def call_raw(channel: grpc.Channel, service: str, method, payload: bytes, token: str) -> grpc.StatusCode:
-    """One call of any shape with raw request bytes; the status it ends with."""
-    path = f"/{service}/{method.name}"
-    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
-            (True, False): channel.stream_unary, (True, True): channel.stream_stream}[
-        method.client_streaming, method.server_streaming]
-    call = kind(path, request_serializer=None, response_deserializer=None)
-    request = iter([payload]) if method.client_streaming else payload
-    try:
-        response = call(request, metadata=metadata(token), timeout=10)
-        if method.server_streaming:
-            for _ in response:
-                pass
-        return grpc.StatusCode.OK
-    except grpc.RpcError as exc:
-        return exc.code()
-
-
 def test_every_rpc_takes_only_its_roles_credential(secured):
     table = {}
     with grpc.insecure_channel(secured.address) as channel:
         for service in pb.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
-                table[service.name, method.name] = {who: call_raw(channel, service.full_name, method, b"", token)
+                table[service.name, method.name] = {who: call_raw(channel, service.full_name, method, [b""], token)
                                                     for who, token in CREDENTIALS.items()}
     print("\n| RPC | " + " | ".join(CREDENTIALS) + " |")
     for (service, method), row in table.items():
@@ -141,9 +123,9 @@ def test_malformed_bytes_are_invalid_argument_without_a_traceback(secured):
     attach = pb.DESCRIPTOR.services_by_name["WorkerGateway"].methods_by_name["Attach"]
     with grpc.insecure_channel(secured.address) as channel:
         for _ in range(40):
-            assert call_raw(channel, "clipmesh.v1.Coordinator", submit, b"\xff\xff\xff", "tok-alice") == \
+            assert call_raw(channel, "clipmesh.v1.Coordinator", submit, [b"\xff\xff\xff"], "tok-alice") == \
                 grpc.StatusCode.INVALID_ARGUMENT
-        assert call_raw(channel, "clipmesh.v1.WorkerGateway", attach, b"\x0a\xff", WORKER_TOKEN) == \
+        assert call_raw(channel, "clipmesh.v1.WorkerGateway", attach, [b"\x0a\xff"], WORKER_TOKEN) == \
             grpc.StatusCode.INVALID_ARGUMENT
     with Client(secured.address, "tok-alice") as alice:
         assert alice.submit("still serving", num_frames=17).state == pb.QUEUED
@@ -181,12 +163,12 @@ def test_a_job_over_mtls_through_the_cli(daemons, tmp_path, capsys):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     with grpc.secure_channel(daemons.address, alice.channel_credentials()) as ch:
         attach = pb.DESCRIPTOR.services_by_name["WorkerGateway"].methods_by_name["Attach"]
-        assert call_raw(ch, "clipmesh.v1.WorkerGateway", attach, b"", "") == grpc.StatusCode.PERMISSION_DENIED
+        assert call_raw(ch, "clipmesh.v1.WorkerGateway", attach, [b""], "") == grpc.StatusCode.PERMISSION_DENIED
     w0 = TLS(str(certs / "ca.pem"), str(certs / "worker-w0.pem"), str(certs / "worker-w0-key.pem"))
     with grpc.secure_channel(daemons.address, w0.channel_credentials()) as ch:
         register = pb.WorkerMessage(register=pb.Register(worker_id="w1", incarnation=1)).SerializeToString()
         attach = pb.DESCRIPTOR.services_by_name["WorkerGateway"].methods_by_name["Attach"]
-        assert call_raw(ch, "clipmesh.v1.WorkerGateway", attach, register, "") == grpc.StatusCode.PERMISSION_DENIED
+        assert call_raw(ch, "clipmesh.v1.WorkerGateway", attach, [register], "") == grpc.StatusCode.PERMISSION_DENIED
 
 
 def claim(name: str = "tiny-wan", **changes) -> pb.ModelInfo:
@@ -201,7 +183,7 @@ def attach_status(address: str, info: pb.ModelInfo) -> grpc.StatusCode:
     attach = pb.DESCRIPTOR.services_by_name["WorkerGateway"].methods_by_name["Attach"]
     register = pb.WorkerMessage(register=pb.Register(worker_id="claimant", incarnation=1, model=info))
     with grpc.insecure_channel(address) as channel:
-        return call_raw(channel, "clipmesh.v1.WorkerGateway", attach, register.SerializeToString(), WORKER_TOKEN)
+        return call_raw(channel, "clipmesh.v1.WorkerGateway", attach, [register.SerializeToString()], WORKER_TOKEN)
 
 
 def test_model_limits_are_the_coordinators_not_a_workers_claim(secured):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 

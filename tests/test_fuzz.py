@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipmesh import presets, specs
-from clipmesh.auth import SESSION_HEADER, metadata
+from clipmesh.auth import metadata
 from clipmesh.client import Client
 from clipmesh.v1 import clipmesh_pb2 as pb
 from conftest import TOKEN, WORKER_TOKEN, Daemons, wait_until
-from fake_worker import FakeWorker, drain
+from fake_worker import FakeWorker, call_raw, drain
 
 pytestmark = pytest.mark.slow
 BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
@@ -116,24 +116,6 @@ def test_submit_job_fields(coordinator):
     print(f"SubmitJob: {TRIED['SubmitJob fields']} requests, {len(accepted)} accepted (all within the limits)")
 
 
-def call(channel, service, method, payload, token, session: str = "", timeout: float = 5.0) -> grpc.StatusCode:
-    path = f"/{service.full_name}/{method.name}"
-    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
-            (True, False): channel.stream_unary, (True, True): channel.stream_stream}[
-        method.client_streaming, method.server_streaming]
-    request = iter(payload) if method.client_streaming else payload[0]
-    credentials = (*metadata(token), *(((SESSION_HEADER, session),) if session else ()))
-    try:
-        response = kind(path, request_serializer=None, response_deserializer=None)(
-            request, metadata=credentials, timeout=timeout)
-        if method.server_streaming:
-            for _ in response:
-                pass
-        return grpc.StatusCode.OK
-    except grpc.RpcError as exc:
-        return exc.code()
-
-
 def test_random_bytes_on_every_method(coordinator):
     rng = random.Random(20261201)
     worker = FakeWorker(coordinator.address, "fuzz-session")  # a live session key, so bytes reach the handlers
@@ -143,7 +125,7 @@ def test_random_bytes_on_every_method(coordinator):
             for method in service.methods:
                 for i in range(40):
                     payload = [rng.randbytes(rng.choice([1, 3, 17, 200, 5000])) for _ in range(rng.randint(1, 3))]
-                    code = call(channel, service, method, payload, CREDENTIAL[service.name],
+                    code = call_raw(channel, service.full_name, method, payload, CREDENTIAL[service.name],
                                 session=worker.session_key if i % 2 else "", timeout=3.0)
                     codes.setdefault(method.name, set()).add(code)
                     TRIED["random bytes"] = TRIED.get("random bytes", 0) + 1
