@@ -264,3 +264,20 @@ def test_watchers_unregistered_streams_and_retention_are_bounded(tmp_path):
         core.store.close()
 
     asyncio.run(scenario())
+
+
+def test_an_endless_jobs_uploads_stay_near_its_end_and_errors_do_not_echo_megabytes(secured):
+    worker = FakeWorker(secured.address, "streamer")
+    with Client(secured.address, "tok-alice") as alice:
+        with pytest.raises(grpc.RpcError) as err:
+            alice.submit("long name", num_frames=17, model="m" * (1 << 20))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 200
+        job = alice.submit("endless", num_frames=0, strategy="block_pipeline", num_workers=1,
+                           block_pipeline=pb.BlockPipelineOptions(block_frames=2, context_frames=1), **SMALL)
+        worker.expect("assignment")
+        with pytest.raises(grpc.RpcError) as err:
+            worker.upload(job.id, 1_000_000, 1_000_004)  # far past the video's end: not held on disk
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "frames up to" in err.value.details()
+        assert worker.upload(job.id, 0, 5) == 5
+        assert alice.cancel(job.id).video_frames == 5
+    worker.close()
