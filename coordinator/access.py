@@ -49,6 +49,14 @@ class Caller:
 
 
 OPEN = Caller("open")
+
+
+def check_visible(who: Caller, job) -> None:
+    """PermissionDenied unless `who` may see (cancel, fetch, delete) the job."""
+    from .errors import PermissionDenied
+
+    if not who.sees(job.owner):
+        raise PermissionDenied(f"job {job.id} is another client's")
 _current: contextvars.ContextVar[Caller] = contextvars.ContextVar("clipmesh_caller", default=OPEN)
 
 

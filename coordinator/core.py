@@ -25,12 +25,12 @@ from clipmesh import faults
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .checkpoints import Checkpoints, stream_part
-from .errors import AlreadyExists, InvalidArgument
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from .intake import FrameIntake
 from .jobs import Jobs, shielded
 from .limits import Limits
 from .scheduler import BACKFILL_WAIT_S, Scheduler
-from .store import Store
+from .store import FINAL_STATES, Store
 from .workers import WorkerRegistry, WorkerSession
 
 log = logging.getLogger("clipmesh.coordinator")
@@ -88,6 +88,17 @@ class CoordinatorCore:
         job = await self.jobs.cancel(job_id)
         await self.schedule()  # a cancelled queued job may have blocked the ones behind it
         return job
+
+    async def delete(self, job_id: str) -> bool:
+        """Cancels the job if it is not over, then deletes it; True if it was cancelled first."""
+        running = self.jobs.get(job_id).state not in FINAL_STATES
+        if running:
+            try:
+                await self.cancel(job_id)
+            except FailedPrecondition:  # it ended meanwhile
+                pass
+        self.jobs.delete(job_id)
+        return running
 
     def video_path(self, job_id: str) -> Path:
         return self.jobs.video_path(job_id)

@@ -71,6 +71,7 @@ class ActiveJob:
     # After a coordinator restart: the members not back by `adopt_by` (monotonic) are lost.
     adopted: set[str] = field(default_factory=set)
     adopt_by: float | None = None
+    delete_when_over: bool = False              # DeleteJob came while members were still stopping
 
     @property
     def attempt(self) -> int:
@@ -82,6 +83,7 @@ class Jobs:
                  limits: Limits = Limits()):
         self.limits = limits
         self.watchers: dict[str, int] = {}  # job -> WatchJob streams open on it
+        self.step_fraction: dict[str, dict[str, float]] = {}  # job -> member -> its last step / total
         self.store = store
         self.data_dir = data_dir
         self.workers = workers  # to tell a job's members to stop, and which models exist
@@ -139,7 +141,23 @@ class Jobs:
     # -- events -------------------------------------------------------------
     async def emit(self, job_id: str, **kind) -> None:
         self.store.append_event(pb.JobEvent(job_id=job_id, **kind))
+        if "step" in kind and kind["step"].total_steps > 0:
+            self.step_fraction.setdefault(job_id, {})[kind["step"].worker_id] = kind["step"].step / kind["step"].total_steps
         await self.hub.notify(job_id)
+
+    def progress(self, job: pb.Job) -> float:
+        """0..1 from real events: a running job's mean over its members of the last step each
+        reported; under block_pipeline (or endless), the share of the video's frames received."""
+        if job.state == pb.SUCCEEDED:
+            return 1.0
+        active = self.active.get(job.id)
+        if active is None:
+            return 0.0
+        if active.plan.layers:
+            frames = active.video.frames_written if active.video else 0
+            return min(frames / job.request.num_frames, 1.0) if job.request.num_frames else 0.0
+        steps = self.step_fraction.get(job.id, {})
+        return sum(steps.get(m, 0.0) for m in active.members) / max(len(active.members), 1)
 
     async def set_state(self, job: pb.Job, state: int, detail: str = "", error: str = "") -> None:
         job.state = state
@@ -346,6 +364,8 @@ class Jobs:
         await self.end(job_id, pb.SUCCEEDED)  # a cancelled or failed job has ended already
         self.active.pop(job_id, None)
         self._forget(job_id)
+        if active.delete_when_over:
+            self.delete(job_id)
         return True
 
     def expire(self, retention_s: float) -> int:
@@ -354,18 +374,27 @@ class Jobs:
         expired = [job for job in self.store.final_jobs() if job.finished_at.ToSeconds() < cutoff
                    and job.id not in self.active and not self.watchers.get(job.id)]
         for job in expired:
-            self._video_file(job.id).unlink(missing_ok=True)
-            self._forget(job.id)
-            self.store.delete_job(job.id)
+            self.delete(job.id)
         if expired:
             log.info("retention: deleted %d jobs that ended over %gs ago", len(expired), retention_s)
         return len(expired)
+
+    def delete(self, job_id: str) -> None:
+        """An ended job goes entirely: its video, scratch parts, checkpoints, events and record
+        (once its members have reported, where they are still stopping)."""
+        if job_id in self.active:
+            self.active[job_id].delete_when_over = True
+            return
+        self._video_file(job_id).unlink(missing_ok=True)
+        self._forget(job_id)
+        self.kept_videos.pop(job_id, None)
+        self.store.delete_job(job_id)
 
     def _forget(self, job_id: str) -> None:
         """The job is over: its scratch parts and checkpoints go."""
         shutil.rmtree(self.scratch_dir(job_id), ignore_errors=True)
         self.checkpoints.drop(job_id)
-        for book in (self.not_before, self.queued_since):
+        for book in (self.not_before, self.queued_since, self.step_fraction):
             book.pop(job_id, None)
 
     async def fail(self, job_id: str, error: str) -> None:

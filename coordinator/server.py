@@ -25,7 +25,8 @@ log = logging.getLogger("clipmesh.coordinator")
 
 async def serve(listen: str, data_dir: Path, credentials: Credentials | None = None, tls: TLS | None = None,
                 heartbeat_timeout: float = 15.0, collective_timeout: int = 120, port_file: Path | None = None,
-                checkpoint_dir: Path | None = None, backfill_wait: float = 30.0, limits: Limits = Limits()) -> None:
+                checkpoint_dir: Path | None = None, backfill_wait: float = 30.0, limits: Limits = Limits(),
+                http_listen: str = "", http_port_file: Path | None = None) -> None:
     """`credentials`: who may call (None: open); `tls`: this daemon's certificate, and with a CA
     the peers' certificates are required and name them (access.py)."""
     credentials = credentials or Credentials()
@@ -54,16 +55,21 @@ async def serve(listen: str, data_dir: Path, credentials: Credentials | None = N
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     host = listen.rsplit(":", 1)[0]
+    http_runner = None
+    if http_listen:
+        from . import http
+
+        http_runner, http_port = await http.start(core, credentials, http_listen, tls)
+        log.info("HTTP (OpenAI Videos API) on %s:%d", http_listen.rpartition(":")[0], http_port)
+        if http_port_file:
+            _write_port(http_port_file, http_port)
     log.info("coordinator listening on %s:%d (%s), data in %s", host, port,
              "mTLS" if tls and tls.ca else "TLS" if tls else "plaintext", data_dir)
     if credentials.open:
         log.warning("no credentials configured: anyone who reaches %s may submit jobs and attach as a worker "
                     "(set CLIPMESH_CLIENT_TOKEN and CLIPMESH_WORKER_TOKEN, or --tls-ca)", listen)
     if port_file:
-        # Written after start so a reader of the file can connect at once.
-        tmp = port_file.with_name(port_file.name + ".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(port_file)
+        _write_port(port_file, port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,8 +89,17 @@ async def serve(listen: str, data_dir: Path, credentials: Credentials | None = N
     log.info("coordinator stopping")
     monitor.cancel()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if http_runner:
+        await http_runner.cleanup()
     await server.stop(grace=2.0)
     core.store.close()
+
+
+def _write_port(path: Path, port: int) -> None:
+    """Written after start, renamed into place: a reader of the file can connect at once."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
 
 
 async def _set_health(servicer, status) -> None:

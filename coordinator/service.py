@@ -77,8 +77,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _visible(self, job_id: str) -> pb.Job:
         job = self.core.get_job(job_id)
-        if not access.caller().sees(job.owner):
-            raise PermissionDenied(f"job {job_id} is another client's")
+        access.check_visible(access.caller(), job)
         return job
 
     @grpc_errors
@@ -104,6 +103,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def CancelJob(self, request, context):
         self._visible(request.job_id)
         return await self.core.cancel(request.job_id)
+
+    @grpc_errors
+    async def DeleteJob(self, request, context):
+        self._visible(request.job_id)
+        return pb.DeleteJobResponse(job_id=request.job_id, was_running=await self.core.delete(request.job_id))
 
     @grpc_errors
     async def FetchVideo(self, request, context):

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds before a silent worker is lost")
     p.add_argument("--collective-timeout", type=int, default=120, help="seconds a worker waits in a collective")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    p.add_argument("--http", default="", metavar="HOST:PORT",
+                   help="also serve OpenAI's Videos API (/v1/videos) here (off by default)")
+    p.add_argument("--http-port-file", type=Path, help="write the HTTP port here once serving")
     p.add_argument("--checkpoint-dir", type=Path,
                    help="where jobs' step checkpoints are kept (default: DATA/checkpoints; shared storage on a farm)")
     p.add_argument("--backfill-wait", type=float, default=30.0,
@@ -219,7 +222,8 @@ def _run(args) -> int | None:
         uvloop.run(serve(args.listen, args.data, credentials, _tls(args), heartbeat_timeout=args.heartbeat_timeout,
                          collective_timeout=args.collective_timeout, port_file=args.port_file,
                          checkpoint_dir=args.checkpoint_dir, backfill_wait=args.backfill_wait,
-                         limits=Limits(max_queued_jobs=args.max_queued_jobs, retention_s=args.retention_hours * 3600)))
+                         limits=Limits(max_queued_jobs=args.max_queued_jobs, retention_s=args.retention_hours * 3600),
+                         http_listen=args.http, http_port_file=args.http_port_file))
         return 0
     if args.command == "worker":
         from clipmesh.worker.daemon import main as worker_main

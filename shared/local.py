@@ -49,11 +49,12 @@ class LocalCluster:
         return self
 
     def _start(self) -> None:
-        port_file = self.data_dir / "coordinator.port"
+        port_file, http_port_file = self.data_dir / "coordinator.port", self.data_dir / "http.port"
         self._spawn("coordinator", "coordinator", "--listen", "127.0.0.1:0", "--data", str(self.data_dir),
-                    "--port-file", str(port_file))
+                    "--port-file", str(port_file), "--http", "127.0.0.1:0", "--http-port-file", str(http_port_file))
         self._wait(lambda: port_file.exists(), 60, "the coordinator to listen")
         self.address = f"127.0.0.1:{port_file.read_text()}"
+        self.http = f"http://127.0.0.1:{http_port_file.read_text()}"  # written before the gRPC port
         self.client = Client(self.address, self.token, TLS())
 
     def start_workers(self) -> None:
@@ -123,8 +124,8 @@ def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = N
         with LocalCluster(fields["model"], num_workers, data_dir) as cluster:
             # Submit before starting workers: a bad request fails in a second, not after model loading.
             job = cluster.client.submit(prompt, **fields)
-            print(f"job {job.id} queued on coordinator {cluster.address}; starting {num_workers} workers",
-                  file=sys.stderr)
+            print(f"job {job.id} queued on coordinator {cluster.address} (HTTP: {cluster.http}/v1/videos); "
+                  f"starting {num_workers} workers", file=sys.stderr)
             cluster.start_workers()
             try:
                 state = progress.follow(cluster.client.watch(job.id), world_size=num_workers,

@@ -63,6 +63,11 @@ class CoordinatorStub:
                 request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/clipmesh.v1.Coordinator/DeleteJob',
+                request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.FetchVideo = channel.unary_stream(
                 '/clipmesh.v1.Coordinator/FetchVideo',
                 request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.FetchVideoRequest.SerializeToString,
@@ -114,6 +119,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Cancels the job if it is not over (its workers stop within a step), then deletes it:
+        its video, events and record. GetJob answers NOT_FOUND afterwards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchVideo(self, request, context):
         """Streams the finished MP4 in chunks.
         """
@@ -154,6 +167,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.CancelJobRequest.FromString,
                     response_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.DeleteJobRequest.FromString,
+                    response_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.DeleteJobResponse.SerializeToString,
             ),
             'FetchVideo': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchVideo,
@@ -305,6 +323,33 @@ class Coordinator:
             '/clipmesh.v1.Coordinator/CancelJob',
             clipmesh_dot_v1_dot_clipmesh__pb2.CancelJobRequest.SerializeToString,
             clipmesh_dot_v1_dot_clipmesh__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipmesh.v1.Coordinator/DeleteJob',
+            clipmesh_dot_v1_dot_clipmesh__pb2.DeleteJobRequest.SerializeToString,
+            clipmesh_dot_v1_dot_clipmesh__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
