@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
+from .metrics import RPCS
+
 log = logging.getLogger("clipmesh.coordinator")
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -104,6 +106,15 @@ class Credentials:
         return None
 
 
+def _code_name(code) -> str:
+    """A handler context's code (None until set: OK; a StatusCode, or its number) by name."""
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+
+
 class _Malformed:
     """A request whose bytes did not parse (the deserializer's answer instead of raising)."""
 
@@ -173,26 +184,38 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
         behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
 
+        name = method.rsplit("/", 1)[1]
+
+        def count(context) -> None:
+            RPCS.labels(name, _code_name(context.code())).inc()
+
         if handler.response_streaming:
             async def guarded(request, context):
-                token = await admit(context)
                 try:
-                    if isinstance(request, _Malformed):
-                        await refuse_malformed(context)
-                    requests = checked(request, context) if handler.request_streaming else request
-                    async for response in behavior(requests, context):
-                        yield response
+                    token = await admit(context)
+                    try:
+                        if isinstance(request, _Malformed):
+                            await refuse_malformed(context)
+                        requests = checked(request, context) if handler.request_streaming else request
+                        async for response in behavior(requests, context):
+                            yield response
+                    finally:
+                        _current.reset(token)
                 finally:
-                    _current.reset(token)
+                    count(context)
         else:
             async def guarded(request, context):
-                token = await admit(context)
                 try:
-                    if isinstance(request, _Malformed):
-                        await refuse_malformed(context)
-                    return await behavior(checked(request, context) if handler.request_streaming else request, context)
+                    token = await admit(context)
+                    try:
+                        if isinstance(request, _Malformed):
+                            await refuse_malformed(context)
+                        return await behavior(checked(request, context) if handler.request_streaming else request,
+                                              context)
+                    finally:
+                        _current.reset(token)
                 finally:
-                    _current.reset(token)
+                    count(context)
 
         make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}

@@ -25,12 +25,13 @@ import ssl
 
 from aiohttp import web
 from google.protobuf.json_format import MessageToDict
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from clipmesh.auth import TLS
 from clipmesh.client import REQUEST_DEFAULTS
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-from . import access
+from . import access, metrics
 from .core import CoordinatorCore
 from .errors import (AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                      ResourceExhausted)
@@ -194,6 +195,11 @@ class Gateway:
         return response
 
 
+async def scrape(request: web.Request) -> web.Response:
+    """Prometheus' text format (open, as /metrics is by convention: it holds no prompt or frame)."""
+    return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 @web.middleware
 async def _errors(request: web.Request, handler):
     try:
@@ -205,7 +211,9 @@ async def _errors(request: web.Request, handler):
 def make_app(core: CoordinatorCore, credentials: access.Credentials) -> web.Application:
     gateway = Gateway(core, credentials)
     app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
-    app.add_routes([web.post("/v1/videos", gateway.create), web.get("/v1/videos", gateway.list),
+    metrics.watch_store(core)
+    app.add_routes([web.get("/metrics", scrape),
+                    web.post("/v1/videos", gateway.create), web.get("/v1/videos", gateway.list),
                     web.get("/v1/videos/{video_id}", gateway.retrieve),
                     web.delete("/v1/videos/{video_id}", gateway.delete),
                     web.get("/v1/videos/{video_id}/content", gateway.content),

@@ -32,6 +32,7 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .checkpoints import Checkpoints
 from .errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from . import metrics
 from .limits import Limits
 from .hub import ProgressHub
 from .stitcher import FramePart, VideoWriter
@@ -141,6 +142,10 @@ class Jobs:
     # -- events -------------------------------------------------------------
     async def emit(self, job_id: str, **kind) -> None:
         self.store.append_event(pb.JobEvent(job_id=job_id, **kind))
+        if "step" in kind and job_id in self.active:
+            metrics.step(kind["step"], self.active[job_id].plan)
+        if "frames" in kind:
+            metrics.FRAMES_ENCODED.inc(kind["frames"].num_frames)
         if "step" in kind and kind["step"].total_steps > 0:
             self.step_fraction.setdefault(job_id, {})[kind["step"].worker_id] = kind["step"].step / kind["step"].total_steps
         await self.hub.notify(job_id)
@@ -167,6 +172,7 @@ class Jobs:
             job.started_at.CopyFrom(now_ts())
         if state in FINAL_STATES:
             job.finished_at.CopyFrom(now_ts())
+            metrics.job_ended(job)
         self.store.save_job(job)
         await self.emit(job.id, state=pb.StateChange(state=state, detail=detail or error))
 

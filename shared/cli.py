@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed figure to report instead of measuring one (clip lengths follow it)")
     p.add_argument("--token", default=os.environ.get("CLIPMESH_WORKER_TOKEN", ""),
                    help="a worker token of the coordinator (env CLIPMESH_WORKER_TOKEN)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
 
     p = sub.add_parser("certs", help="make a CA and the certificates of a farm (TLS; mTLS for every peer)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PEM files")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from clipmesh.auth import SESSION_HEADER, TLS, channel, metadata
+from clipmesh.worker import metrics
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
 from clipmesh.worker.memory import release_free_memory
@@ -234,6 +235,7 @@ class WorkerDaemon:
                  plan.strategy, f", from step {plan.start_step}" if plan.start_step else "")
         store = None
         result = pb.JobResult(job_id=a.job_id, attempt=a.attempt)
+        metrics.BUSY.set(1)
         try:
             resume = await self._fetch_checkpoint(a) if plan.HasField("resume") else None
             if a.rank == 0:
@@ -263,6 +265,8 @@ class WorkerDaemon:
             release_free_memory()  # a daemon lives for many jobs: it idles at the model's footprint
         log.info("job %s: rank %d %s", a.job_id, a.rank,
                  "done" if result.outcome == pb.JOB_OUTCOME_DONE else result.error)
+        metrics.BUSY.set(0)
+        metrics.JOBS.labels(pb.JobOutcome.Name(result.outcome)).inc()
         self._send(result=result)
 
     def _render(self, ctx: JobContext, rdv: pb.Rendezvous, store, uploads: list, resume) -> None:
@@ -276,6 +280,7 @@ class WorkerDaemon:
         loop_send = self._threadsafe_sender()
 
         def on_step(report) -> None:
+            metrics.step(report, plan.strategy)
             loop_send(progress=pb.StepProgress(
                 worker_id=self.worker_id, rank=a.rank, step=report.step, total_steps=report.total,
                 latent_start=report.latent_start, latent_end=report.latent_end, seconds=report.seconds,
@@ -415,6 +420,8 @@ def main(args) -> None:
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack: a stuck daemon explains itself
 
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
     daemon = WorkerDaemon(args.coordinator, args.model, args.device, args.advertise_host, args.name,
                           args.threads, args.token, args.speed, TLS(args.tls_ca, args.tls_cert, args.tls_key))
 
