@@ -21,8 +21,9 @@ demo: install
 	$(PY) -m clipmesh.toyworld read out/demo.mp4 "$(DEMO_PROMPT)"
 
 # System packages tests need, where missing and we may install them (root with apt):
-# iproute2 for tests/test_netns.py (each host in its own network namespace).
-SYSTEM_DEPS := ip:iproute2
+# iproute2 for tests/test_netns.py (each host in its own network namespace), chromium and its
+# driver for tests/test_dashboard.py (the dashboard in a real headless browser).
+SYSTEM_DEPS := ip:iproute2 chromium:chromium chromedriver:chromium-driver
 system-deps:
 	@for dep in $(SYSTEM_DEPS); do cmd=$${dep%%:*}; pkg=$${dep#*:}; \
 	  if ! command -v $$cmd >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -6,6 +6,10 @@
     DELETE /v1/videos/{id}             cancel if running (its workers stop within a step), then delete
     GET    /v1/videos/{id}/content     the MP4 (range requests: a browser seeks)
     GET    /v1/videos/{id}/events      the job's events as Server-Sent Events: replay, then live
+    POST   /v1/videos/{id}/cancel      cancel, keeping the job and the frames finished (clipmesh's own)
+    GET    /api/workers                the workers, as ListWorkers (clipmesh's own)
+    GET    /                           the dashboard (dashboard.html), live through the SSE stream
+    GET    /metrics                    Prometheus (metrics.py)
 
 OpenAI's fields map onto a SubmitJobRequest: `size` "WxH" is width x height, `seconds` becomes
 frames at the job's fps (the nearest the model allows, stride*k+1); clipmesh's own fields
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import ssl
+from pathlib import Path
 
 from aiohttp import web
 from google.protobuf.json_format import MessageToDict
@@ -36,6 +41,7 @@ from .core import CoordinatorCore
 from .errors import (AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                      ResourceExhausted)
 
+DASHBOARD = Path(__file__).with_name("dashboard.html")
 STATUS = {pb.QUEUED: "queued", pb.RUNNING: "in_progress", pb.SUCCEEDED: "completed", pb.FAILED: "failed",
           pb.CANCELLED: "cancelled"}
 _HTTP = {InvalidArgument: 400, PermissionDenied: 403, NotFound: 404, FailedPrecondition: 409, AlreadyExists: 409,
@@ -85,7 +91,11 @@ class Gateway:
             return access.OPEN
         cert = request.transport.get_extra_info("peercert") if request.transport else None
         names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn if key == "commonName"]
-        who = self.credentials.identify("/v1/videos", [("authorization", request.headers.get("Authorization", ""))],
+        authorization = request.headers.get("Authorization", "")
+        if not authorization and request.method == "GET" and request.query.get("access_token"):
+            # a browser's EventSource and <video> cannot send headers: the dashboard's reads carry the token
+            authorization = f"Bearer {request.query['access_token']}"
+        who = self.credentials.identify("/v1/videos", [("authorization", authorization)],
                                         {"x509_common_name": [n.encode() for n in names]})
         if who is None:
             raise web.HTTPUnauthorized(text=json.dumps({"error": {
@@ -181,6 +191,21 @@ class Gateway:
         await self.core.delete(job.id)
         return web.json_response({"id": job.id, "object": "video.deleted", "deleted": True})
 
+    async def cancel(self, request: web.Request) -> web.Response:
+        _, job = self.visible(request)
+        job = await self.core.cancel(job.id)
+        return web.json_response(video_object(job, self.core.jobs.progress(job)))
+
+    async def workers(self, request: web.Request) -> web.Response:
+        self.caller(request)
+        return web.json_response({"object": "list", "data": [
+            MessageToDict(w, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            for w in self.core.list_workers()]})
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        """The page holds no data: what it shows, it fetches with the caller's token."""
+        return web.Response(text=DASHBOARD.read_text(), content_type="text/html")
+
     async def content(self, request: web.Request) -> web.StreamResponse:
         _, job = self.visible(request)
         return web.FileResponse(self.core.video_path(job.id), headers={"Content-Type": "video/mp4"})
@@ -212,7 +237,8 @@ def make_app(core: CoordinatorCore, credentials: access.Credentials) -> web.Appl
     gateway = Gateway(core, credentials)
     app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
     metrics.watch_store(core)
-    app.add_routes([web.get("/metrics", scrape),
+    app.add_routes([web.get("/metrics", scrape), web.get("/", gateway.dashboard),
+                    web.get("/api/workers", gateway.workers), web.post("/v1/videos/{video_id}/cancel", gateway.cancel),
                     web.post("/v1/videos", gateway.create), web.get("/v1/videos", gateway.list),
                     web.get("/v1/videos/{video_id}", gateway.retrieve),
                     web.delete("/v1/videos/{video_id}", gateway.delete),

@@ -1,0 +1,75 @@
+"""The dashboard (GET / on the coordinator's HTTP port) in a real headless chromium: while a
+2-worker job runs, every worker's bar advances (live through SSE, no reload); the cancel button
+cancels; a finished job's video plays. A screenshot of the running job goes to docs/."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from clipmesh.v1 import clipmesh_pb2 as pb
+from conftest import TOKEN, wait_until
+
+pytestmark = pytest.mark.slow
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+
+
+@pytest.fixture
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):  # `make test` installs both where it may (Debian: chromium, chromium-driver)
+        pytest.skip("no chromium and chromedriver on this machine")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900",
+                 "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    yield session
+    session.quit()
+
+
+def steps_shown(browser) -> dict[str, int]:
+    return {row.get_attribute("id")[5:]: int(row.get_attribute("data-step"))
+            for row in browser.find_elements("css selector", "#ranks > div")}
+
+
+def test_the_dashboard_follows_a_job_cancels_it_and_plays_a_video(daemons, browser):
+    from selenium.webdriver.common.by import By
+
+    port_file = daemons.tmp / "http.port"
+    daemons.coordinator("--http", "127.0.0.1:0", "--http-port-file", str(port_file))
+    for name in ("d0", "d1"):
+        daemons.worker(name)
+    with daemons.client() as client:
+        daemons.wait_idle(client, {"d0", "d1"})
+        browser.get(f"http://127.0.0.1:{port_file.read_text()}/?access_token={TOKEN}")
+        wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#workers tr")) == 3, 20, "the workers listed")
+
+        job = client.submit("a long walk", num_frames=33, num_inference_steps=60, num_workers=2, strategy="clip_parallel")
+        wait_until(lambda: set(steps_shown(browser)) == {"d0", "d1"}, 60, "a bar per worker", daemons)
+        first = steps_shown(browser)
+        wait_until(lambda: all(steps_shown(browser)[w] > first[w] for w in first), 60, "every bar advancing", daemons)
+        assert browser.find_element(By.ID, "job-id").text == job.id
+        time.sleep(1.0)  # the lists' next refresh: progress in the jobs table too
+        browser.save_screenshot(str(SCREENSHOT))
+
+        browser.find_element(By.ID, "cancel").click()
+        wait_until(lambda: client.get(job.id).state == pb.CANCELLED, 30, "the cancel button's cancel", daemons)
+        daemons.wait_idle(client, {"d0", "d1"}, timeout=30)
+
+        short = client.submit("a short one", num_frames=17, num_inference_steps=2, num_workers=2)
+        wait_until(lambda: client.get(short.id).state == pb.SUCCEEDED, 120, "the short job", daemons)
+        browser.find_element(By.CSS_SELECTOR, f'tr.job[data-id="{short.id}"]').click()
+        wait_until(lambda: browser.execute_script("const v = document.getElementById('player');"
+                                                  "return v.readyState >= 2 && v.currentTime > 0"), 30,
+                   "the finished job's video playing", daemons)
+        duration = browser.execute_script("return document.getElementById('player').duration")
+        assert abs(duration - 17 / 8) < 0.3, duration  # the job's 17 frames at 8 fps
