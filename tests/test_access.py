@@ -143,7 +143,8 @@ def test_a_job_over_mtls_through_the_cli(daemons, tmp_path, capsys):
         return ["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / f"{stem}.pem"),
                 "--tls-key", str(certs / f"{stem}-key.pem")]
 
-    daemons.coordinator(*tls("coordinator"))
+    http_port = daemons.tmp / "http.port"
+    daemons.coordinator(*tls("coordinator"), "--http", "127.0.0.1:0", "--http-port-file", str(http_port))
     for name in ("w0", "w1"):
         daemons.worker(name, "tiny-wan", 1, 1.0, *tls(f"worker-{name}"))
     alice = TLS(str(certs / "ca.pem"), str(certs / "client-alice.pem"), str(certs / "client-alice-key.pem"))
@@ -164,6 +165,16 @@ def test_a_job_over_mtls_through_the_cli(daemons, tmp_path, capsys):
     with grpc.secure_channel(daemons.address, alice.channel_credentials()) as ch:
         attach = pb.DESCRIPTOR.services_by_name["WorkerGateway"].methods_by_name["Attach"]
         assert call_raw(ch, "clipmesh.v1.WorkerGateway", attach, [b""], "") == grpc.StatusCode.PERMISSION_DENIED
+    # the HTTP side is HTTPS with the same CA: alice's certificate is her credential there too
+    import ssl
+    import urllib.request
+    https = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    https.load_cert_chain(str(certs / "client-alice.pem"), str(certs / "client-alice-key.pem"))
+    with urllib.request.urlopen(f"https://127.0.0.1:{http_port.read_text()}/v1/videos", context=https) as listed:
+        assert job_id in listed.read().decode()
+    with pytest.raises(OSError):  # no client certificate: no handshake
+        urllib.request.urlopen(f"https://127.0.0.1:{http_port.read_text()}/v1/videos",
+                               context=ssl.create_default_context(cafile=str(certs / "ca.pem")))
     w0 = TLS(str(certs / "ca.pem"), str(certs / "worker-w0.pem"), str(certs / "worker-w0-key.pem"))
     with grpc.secure_channel(daemons.address, w0.channel_credentials()) as ch:
         register = pb.WorkerMessage(register=pb.Register(worker_id="w1", incarnation=1)).SerializeToString()
