@@ -96,7 +96,7 @@ def within_limits(job: pb.Job) -> bool:
 def test_submit_job_fields(coordinator):
     accepted = []
     with coordinator.client() as client:
-        @settings(max_examples=400, derandomize=True, deadline=None, database=None,
+        @settings(max_examples=300, derandomize=True, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(REQUESTS)
         def submit(request):

@@ -12,14 +12,23 @@ import openai
 import pytest
 
 from clipmesh.v1 import clipmesh_pb2 as pb
-from conftest import TOKEN, wait_until
+from conftest import TOKEN, Daemons, wait_until
 
 # the SDK warns that OpenAI's own video service is to shut down: this is clipmesh's
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 
-@pytest.fixture
-def farm(daemons):
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """One coordinator and two workers for the module (their start-up is most of its time)."""
+    daemons = Daemons(tmp_path_factory.mktemp("http"))
+    try:
+        yield _start(daemons)
+    finally:
+        daemons.stop()
+
+
+def _start(daemons):
     port_file = daemons.tmp / "http.port"
     daemons.coordinator("--http", "127.0.0.1:0", "--http-port-file", str(port_file))
     for name in ("h0", "h1"):
