@@ -180,8 +180,8 @@ PRESETS: dict[str, dict] = {
     # a small VAE on CPU learned the colours but blurred the shapes away.
     "toy-wan": {
         "transformer": dict(
-            patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
-            text_dim=32, freq_dim=64, ffn_dim=256, num_layers=6, cross_attn_norm=True,
+            patch_size=[1, 4, 4], num_attention_heads=8, attention_head_dim=16, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
         "vae": dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
                     temperal_downsample=[True, True], dropout=0.0, scale_factor_spatial=4, scale_factor_temporal=4),
@@ -189,7 +189,7 @@ PRESETS: dict[str, dict] = {
         "scheduler": _WAN_SCHEDULER,
         # Option defaults sized to its native 5 latent frames, as the family's are to Wan's 21: a
         # +-2 window (Video-Infinity's P), blocks of 3 with 1 frame of context each way (DualParal).
-        "limits": dict(family="wan", spatial_multiple=8, temporal_stride=4, max_frames=1025,
+        "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
                        max_side=256, native_latent_frames=5, clip_parallel_defaults=dict(local_halo=2),
                        block_pipeline_defaults=dict(block_frames=3, context_frames=1)),
         "trained": True,

@@ -49,6 +49,7 @@ VAE_CONFIG, TRANSFORMER_CONFIG, TEXT_CONFIG = PRESET["vae"], PRESET["transformer
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 SHIFT = presets._WAN_SCHEDULER["flow_shift"]
 NOTES = "<!-- notes: written by hand, kept when the report is rewritten -->"
+TEXT_LENGTH = 32  # tokens: the longest toy prompt is 30 bytes and </s>
 VAE_STAGES = "2000x5x4x1e-3,450x9x3x5e-4,250x17x2x3e-4"  # steps x frames x clips per step x learning rate
 
 
@@ -148,21 +149,23 @@ def text_encoder_and_tokenizer(seed: int):
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    return UMT5EncoderModel(UMT5Config(**TEXT_CONFIG)).eval(), presets._tokenizer()
+    tokenizer = presets._tokenizer()
+    tokenizer.model_max_length = TEXT_LENGTH  # saved with the model: the worker pads to it (wan.text_length)
+    return UMT5EncoderModel(UMT5Config(**TEXT_CONFIG)).eval(), tokenizer
 
 
 def embed(prompts: list[str], text_encoder, tokenizer) -> torch.Tensor:
     """The prompts' embeddings as the worker gets them: WanPipeline.encode_prompt at the worker's
-    text length (512, WanPipeline's default), zeros after each prompt's tokens. The transformer
+    text length (the tokenizer's TEXT_LENGTH), zeros after each prompt's tokens. The transformer
     must train on that length: the pads' keys take part in its cross-attention."""
     from diffusers import WanPipeline
 
-    from clipmesh.worker.adapters.wan import MAX_SEQUENCE_LENGTH
+    from clipmesh.worker.adapters.wan import text_length
 
     text_only = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None, transformer=None)
     with torch.no_grad():
         return text_only.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                       max_sequence_length=MAX_SEQUENCE_LENGTH, device="cpu")[0]
+                                       max_sequence_length=text_length(tokenizer), device="cpu")[0]
 
 
 def make_latents(out: pathlib.Path, n: int, seed: int) -> None:
@@ -331,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="STEPSxFRAMESxBATCHxLR,...: the VAE's stages, each from the last one's weights")
     ap.add_argument("--vae-from-stage", type=int, default=1, help="start at this stage (1-based) from the VAE in --out")
     ap.add_argument("--clips", type=int, default=3072, help="encoded clips the transformer trains on")
-    ap.add_argument("--transformer-steps", type=int, default=2200)
-    ap.add_argument("--batch", type=int, default=32, help="clips of 17 frames per transformer step")
+    ap.add_argument("--transformer-steps", type=int, default=3200)
+    ap.add_argument("--batch", type=int, default=64, help="clips of 17 frames per transformer step")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--export", type=pathlib.Path, default=presets.TRAINED_ROOT / "toy-wan")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
