@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backfill-wait", type=float, default=30.0,
                    help="seconds a job too big for the idle workers lets later jobs that fit run first (0 = FIFO)")
     p.add_argument("--max-queued-jobs", type=int, default=10_000, help="queued jobs beyond which SubmitJob is refused")
+    p.add_argument("--register-timeout", type=float, default=10.0,
+                   help="seconds an Attach stream may take to register before it is closed")
     p.add_argument("--retention-hours", type=float, default=168.0,
                    help="a finished job's video and events are deleted this long after it ended (0 = kept)")
     g = p.add_argument_group("credentials (none at all: open to anyone who reaches --listen); the environment "
@@ -223,7 +225,8 @@ def _run(args) -> int | None:
         uvloop.run(serve(args.listen, args.data, credentials, _tls(args), heartbeat_timeout=args.heartbeat_timeout,
                          collective_timeout=args.collective_timeout, port_file=args.port_file,
                          checkpoint_dir=args.checkpoint_dir, backfill_wait=args.backfill_wait,
-                         limits=Limits(max_queued_jobs=args.max_queued_jobs, retention_s=args.retention_hours * 3600),
+                         limits=Limits(max_queued_jobs=args.max_queued_jobs, retention_s=args.retention_hours * 3600,
+                                       register_timeout_s=args.register_timeout),
                          http_listen=args.http, http_port_file=args.http_port_file))
         return 0
     if args.command == "worker":

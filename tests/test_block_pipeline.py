@@ -188,7 +188,7 @@ def test_reference_sees_the_context_and_the_cache(model, one_stage):
     assert (latents - independent).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, 3])  # 4 (one layer a stage) left out: the suite's time budget
 def test_stage_pipelines_equal_one_stage(folder, one_stage, world_size):
     plan = _plan(world_size, FRAMES, BLOCK, CONTEXT)
     assert [r.end - r.start for r in plan.layers] == {2: [2, 2], 3: [2, 1, 1], 4: [1, 1, 1, 1]}[world_size]

@@ -72,7 +72,7 @@ REQUESTS = st.builds(
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
     d = Daemons(tmp_path_factory.mktemp("fuzz"))
-    d.coordinator("--heartbeat-timeout", "60")
+    d.coordinator("--heartbeat-timeout", "60", "--register-timeout", "2")
     yield d
     d.stop()
 
