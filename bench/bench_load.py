@@ -83,13 +83,13 @@ async def sim_worker(address: str, name: str, token: str, stop: asyncio.Event, d
             done.append(a.job_id)
 
         tasks = set()
-        reader = call.__aiter__()
+
+        async def stop_when_told():  # (a read of the stream must not be timed out: that cancels the call)
+            await stop.wait()
+            call.cancel()
+        stopper = asyncio.create_task(stop_when_told())
         try:
-            while not stop.is_set():
-                try:
-                    message = await asyncio.wait_for(reader.__anext__(), 0.5)
-                except TimeoutError:
-                    continue
+            async for message in call:
                 kind = message.WhichOneof("kind")
                 if kind == "registered":
                     key = message.registered.session_key
@@ -100,9 +100,10 @@ async def sim_worker(address: str, name: str, token: str, stop: asyncio.Event, d
                     task = asyncio.create_task(run(message.assignment))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-        except (StopAsyncIteration, grpc.aio.AioRpcError):
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
+            stopper.cancel()
             if heartbeat:
                 heartbeat.cancel()
             await outbox.put(None)

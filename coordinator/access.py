@@ -18,6 +18,7 @@ once a second.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hmac
 import logging
@@ -200,7 +201,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                         async for response in behavior(requests, context):
                             yield response
                     finally:
-                        _current.reset(token)
+                        # a stream may be closed from another task (its context): nothing to undo there
+                        with contextlib.suppress(ValueError):
+                            _current.reset(token)
                 finally:
                     count(context)
         else:
