@@ -70,7 +70,11 @@ def test_the_dashboard_follows_a_job_cancels_it_and_plays_a_video(daemons, brows
 
         short = client.submit("a short one", num_frames=17, num_inference_steps=2, num_workers=2)
         wait_until(lambda: client.get(short.id).state == pb.SUCCEEDED, 120, "the short job", daemons)
-        browser.find_element(By.CSS_SELECTOR, f'tr.job[data-id="{short.id}"]').click()
+
+        def open_short() -> bool:  # its row appears at the list's next refresh (every second), rebuilt each time
+            browser.find_element(By.CSS_SELECTOR, f'tr.job[data-id="{short.id}"]').click()
+            return browser.find_element(By.ID, "job-id").text == short.id
+        wait_until(open_short, 20, "the short job's row, clicked", daemons)
         wait_until(lambda: browser.execute_script("const v = document.getElementById('player');"
                                                   "return v.readyState >= 2 && v.currentTime > 0"), 30,
                    "the finished job's video playing", daemons)

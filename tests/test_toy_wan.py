@@ -101,12 +101,12 @@ def test_a_short_seeded_training_run_learns(tmp_path):
         return json.loads((out / f"{part}_loss.json").read_text())
 
     run = tmp_path / "run"
-    train(run, "--phase", "vae", "--vae-stages", "30x5x2x1e-3")
+    train(run, "--phase", "vae", "--vae-stages", "20x5x2x1e-3")
     vae = record(run, "vae")
     before, after = vae["stages"][0]["held_out"]  # the same held-out clips before and after
     assert after < 0.8 * before, vae["stages"]
     train(run, "--phase", "latents", "--clips", "16")
-    train(run, "--phase", "transformer", "--transformer-steps", "40", "--batch", "4")
+    train(run, "--phase", "transformer", "--transformer-steps", "20", "--batch", "4")
     before, after = record(run, "transformer")["fixed_batch"]  # the same clips, noise and sigmas
     assert after < 0.8 * before, (before, after)
     for again in ("again", "once more"):  # seeded: the same run gives the same losses
