@@ -27,7 +27,8 @@ SYSTEM_DEPS := ip:iproute2 chromium:chromium chromedriver:chromium-driver
 system-deps:
 	@for dep in $(SYSTEM_DEPS); do cmd=$${dep%%:*}; pkg=$${dep#*:}; \
 	  if ! command -v $$cmd >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg) >/dev/null; fi; done
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg) >/dev/null 2>&1 \
+	      || echo "could not install $$pkg: the tests that need it will skip, saying why"; fi; done
 
 test: install system-deps
 	$(PY) -m pytest -q
