@@ -124,7 +124,12 @@ class Gateway:
             if not isinstance(body, dict):
                 return error_response(400, "body: must be a JSON object")
         else:
-            body = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+            form = await request.post()
+            body = {k: v for k, v in form.items() if isinstance(v, str)}
+            body.update({k: True for k, v in form.items() if not isinstance(v, str)})  # files: named, refused below
+        if body.get("input_reference") is not None:
+            return error_response(400, "input_reference: image-to-video is not supported; text-to-video only",
+                                  "input_reference")
         try:
             fields = self._request_fields(body)
         except InvalidArgument as exc:

@@ -70,6 +70,9 @@ def test_bad_requests_credentials_and_delete_of_a_running_job(farm):
     with pytest.raises(openai.BadRequestError) as err:
         sdk.videos.create(prompt="a cat", model="tiny-wan", size="63x64")
     assert "width: must be a multiple of 16" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:  # image-to-video: refused, not ignored
+        sdk.videos.create(prompt="a cat", model="tiny-wan", input_reference=("ref.png", b"\x89PNG", "image/png"))
+    assert "input_reference" in str(err.value)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).videos.list()
 
