@@ -222,6 +222,9 @@ def _run(args) -> int | None:
 
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
         credentials = Credentials(args.client_token, args.admin_token, args.worker_token, certificates=bool(args.tls_ca))
+        if credentials.open and os.environ.get("CLIPMESH_TOKEN"):  # the one shared token of old: not open by surprise
+            raise SystemExit("clipmesh coordinator: CLIPMESH_TOKEN is a client's credential; the coordinator takes "
+                             "CLIPMESH_CLIENT_TOKEN and CLIPMESH_WORKER_TOKEN (and CLIPMESH_ADMIN_TOKEN), one per role")
         uvloop.run(serve(args.listen, args.data, credentials, _tls(args), heartbeat_timeout=args.heartbeat_timeout,
                          collective_timeout=args.collective_timeout, port_file=args.port_file,
                          checkpoint_dir=args.checkpoint_dir, backfill_wait=args.backfill_wait,

@@ -292,3 +292,14 @@ def test_an_endless_jobs_uploads_stay_near_its_end_and_errors_do_not_echo_megaby
         assert worker.upload(job.id, 0, 5) == 5
         assert alice.cancel(job.id).video_frames == 5
     worker.close()
+
+
+def test_the_old_shared_token_alone_does_not_start_an_open_coordinator(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPMESH_")} | {"CLIPMESH_TOKEN": "shared"}
+    proc = subprocess.run([sys.executable, "-m", "clipmesh.cli", "coordinator", "--listen", "127.0.0.1:0",
+                           "--data", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "CLIPMESH_CLIENT_TOKEN and CLIPMESH_WORKER_TOKEN" in proc.stderr
