@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
+from .errors import PermissionDenied
 from .metrics import RPCS
 
 log = logging.getLogger("clipmesh.coordinator")
@@ -56,8 +57,6 @@ OPEN = Caller("open")
 
 def check_visible(who: Caller, job) -> None:
     """PermissionDenied unless `who` may see (cancel, fetch, delete) the job."""
-    from .errors import PermissionDenied
-
     if not who.sees(job.owner):
         raise PermissionDenied(f"job {job.id} is another client's")
 _current: contextvars.ContextVar[Caller] = contextvars.ContextVar("clipmesh_caller", default=OPEN)
@@ -190,35 +189,31 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         def count(context) -> None:
             RPCS.labels(name, _code_name(context.code())).inc()
 
+        @contextlib.asynccontextmanager
+        async def admitted(request, context):
+            """The caller admitted and known for the call, its request checked; the call counted."""
+            try:
+                token = await admit(context)
+                try:
+                    if isinstance(request, _Malformed):
+                        await refuse_malformed(context)
+                    yield checked(request, context) if handler.request_streaming else request
+                finally:
+                    # a stream may be closed from another task (its context): nothing to undo there
+                    with contextlib.suppress(ValueError):
+                        _current.reset(token)
+            finally:
+                count(context)
+
         if handler.response_streaming:
             async def guarded(request, context):
-                try:
-                    token = await admit(context)
-                    try:
-                        if isinstance(request, _Malformed):
-                            await refuse_malformed(context)
-                        requests = checked(request, context) if handler.request_streaming else request
-                        async for response in behavior(requests, context):
-                            yield response
-                    finally:
-                        # a stream may be closed from another task (its context): nothing to undo there
-                        with contextlib.suppress(ValueError):
-                            _current.reset(token)
-                finally:
-                    count(context)
+                async with admitted(request, context) as requests:
+                    async for response in behavior(requests, context):
+                        yield response
         else:
             async def guarded(request, context):
-                try:
-                    token = await admit(context)
-                    try:
-                        if isinstance(request, _Malformed):
-                            await refuse_malformed(context)
-                        return await behavior(checked(request, context) if handler.request_streaming else request,
-                                              context)
-                    finally:
-                        _current.reset(token)
-                finally:
-                    count(context)
+                async with admitted(request, context) as requests:
+                    return await behavior(requests, context)
 
         make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}

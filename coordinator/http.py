@@ -54,9 +54,13 @@ EXTRAS = {"num_frames": ("num_frames", int), "frames": ("num_frames", int), "ste
           "fps": ("fps", float), "height": ("height", int), "width": ("width", int)}
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return web.json_response(body, status=status)
+def error_body(message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error JSON."""
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None):
+    return web.json_response(error_body(message, param), status=status)
 
 
 def _from_error(exc: CoordinatorError) -> web.Response:
@@ -98,13 +102,12 @@ class Gateway:
         who = self.credentials.identify("/v1/videos", [("authorization", authorization)],
                                         {"x509_common_name": [n.encode() for n in names]})
         if who is None:
-            raise web.HTTPUnauthorized(text=json.dumps({"error": {
-                "message": "missing or unknown credential (Authorization: Bearer TOKEN)", "type": "invalid_request_error",
-                "param": None, "code": "invalid_api_key"}}), content_type="application/json")
+            raise web.HTTPUnauthorized(text=json.dumps(error_body(
+                "missing or unknown credential (Authorization: Bearer TOKEN)", code="invalid_api_key")),
+                content_type="application/json")
         if who.role not in access.CLIENT_ROLES:
-            raise web.HTTPForbidden(text=json.dumps({"error": {
-                "message": f"the Videos API needs a client credential; this one is a {who.role}'s",
-                "type": "invalid_request_error", "param": None, "code": None}}), content_type="application/json")
+            raise web.HTTPForbidden(text=json.dumps(error_body(
+                f"the Videos API needs a client credential; this one is a {who.role}'s")), content_type="application/json")
         return who
 
     def visible(self, request: web.Request) -> tuple[access.Caller, pb.Job]:
