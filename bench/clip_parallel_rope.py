@@ -37,8 +37,8 @@ def plan_for(latent, size, steps, strategy, halo, num_global, bias, group):
     req = pb.SubmitJobRequest(prompt="a red kite over a windy beach", num_frames=num_output_frames(latent, 4),
                               height=size, width=size, num_inference_steps=steps, guidance_scale=1.0, seed=3,
                               model="bench-wan", strategy=strategy)
-    opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, phase_switch_t=800.0, phase_bias=bias,
-                                  entropy_scaling=False)
+    opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, global_phase=0.5, phase_bias=bias,
+                                  entropy_scaling=False, noise_reschedule=False)
     return pb.RenderPlan(request=req, strategy=strategy, world_size=1, num_latent_frames=latent,
                          clips=[pb.ClipRange(start=0, end=latent)], start_step=0,
                          group_name=group, timeout_seconds=600, clip_parallel=opts)
@@ -52,7 +52,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--latent", default="21,25,31,41")
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=4)  # 999, 900 | 750, 500 with the switch at 800
+    ap.add_argument("--steps", type=int, default=4)  # 999, 900 | 750, 500: global_phase 0.5
     ap.add_argument("--halo", type=int, default=10)
     ap.add_argument("--global-frames", type=int, default=16)
     ap.add_argument("--coherence", type=float, default=0.0,

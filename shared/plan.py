@@ -82,6 +82,16 @@ def global_frame_indices(num_latent: int, num_global: int) -> list[int]:
     return [int((2 * i + 1) * num_latent // (2 * num_global)) for i in range(num_global)]
 
 
+def local_window(frame: int, halo: int, num_latent: int) -> tuple[int, int]:
+    """[first, last] latent frames of `frame`'s local window under dual-scope attention: the
+    2*halo+1 frames centred on it, shifted inward at the video's ends so that it never holds
+    fewer frames than the video has (a clipped window at the ends attends over fewer frames than
+    the model was trained on, and the frames there lose what the prompt asked)."""
+    width = 2 * halo + 1
+    first = min(max(frame - halo, 0), max(num_latent - width, 0))
+    return first, min(first + width, num_latent) - 1
+
+
 def block_ranges(num_latent: int, block_frames: int) -> Iterator[tuple[int, int]]:
     """Latent [start, end) of each block in order; endless when num_latent is 0 (unbounded)."""
     for start in itertools.count(0, block_frames):

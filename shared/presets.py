@@ -187,10 +187,11 @@ PRESETS: dict[str, dict] = {
                     temperal_downsample=[True, True], dropout=0.0, scale_factor_spatial=4, scale_factor_temporal=4),
         "text_encoder": _umt5(32),
         "scheduler": _WAN_SCHEDULER,
-        # Option defaults sized to its native 5 latent frames, as the family's are to Wan's 21: a
-        # +-2 window (Video-Infinity's P), blocks of 3 with 1 frame of context each way (DualParal).
+        # Option defaults sized to its native 5 latent frames, as the family's are to Wan's 21:
+        # clip_parallel's window follows native_latent_frames (P = 2); blocks of 3 with 1 frame of
+        # context each way (DualParal).
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=256, native_latent_frames=5, clip_parallel_defaults=dict(local_halo=2),
+                       max_side=256, native_latent_frames=5,
                        block_pipeline_defaults=dict(block_frames=3, context_frames=1)),
         "trained": True,
     },

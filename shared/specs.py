@@ -53,8 +53,11 @@ class OptionSpec:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def default_for(self, family: str) -> Any:
-        """The default for a model family (an unknown family gets the first family's)."""
+    def default_for(self, family: str, native_latent_frames: int = 0) -> Any:
+        """The default for a model family (an unknown family gets the first family's); a callable
+        default is a function of the model's native latent frames (0: the family's own)."""
+        if callable(self.default):
+            return self.default(native_latent_frames or FAMILY_NATIVE_FRAMES.get(family, 21))
         if isinstance(self.default, Mapping):
             return self.default.get(family, next(iter(self.default.values())))
         return self.default
@@ -99,6 +102,9 @@ class StrategySpec:
         return getattr(pb, field.message_type.name)(**values)
 
 
+# Latent frames a family's models attend over in training, where a model's ModelInfo does not say.
+FAMILY_NATIVE_FRAMES = {"wan": 21, "unet3d": 16, "animatediff": 16}
+
 # Fixed order: the first is the default; choices, help and model strategy lists follow it.
 STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec(
@@ -110,16 +116,21 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
         refused=(("animatediff", "AnimateDiff's motion modules add sinusoidal positions by frame index, and "
                                  "Video-Infinity's authors state that dual-scope attention fails with temporal "
                                  "position embeddings"),),
-        # ALGORITHMS.md section 1. Wan: Wan2.1 trains on 81 frames = 21 latent frames, so a +-10
-        # window is exactly the native length; UNet3D: the reference's P=8.
+        # ALGORITHMS.md section 1; every default measured on the toy world (docs/quality.md).
+        # The window follows the model's native latent frames N: P = N // 2, so a window of 2P+1
+        # holds the native length (Wan2.1: 81 frames = 21 latent frames, P = 10; VideoCrafter2:
+        # 16, P = 8, the reference's) and a video of at most N frames is one window: `exact`.
         options=(
-            OptionSpec("local_halo", int, {"wan": 10, "unet3d": 8},
-                       "P: latent frames seen on each side of a frame", 1, 64),
+            OptionSpec("local_halo", int, lambda native: native // 2,
+                       "P: a frame's window holds 2P+1 latent frames (default: half the model's native length)",
+                       1, 64),
             OptionSpec("global_frames", int, 16, "G: frames spread over the video that every frame sees", 0, 256),
-            OptionSpec("phase_switch_t", float, 800.0, "timestep at which attention turns from global to local",
-                       0.0, 1000.0),
             OptionSpec("phase_bias", float, 10.0, "logit bias of the active phase (10 ~ hard switch)", 0.0, 100.0),
-            OptionSpec("entropy_scaling", bool, False, "scale logits by visible keys"),
+            OptionSpec("entropy_scaling", bool, False, "scale logits by visible keys (beyond the native length)"),
+            OptionSpec("global_phase", float, 0.5, "share of the denoising steps, from the first, in the global phase",
+                       0.0, 1.0),
+            OptionSpec("noise_reschedule", bool, False,
+                       "FreeNoise: every native-length window starts from a shuffle of the first window's noise"),
         )),
     StrategySpec(
         name="block_pipeline", partition=LAYERS, families=("wan",), streams=True,
@@ -191,7 +202,8 @@ def resolve_options(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.Mode
         if source is not None:
             setattr(resolved, option.name, getattr(source, option.name))
             continue
-        value = option.default_for(model.family if model is not None else "")
+        value = option.default_for(model.family if model is not None else "",
+                                   model.native_latent_frames if model is not None else 0)
         if isinstance(option.high, str):
             value = min(value, getattr(resolved, option.high))
         setattr(resolved, option.name, value)

@@ -26,8 +26,9 @@ def _plan(world_size: int, strategy: str, every: int = 2, resume_step: int = 0) 
                          start_step=resume_step, group_name=f"ckpt-{strategy}-{world_size}-{resume_step}",
                          timeout_seconds=60, checkpoint_every=every)
     if strategy == "clip_parallel":
-        plan.clip_parallel.CopyFrom(pb.ClipParallelOptions(local_halo=1, global_frames=1, phase_switch_t=500.0,
-                                                           phase_bias=10.0, entropy_scaling=False))
+        plan.clip_parallel.CopyFrom(pb.ClipParallelOptions(local_halo=1, global_frames=1, global_phase=0.5,
+                                                           phase_bias=10.0, entropy_scaling=False,
+                                                           noise_reschedule=False))
     return plan
 
 

@@ -24,6 +24,7 @@ from test_clip_parallel_wan import dense_dual_scope, make_plan
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
 LATENT = FRAMES  # no temporal compression
 HALO, GLOBAL, SWITCH, BIAS, NATIVE = 2, 3, 500.0, 10.0, 16
+GLOBAL_PHASE = 0.34  # 1 of DDIM's 3 steps (t = 667): t >= SWITCH in the dense reference
 SPLITS = {1: [(0, 9)], 2: [(0, 5), (5, 9)], 3: [(0, 3), (3, 4), (4, 9)], "3-short-first": [(0, 1), (1, 5), (5, 9)]}
 TOL = 1e-5
 
@@ -33,7 +34,7 @@ def plan_for(case, halo=None, num_global=None, entropy=True):
     req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-unet3d", strategy="clip_parallel", num_workers=len(clips))
-    return make_plan(clips, HALO if halo is None else halo, GLOBAL if num_global is None else num_global, SWITCH, BIAS,
+    return make_plan(clips, HALO if halo is None else halo, GLOBAL if num_global is None else num_global, GLOBAL_PHASE, BIAS,
                      entropy=entropy, request=req, name="cpu3d")
 
 

@@ -28,8 +28,10 @@ TOL = 1e-5
 NATIVE = 4  # native frames for entropy scaling in the core cases (any value > 1/S works)
 
 
-def make_plan(clips, halo, num_global, switch=800.0, bias=10.0, entropy=False, request=None, name="cp"):
-    opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, phase_switch_t=switch,
+def make_plan(clips, halo, num_global, global_phase=0.6, bias=10.0, entropy=False, request=None, name="cp",
+              noise_reschedule=False):
+    opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, global_phase=global_phase,
+                                  noise_reschedule=noise_reschedule,
                                   phase_bias=bias, entropy_scaling=entropy)
     return pb.RenderPlan(request=request, strategy="clip_parallel", world_size=len(clips),
                          num_latent_frames=clips[-1][1], clips=[pb.ClipRange(start=s, end=e) for s, e in clips],
@@ -52,16 +54,22 @@ def dense_dual_scope(q, k, v, halo, gidx, t, switch, bias, entropy, native_frame
     gv = v[:, gidx]                                                                # [B, G, S, H, D]
     local = torch.einsum("bfshd,bjthd->bhfsjt", q, k).reshape(b, h, f, s, f * s)
     glob = torch.einsum("bfshd,bfgthd->bhfsgt", q, gk).reshape(b, h, f, s, g * s)
+    # the window: 2*halo+1 frames around the query, slid inward (not clipped) at the video's ends
+    width = min(2 * halo + 1, f)
+    first = (torch.arange(f) - halo).clamp(min=0, max=f - width)
     frame = torch.arange(f)
-    in_window = ((frame[:, None] - frame[None, :]).abs() <= halo)                  # [F, F]; only real frames exist
-    visible = (in_window.sum(1) + g) * s                                           # tokens each query sees
+    in_window = (frame[None, :] >= first[:, None]) & (frame[None, :] < first[:, None] + width)   # [F, F]
+    global_seen = ~in_window[:, gidx] if g else torch.zeros(f, 0, dtype=torch.bool)  # a global the window holds: not again
+    assert (in_window.sum(1) == width).all()
+    visible = (in_window.sum(1) + global_seen.sum(1)) * s                          # tokens each query sees
     scale = torch.full((f,), 1 / math.sqrt(d), dtype=torch.float64)
     if entropy:
-        scale = scale * torch.log(visible.double()) / math.log(native_frames * s)
+        scale = scale * (torch.log(visible.double()) / math.log(native_frames * s)).clamp(min=1)
     local_bias, global_bias = (0.0, bias) if t >= switch else (bias, 0.0)
     local = local * scale.view(1, 1, f, 1, 1) + local_bias
     local = local.masked_fill(~in_window.repeat_interleave(s, 1).view(1, 1, f, 1, f * s), float("-inf"))
     glob = glob * scale.view(1, 1, f, 1, 1) + global_bias
+    glob = glob.masked_fill(~global_seen.repeat_interleave(s, 1).view(1, 1, f, 1, g * s), float("-inf"))
     p = torch.softmax(torch.cat([local, glob], dim=-1), dim=-1)                    # one softmax
     values = torch.cat([v.reshape(b, f * s, h, d), gv.reshape(b, g * s, h, d)], dim=1)
     return torch.einsum("bhfsk,bkhd->bfshd", p, values)
@@ -83,6 +91,8 @@ SPLITS = {
     2: [[(0, 2), (2, 7)], [(0, 4), (4, 7)]],
     3: [[(0, 1), (1, 5), (5, 7)], [(0, 3), (3, 4), (4, 7)]],  # first clip < P; a middle clip < P (multi-hop)
 }
+# the core's timesteps: its global phase (0.6 of 5 steps) is t >= 800
+CORE_TIMESTEPS = [999.0, 900.0, 800.0, 500.0, 100.0]
 # (halo, G, t, entropy, chunk_frames, rekey); phase switch 800
 CONFIGS = [
     (2, 3, 900.0, False, None, False),   # global phase
@@ -109,7 +119,7 @@ def _core_rank(mesh):
         start, end = clips[rank]
         sizes = [e - s for s, e in clips]
         for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
-            core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy), rank, native_frames=NATIVE,
+            core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy), rank, NATIVE, CORE_TIMESTEPS,
                              chunk_frames=chunk)
             core.begin_step(t)
             res = core.attend(q[:, start:end], k[:, start:end], v[:, start:end],
@@ -185,6 +195,7 @@ def test_exchange_halos_and_stats(core_results):
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 33, 64, 3, 5.0, 99
 LATENT = num_latent_frames(FRAMES, 4)  # 9
 HALO, GLOBAL, SWITCH, BIAS = 2, 3, 800.0, 10.0  # timesteps 999, 857 (global phase) | 600 (local)
+GLOBAL_PHASE = 0.67  # 2 of the 3 steps: t >= SWITCH, in the dense reference
 E2E_NATIVE = 4  # stands in for Wan's 21 so the "native" RoPE policy clamps in a 9-frame video
 POLICIES = ["true", "native", "clamp", "query"]
 E2E_SPLITS = {1: [(0, 9)], 2: [(0, 6), (6, 9)], 3: [(0, 4), (4, 5), (5, 9)]}
@@ -194,7 +205,7 @@ def e2e_plan(world_size):
     req = pb.SubmitJobRequest(prompt="a paper boat on a river", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-wan", strategy="clip_parallel", num_workers=world_size)
-    return make_plan(E2E_SPLITS[world_size], HALO, GLOBAL, SWITCH, BIAS, entropy=False, request=req, name="cpe2e")
+    return make_plan(E2E_SPLITS[world_size], HALO, GLOBAL, GLOBAL_PHASE, BIAS, entropy=False, request=req, name="cpe2e")
 
 
 def _rope(x, cos, sin):

@@ -29,8 +29,8 @@ def test_options_precedence_request_over_model_over_family():
     model.clip_parallel_defaults.local_halo = 6
     opts = resolve_clip_parallel(request(clip_parallel=pb.ClipParallelOptions(global_frames=0)), model)
     assert (opts.local_halo, opts.global_frames) == (6, 0)  # G=0 given explicitly is kept, not defaulted
-    assert opts.phase_switch_t == CLIP_PARALLEL_DEFAULTS["wan"]["phase_switch_t"]
-    assert all(opts.HasField(f) for f in ("local_halo", "global_frames", "phase_switch_t", "phase_bias",
+    assert opts.global_phase == CLIP_PARALLEL_DEFAULTS["wan"]["global_phase"]
+    assert all(opts.HasField(f) for f in ("local_halo", "global_frames", "global_phase", "phase_bias",
                                           "entropy_scaling"))
 
 

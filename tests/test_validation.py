@@ -28,7 +28,7 @@ BAD_FIELDS = [
     ("strategy", dict(strategy="warp-drive")),
     ("clip_parallel.local_halo", dict(clip_parallel=pb.ClipParallelOptions(local_halo=0))),
     ("clip_parallel.global_frames", dict(clip_parallel=pb.ClipParallelOptions(global_frames=-1))),
-    ("clip_parallel.phase_switch_t", dict(clip_parallel=pb.ClipParallelOptions(phase_switch_t=1500))),
+    ("clip_parallel.global_phase", dict(clip_parallel=pb.ClipParallelOptions(global_phase=1.5))),
     ("clip_parallel.phase_bias", dict(clip_parallel=pb.ClipParallelOptions(phase_bias=float("inf")))),
     ("block_pipeline.block_frames", dict(block_pipeline=pb.BlockPipelineOptions(block_frames=0))),
     ("block_pipeline.context_frames", dict(block_pipeline=pb.BlockPipelineOptions(block_frames=2, context_frames=3))),

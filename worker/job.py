@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from clipmesh.specs import clip_lengths
-from clipmesh.worker.noise import initial_noise
+from clipmesh.worker.noise import initial_noise, rescheduled_noise
 
 
 class Cancelled(Exception):
@@ -124,7 +124,14 @@ class Denoising:
         return scheduler
 
     def noise(self, start: int, end: int, scheduler) -> torch.Tensor:
-        """The initial latents of global latent frames [start, end): split-independent noise."""
+        """The initial latents of global latent frames [start, end): split-independent noise
+        (FreeNoise's rescheduling under clip_parallel.noise_reschedule)."""
         model, req = self.job.model, self.job.request
         channels, h, w = model.latent_shape(req.height, req.width)
-        return initial_noise(req.seed, start, end, channels, h, w, torch.float32, model.device) * scheduler.init_noise_sigma
+        opts = self.job.plan.clip_parallel
+        if self.job.plan.HasField("clip_parallel") and opts.noise_reschedule:
+            noise = rescheduled_noise(req.seed, start, end, 2 * opts.local_halo + 1, channels, h, w, torch.float32,
+                                      model.device)
+        else:
+            noise = initial_noise(req.seed, start, end, channels, h, w, torch.float32, model.device)
+        return noise * scheduler.init_noise_sigma

@@ -272,7 +272,7 @@ class Mesh:
         self._count(_nbytes(t) * (self.world_size - 1), _nbytes(t) * (self.world_size - 1), began)
         return t.tolist()
 
-    def exchange_halos(self, tensor: torch.Tensor, dim: int, left: int, right: int,
+    def exchange_halos(self, tensor: torch.Tensor, dim: int, left: int | list[int], right: int | list[int],
                        sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(from_left, from_right): the `left` entries along `dim` just before this rank's part
         of the whole (concatenated in rank order) and the `right` entries just after it.
@@ -282,13 +282,16 @@ class Mesh:
         is not an error: the rest comes from the ranks beyond it (every rank knows every
         rank's size, so each computes what each peer needs from it). All ranks must pass the
         same `left`, `right` and `sizes`; `sizes` (every rank's size along `dim`) saves one
-        small all-gather that learns them.
+        small all-gather that learns them. `left` / `right` may be a list, one per rank: what
+        each rank asks for (dual-scope windows reach further inward at the video's ends).
 
         One batch of non-blocking P2P sends/receives, at most one message per ordered pair of
         ranks: nothing waits on a peer's order of calls, so it cannot deadlock (gloo or NCCL).
         """
-        if left < 0 or right < 0:
-            raise ValueError(f"halo sizes must be >= 0, got left={left} right={right}")
+        lefts = list(left) if isinstance(left, (list, tuple)) else [left] * self.world_size
+        rights = list(right) if isinstance(right, (list, tuple)) else [right] * self.world_size
+        if min(lefts + rights) < 0 or len(lefts) != self.world_size or len(rights) != self.world_size:
+            raise ValueError(f"halo sizes must be >= 0, one per rank; got left={left} right={right}")
         if sizes is None:
             sizes = self._gather_sizes(tensor.shape[dim])
         if len(sizes) != self.world_size or tensor.shape[dim] != sizes[self.rank]:
@@ -300,7 +303,7 @@ class Mesh:
         def wanted(r: int) -> tuple[tuple[int, int], tuple[int, int]]:
             # the global ranges rank r asks for: before its part, after its part
             lo, hi = starts[r], starts[r] + sizes[r]
-            return (max(0, lo - left), lo), (hi, min(total, hi + right))
+            return (max(0, lo - lefts[r]), lo), (hi, min(total, hi + rights[r]))
 
         def overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
             return max(a[0], b[0]), min(a[1], b[1])

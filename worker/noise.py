@@ -17,6 +17,7 @@ import torch
 from clipmesh.plan import frame_seed
 
 PERMUTATION_STREAM = -1          # frame_seed index of the permutation generator: no frame has it
+RESCHEDULE_STREAM = -2           # rescheduled_noise's window k permutes by frame_seed index -2 - k
 
 
 def initial_noise(seed: int, frame_start: int, frame_end: int, channels: int, h: int, w: int,
@@ -28,6 +29,23 @@ def initial_noise(seed: int, frame_start: int, frame_end: int, channels: int, h:
         gen = torch.Generator("cpu").manual_seed(frame_seed(seed, index))
         frames.append(torch.randn((1, channels, 1, h, w), generator=gen, dtype=torch.float32))
     return torch.cat(frames, dim=2).to(device=device, dtype=dtype)
+
+
+def rescheduled_noise(seed: int, frame_start: int, frame_end: int, window: int, channels: int, h: int, w: int,
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """FreeNoise's noise rescheduling, [1, C, frame_end - frame_start, h, w]: the first `window`
+    latent frames draw their own noise; every later window of `window` frames is a shuffle of
+    those, permuted by a generator of (seed, window index). Independent noise per frame makes
+    each window of a long video a new sample (its colour and shape drift); shared noise keeps
+    the windows one video's. Split-independent, as initial_noise."""
+    base = initial_noise(seed, 0, window, channels, h, w, dtype, device)
+    picks = []
+    for index in range(frame_start // window, (frame_end - 1) // window + 1 if frame_end > frame_start else 0):
+        gen = torch.Generator("cpu").manual_seed(frame_seed(seed, RESCHEDULE_STREAM - index))
+        order = list(range(window)) if index == 0 else torch.randperm(window, generator=gen).tolist()
+        picks += [order[f - index * window] for f in range(max(frame_start, index * window),
+                                                            min(frame_end, (index + 1) * window))]
+    return base[:, :, picks]
 
 
 def coordinated_noise(seed: int, block_frames: int, context_frames: int, channels: int, h: int, w: int,

@@ -13,12 +13,11 @@ unsynchronised, a flaw clipmesh fixes).
 
 from __future__ import annotations
 
+from clipmesh.specs import FAMILY_NATIVE_FRAMES
+from clipmesh.worker.job import Denoising
 from clipmesh.worker.strategies.base import FrameAttention, FrameStrategy
 from clipmesh.worker.strategies.dual_scope import DualScope
 
-# Frames a family's model attends over in training (entropy scaling's reference length, and the
-# "native" RoPE policy's reach) where the model's own ModelInfo does not say.
-NATIVE_FRAMES = {"wan": 21, "unet3d": 16}
 GLOBAL_ROPE_POLICY = "native"  # one of adapters.wan_rope.GLOBAL_ROPE_POLICIES
 
 
@@ -28,7 +27,7 @@ def native_frames(model, plan) -> int:
         frames = model.model_info(plan.request.model).native_latent_frames
     except Exception:  # a model whose info cannot be derived: the family default is the best we know
         frames = 0
-    return frames or NATIVE_FRAMES[model.family]
+    return frames or FAMILY_NATIVE_FRAMES[model.family]
 
 
 class DualScopeAttention(FrameAttention):
@@ -45,8 +44,9 @@ class ClipParallelStrategy(FrameStrategy):
 
     def install(self, job, patches) -> None:
         # one core per job, shared by every patched attention; it hears each step's timestep
-        self.core = patches.track(DualScope(job.mesh, job.plan, job.rank, native_frames=native_frames(job.model,
-                                                                                                      job.plan)))
+        timesteps = Denoising(job, None, None).timesteps.tolist()
+        self.core = patches.track(DualScope(job.mesh, job.plan, job.rank, native_frames(job.model, job.plan),
+                                            timesteps))
         self._rekeys: dict[int, object] = {}
         super().install(job, patches)
 

@@ -2,27 +2,29 @@
 
 The oracle (what `DualScope.attend` computes, for every query token of global latent frame f):
 one softmax over
-  - local keys: the tokens of every *existing* frame j with |j - f| <= P (the window crosses
-    worker boundaries; frames outside [0, F) do not exist and are masked, never zero-filled),
-  - global keys: the tokens of the G frames plan.global_frame_indices(F, G), appended as extra
-    keys (a global frame inside the window is seen twice, as in the reference),
-with `phase_bias` added to the logits of the global columns while t >= phase_switch_t (the
-high-noise, layout phase) and to the local columns after it, and optionally the logit scale
-of each query multiplied by log(visible keys) / log(native keys) (entropy scaling).
+  - local keys: the tokens of the 2P+1 frames of f's window plan.local_window(f, P, F): centred
+    on f, shifted inward at the video's ends, never clipped (the window crosses worker
+    boundaries; a video of at most 2P+1 frames is one window: full attention, as `exact`),
+  - global keys: the tokens of those of the G frames plan.global_frame_indices(F, G) that f's
+    window does not hold (the reference appends all G, counting a frame in the window twice),
+with `phase_bias` added to the logits of the global columns during the first global_phase share
+of the steps (the high-noise, layout phase) and to the local columns after it, and optionally the logit scale
+of each query multiplied by max(1, log(visible keys) / log(native keys)) (entropy scaling).
 
 Layout: the frame axis is explicit, q/k/v are [B, F_local, S, H, D] (S tokens per frame: Wan
 has S = h*w patches per latent frame; UNet3D temporal attention has S = 1, B = batch*h*w).
 
-Communication per attend call: one halo exchange of projected K|V (P frames each side,
-multi-hop where a neighbour's clip is shorter than P) and one all-gather of the global frames'
+Communication per attend call: one halo exchange of projected K|V (P frames each side, up to
+2P at the video's ends where the windows shift inward; multi-hop where a neighbour's clip is
+shorter) and one all-gather of the global frames'
 K|V (each rank contributes the ones it owns). Hidden states never travel.
 
 Cost: each query frame attends to its own window (<= 2P+1 frames) plus G frames, so compute
 is O(F_local * (2P+1+G)) frames of keys, not O(F_local * F). Nothing is materialised per query
 frame on CPU: a query frame's window is a view of the halo-extended K/V, the global values are
-one tensor shared by every query, and the one softmax over both key sets is two attention calls
-(window, globals) merged by their log-sum-exps, each weighed by exp(lse + its phase bias); so
-frames outside the video simply are not in the window (no mask). Only a rekey (per-query global
+one call per run of query frames that see the same ones, and the one softmax over both key sets
+is two attention calls (window, globals) merged by their log-sum-exps, each weighed by
+exp(lse + its phase bias); no mask is ever needed. Only a rekey (per-query global
 keys) makes [B, chunk, G, S, H, Dk] at a time, chunk_bytes bounding it; without one, the globals
 are a single call for all query frames. A query frame's result is a function of its query,
 window and globals only, so it does not depend on the chunk size or the worker split (beyond
@@ -39,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from clipmesh.plan import global_frame_indices
+from clipmesh.plan import global_frame_indices, local_window
 
 # Per-query global keys (a rekey's output) are made for chunks of query frames of at most this size.
 CHUNK_BYTES = 32 << 20
@@ -53,19 +55,24 @@ Rekey = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class DualScope:
     """One job's dual-scope attention on one rank; shared by every patched attention module."""
 
-    def __init__(self, mesh, plan, rank: int, native_frames: int, chunk_bytes: int = CHUNK_BYTES,
+    def __init__(self, mesh, plan, rank: int, native_frames: int, timesteps=(), chunk_bytes: int = CHUNK_BYTES,
                  chunk_frames: int | None = None):
         """`native_frames`: frames the model was trained to attend over at once (Wan2.1: 21 latent
         frames; VideoCrafter2: 16); entropy scaling compares visible keys with native_frames * S.
+        `timesteps`: the job's, in order; the first round(global_phase * T) run in the global phase.
         `chunk_frames` fixes the query frames per rekey chunk (tests); by default it follows chunk_bytes."""
         opts = plan.clip_parallel
-        for field in ("local_halo", "global_frames", "phase_switch_t", "phase_bias", "entropy_scaling"):
+        for field in ("local_halo", "global_frames", "global_phase", "phase_bias", "entropy_scaling"):
             if not opts.HasField(field):
                 raise ValueError(f"plan.clip_parallel.{field} is unset (the planner resolves every field)")
         if opts.local_halo < 0 or opts.global_frames < 0:
             raise ValueError(f"local_halo and global_frames must be >= 0, got {opts.local_halo}, {opts.global_frames}")
         self.mesh, self.rank = mesh, rank
-        self.halo, self.phase_switch_t, self.phase_bias = opts.local_halo, opts.phase_switch_t, opts.phase_bias
+        self.halo, self.phase_bias = opts.local_halo, opts.phase_bias
+        # a share of the steps, not a timestep: t = 800 is 20% of a DDPM's steps but half of a
+        # shifted flow-matching schedule's; timesteps fall, so t >= the last global one is global
+        global_steps = round(opts.global_phase * len(timesteps))
+        self.phase_switch_t = float(timesteps[global_steps - 1]) if global_steps else math.inf
         self.entropy_scaling, self.native_frames = opts.entropy_scaling, native_frames
         self.chunk_bytes, self.chunk_frames = chunk_bytes, chunk_frames
         clips = [(c.start, c.end) for c in plan.clips]
@@ -78,6 +85,16 @@ class DualScope:
         # are in global order, because both the indices and the clips are sorted
         self.global_counts = [sum(s <= g < e for g in self.global_frames) for s, e in clips]
         self.owned_global = [g - self.start for g in self.global_frames if self.start <= g < self.end]
+        # each query frame's window [first, last] (never clipped: shifted inward at the ends), and
+        # what each rank's windows reach beyond its clip (what it asks of the others per call)
+        windows = [local_window(f, self.halo, self.num_frames) for f in range(self.num_frames)]
+        self.windows = windows[self.start:self.end]
+        self.reach = ([s - windows[s][0] if e > s else 0 for s, e in clips],
+                      [windows[e - 1][1] - (e - 1) if e > s else 0 for s, e in clips])
+        # per query frame: the global frames (positions in global_frames) its window does not
+        # already hold; one the window holds adds nothing (it is not counted twice)
+        self.outside = [tuple(j for j, g in enumerate(self.global_frames) if not first <= g <= last)
+                        for first, last in self.windows]
         self.t: float | None = None
 
     def begin_step(self, t: float) -> None:
@@ -102,7 +119,7 @@ class DualScope:
         dv = v.shape[-1]
         kv = torch.cat([k, v], dim=-1)  # one message per exchange, not two
 
-        left, right = self.mesh.exchange_halos(kv, 1, self.halo, self.halo, sizes=self.lengths)
+        left, right = self.mesh.exchange_halos(kv, 1, *self.reach, sizes=self.lengths)
         # global frames [ext_start, ext_start + len), keys and values apart so a window is a view
         ext_k = torch.cat([left[..., :dk], k, right[..., :dk]], dim=1)
         ext_v = torch.cat([left[..., dk:], v, right[..., dk:]], dim=1)
@@ -111,30 +128,35 @@ class DualScope:
         n_global = len(self.global_frames)
         if n_global:
             gkv = self.mesh.all_gather_uneven(kv[:, self.owned_global], self.global_counts, dim=1)
-            gk = gkv[..., :dk].contiguous()
-            gv = gkv[..., dk:].reshape(b, n_global * s, h, dv).transpose(1, 2)   # [B, H, G*S, Dv], shared
+            gk, gv = gkv[..., :dk].contiguous(), gkv[..., dk:].contiguous()   # [B, G, S, H, D]
             global_idx = torch.tensor(self.global_frames, device=q.device)
+
+        def flat(x: torch.Tensor) -> torch.Tensor:  # [B, n, S, H, D] -> [B, H, n*S, D]
+            return x.flatten(1, 2).transpose(1, 2)
 
         scale = 1.0 / math.sqrt(dk) if scale is None else scale
         local_bias, global_bias = (0.0, self.phase_bias) if global_phase else (self.phase_bias, 0.0)
         frames = torch.arange(self.start, self.end, device=q.device)            # global query frames
-        first = [max(f - self.halo, 0) for f in range(self.start, self.end)]    # ints: no device sync
-        last = [min(f + self.halo, self.num_frames - 1) for f in range(self.start, self.end)]
         if self.entropy_scaling:
             native = float(self.native_frames * s)
             if native <= 1:
                 raise ValueError(f"entropy scaling needs native keys > 1, got {native}")
-            counts = torch.tensor([hi - lo + 1 for lo, hi in zip(first, last)], device=q.device)
-            visible = (counts + n_global).to(torch.float64) * s                  # tokens each query sees
-            factor = (visible.log() / math.log(native)).to(q.dtype)
+            visible = torch.tensor([(last - first + 1 + len(out)) * s for (first, last), out
+                                    in zip(self.windows, self.outside)], dtype=torch.float64, device=q.device)
+            # only beyond the native length: within it the model saw such key counts in training
+            factor = (visible.log() / math.log(native)).clamp(min=1.0).to(q.dtype)
             q = q * factor.view(1, f_local, 1, 1, 1)
 
         out = q.new_empty(b, f_local, s, h, dv)
         with_lse = _has_lse_attention(q)
-        if n_global and rekey is None and with_lse:  # every query sees the same global keys: one call for all
-            g_out, g_lse = _attention(q.reshape(b, f_local * s, h, dk).transpose(1, 2),
-                                      gk.reshape(b, n_global * s, h, dk).transpose(1, 2), gv, scale)
-            g_out, g_lse = g_out.unflatten(2, (f_local, s)), g_lse.unflatten(2, (f_local, s))
+        shared: dict[int, tuple] = {}  # query frame -> its (out, lse) over the globals, from one call per run
+        if n_global and rekey is None and with_lse:  # every query of a run sees the same global keys
+            for a, z, seen in _runs(self.outside):
+                if seen:
+                    idx = list(seen)
+                    g_out, g_lse = _attention(flat(q[:, a:z]), flat(gk[:, idx]), flat(gv[:, idx]), scale)
+                    for i in range(a, z):
+                        shared[i] = g_out[:, :, (i - a) * s:(i - a + 1) * s], g_lse[:, :, (i - a) * s:(i - a + 1) * s]
         chunk = f_local
         if n_global and rekey is not None:  # per-query global keys, made a chunk of frames at a time
             per_frame_bytes = n_global * s * h * dk * k.element_size() * b
@@ -144,26 +166,25 @@ class DualScope:
             if n_global and rekey is not None:
                 ck = rekey(gk, frames[a:a + c], global_idx)                      # [B, c, G, S, H, Dk]
             for i in range(a, a + c):
-                lo, hi = first[i] - ext_start, last[i] - ext_start + 1           # the existing window frames
+                first, last = self.windows[i]
+                lo, hi = first - ext_start, last - ext_start + 1                 # the window's frames
                 qf = q[:, i].transpose(1, 2)                                     # [B, H, S, Dk]
-                wk = ext_k[:, lo:hi].reshape(b, (hi - lo) * s, h, dk).transpose(1, 2)  # views, no copy
-                wv = ext_v[:, lo:hi].reshape(b, (hi - lo) * s, h, dv).transpose(1, 2)
-                if not n_global:
+                wk, wv = flat(ext_k[:, lo:hi]), flat(ext_v[:, lo:hi])            # views, no copy
+                seen = list(self.outside[i])
+                if not seen:
                     out[:, i] = F.scaled_dot_product_attention(qf, wk, wv, scale=scale).transpose(1, 2)
                     continue
-                gkf = (ck[:, i - a] if rekey is not None else gk).reshape(b, n_global * s, h, dk).transpose(1, 2)
+                gkf = flat((ck[:, i - a] if rekey is not None else gk)[:, seen])
+                gvf = flat(gv[:, seen])
                 if not with_lse:  # one call over both key sets, the biases as a per-column mask
                     bias = torch.full((wk.shape[2] + gkf.shape[2],), global_bias, dtype=q.dtype, device=q.device)
                     bias[:wk.shape[2]] = local_bias
-                    res = F.scaled_dot_product_attention(qf, torch.cat([wk, gkf], dim=2), torch.cat([wv, gv], dim=2),
+                    res = F.scaled_dot_product_attention(qf, torch.cat([wk, gkf], dim=2), torch.cat([wv, gvf], dim=2),
                                                          attn_mask=bias.view(1, 1, 1, -1), scale=scale)
                     out[:, i] = res.transpose(1, 2)
                     continue
                 l_out, l_lse = _attention(qf, wk, wv, scale)
-                if rekey is None:
-                    g_o, g_l = g_out[:, :, i], g_lse[:, :, i]
-                else:
-                    g_o, g_l = _attention(qf, gkf, gv, scale)
+                g_o, g_l = shared[i] if rekey is None else _attention(qf, gkf, gvf, scale)
                 # one softmax over both key sets: each part's softmax weighed by its share of the mass
                 l_lse, g_l = l_lse + local_bias, g_l + global_bias
                 top = torch.maximum(l_lse, g_l)
@@ -173,6 +194,16 @@ class DualScope:
                 res.addcmul_(g_o.float(), (w_g / total).unsqueeze(-1))
                 out[:, i] = res.transpose(1, 2)
         return out
+
+
+def _runs(items: list) -> list[tuple[int, int, object]]:
+    """[(start, end, item)] of the maximal runs of equal consecutive items."""
+    runs, a = [], 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i] != items[a]:
+            runs.append((a, i, items[a]))
+            a = i
+    return runs
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
