@@ -1,8 +1,18 @@
-"""Train the `toy-wan` preset from scratch on CPU: a small AutoencoderKLWan, then a small
-WanTransformer3DModel with flow matching, on the toy world's videos (clipmesh.toyworld).
+"""Train the `toy-wan` preset on CPU: a small AutoencoderKLWan, then a small
+WanTransformer3DModel with flow matching, on the toy world's videos (clipmesh.toyworld: one
+shape moving at the world's constant SPEED on a torus, wrapping round at the edges).
 
-    python -m clipmesh.toytrain --out /tmp/toy-wan-train          # every phase, ~1.5 h on 2 cores
+    python -m clipmesh.toytrain --out /tmp/toy-wan-train          # every phase from scratch, ~2 h on 2 cores
     python -m clipmesh.toytrain --out DIR --phase transformer      # one phase (each resumes from DIR)
+    python -m clipmesh.toytrain --out DIR --vae-from OLD/vae --vae-stages 200x9x3x3e-4,100x17x2x2e-4 \
+        --transformer-from OLD/transformer --transformer-steps 1500 --transformer-lr 5e-4
+                                                                   # a fine-tune of earlier weights
+                                                                   # (docs/toy-training.md: the one shipped)
+
+From scratch (the default) the recipe is reproducible alone; --vae-from / --transformer-from
+start the VAE's first stage run / the transformer from a trained folder instead (a fine-tune
+for a changed world: the shipped weights were trained from scratch on the first, straight-line
+world, then fine-tuned on the torus).
 
 Phases, each writing into --out, so a phase can be rerun alone:
   vae          reconstruction, in stages of longer clips (VAE_STAGES): 5 frames (the causal VAE's
@@ -14,7 +24,8 @@ Phases, each writing into --out, so a phase can be rerun alone:
                clip decodes to the same blur). No KL term (it collapsed the posterior): the
                posterior's mean is the latent. Each stage logs a held-out batch's loss.
   vae-check    the gate before the transformer trains: the detector must read the prompt
-               (presence, colour, direction) back from reconstructions of 17-frame clips.
+               (presence, colour, direction, the speed per window) back from reconstructions of
+               17-frame clips, those whose shape crosses an edge of the torus included.
   latents      a fixed set of encoded 17-frame clips and their prompts' text embeddings; the
                per-channel mean and std go into the VAE config (latents_mean / latents_std), as
                Wan's VAE carries them, so the transformer sees unit-scale latents.
@@ -85,17 +96,19 @@ def foreground_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: int = 5, lr: float = 1e-3,
-              resume: bool = False) -> None:
+              resume: bool = False, init: pathlib.Path | None = None) -> None:
     """One stage of VAE training on `frames`-frame clips; `resume`: from the last stage's weights
-    (its curve and stages kept in vae_loss.json)."""
+    (its curve and stages kept in vae_loss.json); else from `init`'s weights (a VAE folder: a
+    fine-tune, its curve begun afresh) or from scratch."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 10 * resume)
-    vae = AutoencoderKLWan.from_pretrained(out / "vae") if resume else AutoencoderKLWan(**VAE_CONFIG)
+    vae = (AutoencoderKLWan.from_pretrained(out / "vae") if resume else
+           AutoencoderKLWan.from_pretrained(init) if init else AutoencoderKLWan(**VAE_CONFIG))
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    sched = warmup_cosine(opt, steps, warmup=20 if resume else 50, floor=0.1)
+    sched = warmup_cosine(opt, steps, warmup=20 if resume or init else 50, floor=0.1)
     past = json.loads((out / "vae_loss.json").read_text()) if resume else dict(loss=[], seconds=0.0, stages=[])
     _, held_out = clips(np.random.default_rng(seed + 99), 4, frames)  # the same clips before and after
 
@@ -118,7 +131,7 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: 
     seconds = time.time() - t0
     vae.eval().save_pretrained(out / "vae")
     past["stages"].append(dict(steps=steps, frames=frames, batch=batch, lr=lr, seconds=seconds,
-                               held_out=[before, held_out_loss()]))
+                               held_out=[before, held_out_loss()], **({"from": str(init)} if init else {})))
     log(f"vae stage: held-out loss {past['stages'][-1]['held_out'][0]:.4f} -> {past['stages'][-1]['held_out'][1]:.4f}")
     (out / "vae_loss.json").write_text(json.dumps(dict(loss=past["loss"] + curve, seconds=past["seconds"] + seconds,
                                                        stages=past["stages"])))
@@ -135,14 +148,29 @@ def check_vae(out: pathlib.Path, seed: int, n: int = 24) -> dict:
         decoded = vae.decode(z).sample
         rec = to_uint8(decoded)
         moved = (vae.decode(z + torch.randn_like(z)).sample - decoded).abs().mean().item()
-    scores = [toyworld.prompt_accuracy(toyworld.track(r), s) for r, s in zip(rec, scenes)]
+    tracks = [toyworld.track(r) for r in rec]
+    scores = [dict(toyworld.prompt_accuracy(t, s), speed_error=toyworld.window_motion(t, FRAMES, s)["speed_error"])
+              for t, s in zip(tracks, scenes)]
     result = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
     result["latent_sensitivity"] = moved
+    # the clips whose shape crosses an edge of the torus (shown in parts) in some frame
+    wrapped = [s for s, scene in zip(scores, scenes) if _crosses_an_edge(scene)]
+    result["wrapped_clips"] = len(wrapped)
+    result["wrapped_direction"] = float(np.mean([s["direction"] for s in wrapped])) if wrapped else math.nan
     log(f"vae check: {result}")
     (out / "vae_check.json").write_text(json.dumps(result))
-    if result["present"] < 0.95 or result["colour"] < 0.9 or result["direction"] < 0.9:
+    if (result["present"] < 0.95 or result["colour"] < 0.9 or result["direction"] < 0.9
+            or result["speed_error"] > 0.2 or not result["wrapped_direction"] >= 0.9):
         raise SystemExit(f"the VAE does not reconstruct the world well enough to train on: {result}")
     return result
+
+
+def _crosses_an_edge(scene: toyworld.Scene) -> bool:
+    for f in range(FRAMES):
+        for c in scene.centre(f):
+            if min(c % SIDE, SIDE - c % SIDE) < scene.size:
+                return True
+    return False
 
 
 def text_encoder_and_tokenizer(seed: int):
@@ -195,17 +223,20 @@ def make_latents(out: pathlib.Path, n: int, seed: int) -> None:
         f"std {std.mean():.3f} ({time.time() - t0:.0f} s)")
 
 
-def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int) -> None:
+def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: float = 1e-3,
+                      init: pathlib.Path | None = None) -> None:
+    """Flow matching from scratch, or from `init`'s weights (a transformer folder: a fine-tune)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     data = torch.load(out / "latents.pt")
     latents, index, embeddings = data["latents"], data["prompt_index"], data["embeddings"]
     empty = len(data["vocabulary"]) - 1
-    model = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    model = WanTransformer3DModel.from_pretrained(init) if init else WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    model.train()
     log(f"transformer {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{latents.shape[0]} clips")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        f"{latents.shape[0]} clips" + (f", from {init}" if init else ""))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = warmup_cosine(opt, steps, warmup=100, floor=0.05)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # a fixed batch (clips, prompts, noise, sigmas over the whole range), before and after
@@ -250,8 +281,9 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int) -> N
     fixed_after = fixed_loss()
     log(f"transformer: loss on a fixed batch {before:.4f} -> {fixed_after:.4f} (EMA weights)")
     model.eval().save_pretrained(out / "transformer")
-    (out / "transformer_loss.json").write_text(json.dumps(dict(loss=curve, seconds=seconds, batch=batch,
-                                                               fixed_batch=[before, fixed_after])))
+    (out / "transformer_loss.json").write_text(json.dumps(dict(loss=curve, seconds=seconds, batch=batch, lr=lr,
+                                                               fixed_batch=[before, fixed_after],
+                                                               **({"from": str(init)} if init else {}))))
 
 
 def export(out: pathlib.Path, target: pathlib.Path, seed: int) -> None:
@@ -279,7 +311,8 @@ def report(out: pathlib.Path) -> None:
     for i, st in enumerate(vae["stages"]):
         part = vae["loss"][done:done + st["steps"]]
         done += st["steps"]
-        rows.append(f"| VAE stage {i + 1} (lr {st['lr']:g}) | {st['steps']} | {st['batch']} clips x {st['frames']} frames "
+        start = f", from {st['from']}" if "from" in st else ""
+        rows.append(f"| VAE stage {i + 1} (lr {st['lr']:g}{start}) | {st['steps']} | {st['batch']} clips x {st['frames']} frames "
                     f"| {st['seconds']:.0f} | {np.mean(part[:50]):.4f} | {np.mean(part[-50:]):.4f} |")
     stages = "\n".join(rows)
     doc = DOCS / "toy-training.md"
@@ -292,14 +325,16 @@ does and why). Trained once on 2 CPU cores and committed in `shared/models/toy-w
 | phase | steps | batch | seconds | loss, first 50 steps | loss, last 50 steps |
 |---|---|---|---|---|---|
 {stages}
-| transformer | {len(transformer["loss"])} | {transformer["batch"]} clips x 17 frames | {transformer["seconds"]:.0f} | {np.mean(transformer["loss"][:50]):.4f} | {np.mean(transformer["loss"][-50:]):.4f} |
+| transformer (lr {transformer.get("lr", 1e-3):g}{", from " + transformer["from"] if "from" in transformer else ""}) | {len(transformer["loss"])} | {transformer["batch"]} clips x 17 frames | {transformer["seconds"]:.0f} | {np.mean(transformer["loss"][:50]):.4f} | {np.mean(transformer["loss"][-50:]):.4f} |
 
 The VAE's gate before the transformer trained (the detector on reconstructions of 24 held-out
-17-frame clips; latent sensitivity: mean output change under unit noise on the latent):
+17-frame clips; speed error: |measured - SPEED| / SPEED; the clips whose shape crosses an edge
+of the torus and their direction; latent sensitivity: mean output change under unit noise on the
+latent):
 
-| present | colour | shape | direction | latent sensitivity |
-|---|---|---|---|---|
-| {check["present"]:.2f} | {check["colour"]:.2f} | {check["shape"]:.2f} | {check["direction"]:.2f} | {check["latent_sensitivity"]:.3f} |
+| present | colour | shape | direction | speed error | clips across an edge: direction | latent sensitivity |
+|---|---|---|---|---|---|---|
+| {check["present"]:.2f} | {check["colour"]:.2f} | {check["shape"]:.2f} | {check["direction"]:.2f} | {check.get("speed_error", math.nan):.3f} | {check.get("wrapped_clips", 0)}: {check.get("wrapped_direction", math.nan):.2f} | {check["latent_sensitivity"]:.3f} |
 
 ![loss curves](toy-training.svg)
 
@@ -335,6 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-from-stage", type=int, default=1, help="start at this stage (1-based) from the VAE in --out")
     ap.add_argument("--clips", type=int, default=3072, help="encoded clips the transformer trains on")
     ap.add_argument("--transformer-steps", type=int, default=3200)
+    ap.add_argument("--transformer-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-from", type=pathlib.Path, default=None,
+                    help="a VAE folder the first stage run fine-tunes (default: from scratch)")
+    ap.add_argument("--transformer-from", type=pathlib.Path, default=None,
+                    help="a transformer folder to fine-tune (default: from scratch)")
     ap.add_argument("--batch", type=int, default=64, help="clips of 17 frames per transformer step")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--export", type=pathlib.Path, default=presets.TRAINED_ROOT / "toy-wan")
@@ -348,13 +388,16 @@ def main(argv: list[str] | None = None) -> None:
         for number, stage in enumerate(args.vae_stages.split(","), 1):
             steps, frames, batch, lr = stage.split("x")
             if number >= args.vae_from_stage:
-                train_vae(args.out, int(steps), args.seed, int(batch), int(frames), float(lr), resume=number > 1)
+                first = number == args.vae_from_stage and args.vae_from is not None  # a fine-tune's first stage
+                train_vae(args.out, int(steps), args.seed, int(batch), int(frames), float(lr),
+                          resume=number > 1 and not first, init=args.vae_from if first else None)
     if run("vae-check"):
         check_vae(args.out, args.seed)
     if run("latents"):
         make_latents(args.out, args.clips, args.seed)
     if run("transformer"):
-        train_transformer(args.out, args.transformer_steps, args.batch, args.seed)
+        train_transformer(args.out, args.transformer_steps, args.batch, args.seed, args.transformer_lr,
+                          args.transformer_from)
     if run("export"):
         export(args.out, args.export, args.seed)
     if run("report"):
