@@ -23,22 +23,23 @@ from __future__ import annotations
 
 import argparse
 import time
-from unittest import mock
 
 import torch
 
 from clipmesh.plan import num_output_frames
+from clipmesh.specs import GLOBAL_ROPE_POLICIES
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-POLICIES = ["true", "native", "clamp", "query"]
+POLICIES = list(GLOBAL_ROPE_POLICIES)
 
 
-def plan_for(latent, size, steps, strategy, halo, num_global, bias, group):
+def plan_for(latent, size, steps, strategy, halo, num_global, bias, group, policy="true"):
     req = pb.SubmitJobRequest(prompt="a red kite over a windy beach", num_frames=num_output_frames(latent, 4),
                               height=size, width=size, num_inference_steps=steps, guidance_scale=1.0, seed=3,
                               model="bench-wan", strategy=strategy)
     opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, global_phase=0.5, phase_bias=bias,
-                                  entropy_scaling=False, noise_reschedule=False)
+                                  entropy_scaling=False, noise_reschedule=False, spectral_blend=False,
+                                  global_rope=policy)
     return pb.RenderPlan(request=req, strategy=strategy, world_size=1, num_latent_frames=latent,
                          clips=[pb.ClipRange(start=0, end=latent)], start_step=0,
                          group_name=group, timeout_seconds=600, clip_parallel=opts)
@@ -68,7 +69,7 @@ def main():
     from clipmesh.worker.noise import initial_noise
     from clipmesh.worker.patches import Patches
     from clipmesh.worker.render import denoise
-    from clipmesh.worker.strategies import clip_parallel, get_strategy
+    from clipmesh.worker.strategies import get_strategy
 
     model = load_adapter(model_folder("bench-wan"), "cpu", torch.float32)
     store, port = host_store("127.0.0.1", timeout_s=600)
@@ -85,13 +86,12 @@ def main():
             shared = initial_noise(4, 0, 1, c, h, w)
             x = args.coherence * shared + (1 - args.coherence ** 2) ** 0.5 * x
 
-        def call(plan, t, policy=None):
+        def call(plan, t):
             """(first block's attn1 output, transformer output) of one call."""
             seen = []
             hook = model.self_attentions()[0].register_forward_hook(lambda mod, args, out: seen.append(out))
             try:
-                with mock.patch.object(clip_parallel, "GLOBAL_ROPE_POLICY", policy or "true"), \
-                        Patches() as patches, torch.no_grad():
+                with Patches() as patches, torch.no_grad():
                     get_strategy(plan.strategy).install(Job(model, plan, 0, mesh), patches)
                     patches.reset_state()
                     patches.begin_step(t)
@@ -101,9 +101,8 @@ def main():
                 hook.remove()
             return seen[0], out
 
-        def run(plan, policy=None):
-            with mock.patch.object(clip_parallel, "GLOBAL_ROPE_POLICY", policy or "true"):
-                return denoise(model, plan, 0, mesh)
+        def run(plan):
+            return denoise(model, plan, 0, mesh)
 
         exact = plan_for(latent, args.size, args.steps, "exact", 0, 0, 0.0, "x")
         ref = {t: call(exact, t) for t in (999.0, 600.0)}
@@ -111,13 +110,12 @@ def main():
         rows = [(p, args.global_frames) for p in POLICIES] + [("(G=0, window only)", 0)]
         for policy, g in rows:
             began = time.perf_counter()
-            cp = plan_for(latent, args.size, args.steps, "clip_parallel", args.halo, g, 10.0, "c")
-            cp0 = plan_for(latent, args.size, args.steps, "clip_parallel", args.halo, g, 0.0, "c0")
             pol = policy if policy in POLICIES else "true"
-            (a_global, o_global), (a_local, _), (a_nobias, _) = \
-                call(cp, 999.0, pol), call(cp, 600.0, pol), call(cp0, 999.0, pol)
+            cp = plan_for(latent, args.size, args.steps, "clip_parallel", args.halo, g, 10.0, "c", pol)
+            cp0 = plan_for(latent, args.size, args.steps, "clip_parallel", args.halo, g, 0.0, "c0", pol)
+            (a_global, o_global), (a_local, _), (a_nobias, _) = call(cp, 999.0), call(cp, 600.0), call(cp0, 999.0)
             errs = [rel(a_global, ref[999.0][0]), rel(a_local, ref[600.0][0]), rel(a_nobias, ref[999.0][0]),
-                    rel(o_global, ref[999.0][1]), rel(run(cp, pol), ref_final)]
+                    rel(o_global, ref[999.0][1]), rel(run(cp), ref_final)]
             reach = {"true": latent - 1, "native": min(latent - 1, 20), "clamp": args.halo, "query": 0}.get(policy, "-")
             print(f"| {latent} | {policy} | {reach} | " + " | ".join(f"{e:.4f}" for e in errs) + " |"
                   f"  <!-- {time.perf_counter() - began:.0f}s -->", flush=True)

@@ -36,6 +36,8 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
         for o in spec.options:
             if o.type is bool:
                 g.add_argument(o.flag, action="store_true", default=None, help=o.help)
+            elif o.choices:
+                g.add_argument(o.flag, choices=o.choices, help=o.help)
             else:
                 high = o.high if isinstance(o.high, str) else f"{o.high:g}"
                 g.add_argument(o.flag, type=o.type, help=f"{o.help} (in [{o.low:g}, {high}])")

@@ -43,11 +43,12 @@ class OptionSpec:
     """One field of a strategy's options message."""
 
     name: str
-    type: type                  # int, float or bool (as the message field)
+    type: type                  # int, float, bool or str (as the message field)
     default: Any = dataclasses.field(hash=False)  # a value, or {family: value} where the families differ
     help: str                   # the CLI's help text
     low: float | None = None    # allowed range, inclusive (None: any value of the type)
     high: float | str | None = None  # a str names an earlier option whose value bounds this one
+    choices: tuple[str, ...] = ()    # a str option's allowed values (its default among them)
 
     @property
     def flag(self) -> str:
@@ -67,6 +68,15 @@ class OptionSpec:
         if self.low is None:
             return None
         return self.low, getattr(resolved, self.high) if isinstance(self.high, str) else self.high
+
+    def check(self, field: str, value, resolved) -> None:
+        """SpecError(field) unless `value` is allowed: in its range, or among its choices."""
+        if self.choices and value not in self.choices:
+            shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+            raise SpecError(field, f"must be one of {', '.join(self.choices)}, got {shown}")
+        bounds = self.bounds(resolved)
+        if bounds is not None:
+            check_range(field, value, *bounds)
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,15 @@ class StrategySpec:
         return getattr(pb, field.message_type.name)(**values)
 
 
+# Temporal RoPE position at which query frame f sees global frame g under clip_parallel
+# (clip_parallel.global_rope; Wan only, worker/adapters/wan_rope.py; N = native frames):
+#   "true":   g, its real position (|g - f| may be far beyond any distance seen in training);
+#   "native": clamp(g, f - (N-1), f + (N-1)): the real position while the distance is one the model
+#             was trained on (always, for videos up to N frames), else the farthest trained one;
+#   "clamp":  clamp(g, f - P, f + P): inside f's window; globals beyond it sit at its edge;
+#   "query":  f, the query's own time (like a temporal attention without positions).
+GLOBAL_ROPE_POLICIES = ("true", "native", "clamp", "query")
+
 # Latent frames a family's models attend over in training, where a model's ModelInfo does not say.
 FAMILY_NATIVE_FRAMES = {"wan": 21, "unet3d": 16, "animatediff": 16}
 
@@ -131,6 +150,14 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
                        0.0, 1.0),
             OptionSpec("noise_reschedule", bool, False,
                        "FreeNoise: every native-length window starts from a shuffle of the first window's noise"),
+            OptionSpec("spectral_blend", bool, False,
+                       "FreeLong: low temporal frequencies of attention from the global branch, high ones from "
+                       "the window (one all-gather of attention outputs per call)"),
+            # measured in docs/clip-parallel-rope.md; UNet3D has no positions and ignores it
+            OptionSpec("global_rope", str, "native",
+                       "Wan: the temporal RoPE position at which a query frame sees a global frame "
+                       "(UNet3D: no positions, ignored)",
+                       choices=GLOBAL_ROPE_POLICIES),
         )),
     StrategySpec(
         name="block_pipeline", partition=LAYERS, families=("wan",), streams=True,
@@ -211,17 +238,15 @@ def resolve_options(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.Mode
 
 
 def check_options(spec: StrategySpec, options, resolved, require_all: bool) -> None:
-    """SpecError for the first option of `options` out of its range (bounds read from `resolved`,
-    the options in effect); with require_all, also for an unset one."""
+    """SpecError for the first option of `options` out of its range or choices (bounds read from
+    `resolved`, the options in effect); with require_all, also for an unset one."""
     for option in spec.options:
         field = f"{spec.options_field}.{option.name}"
         if not options.HasField(option.name):
             if require_all:
                 raise SpecError(field, "is unset (the planner resolves every option)")
             continue
-        bounds = option.bounds(resolved)
-        if bounds is not None:
-            check_range(field, getattr(options, option.name), *bounds)
+        option.check(field, getattr(options, option.name), resolved)
 
 
 def worker_limit(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo) -> int:

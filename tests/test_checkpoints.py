@@ -28,7 +28,8 @@ def _plan(world_size: int, strategy: str, every: int = 2, resume_step: int = 0) 
     if strategy == "clip_parallel":
         plan.clip_parallel.CopyFrom(pb.ClipParallelOptions(local_halo=1, global_frames=1, global_phase=0.5,
                                                            phase_bias=10.0, entropy_scaling=False,
-                                                           noise_reschedule=False))
+                                                           noise_reschedule=False, spectral_blend=False,
+                                                           global_rope="native"))
     return plan
 
 

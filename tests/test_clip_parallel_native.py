@@ -3,8 +3,9 @@
 A query frame's window holds 2P+1 latent frames, shifted inward at the video's ends and never
 clipped; P defaults to half the model's native latent frames. So a video no longer than the
 native length is one window for every frame: full attention. A global frame the window already
-holds adds nothing, entropy scaling only acts beyond the native length, and FreeNoise's
-rescheduling only repeats noise beyond the first window: with every option that the defaults
+holds adds nothing, entropy scaling only acts beyond the native length, FreeNoise's
+rescheduling only repeats noise beyond the first window, and FreeLong's spectral blend has no
+global frame outside a window to blend in: with every option that the defaults
 leave off turned on, clip_parallel on 1, 2 and 3 workers (uneven) still equals `exact`.
 Before this, a 17-frame toy-wan video under clip_parallel's defaults attended over 3 of its 5
 latent frames at either end and came out green for "a red circle".
@@ -39,7 +40,8 @@ def plan_for(model_info: pb.ModelInfo, name: str, strategy: str, world_size: int
                          group_name=f"native-{name}-{strategy}-{world_size}", timeout_seconds=60)
     if strategy == "clip_parallel":
         # the model's defaults, with what they leave off turned on: none of it may act here
-        req.clip_parallel.CopyFrom(pb.ClipParallelOptions(entropy_scaling=True, noise_reschedule=True))
+        req.clip_parallel.CopyFrom(pb.ClipParallelOptions(entropy_scaling=True, noise_reschedule=True,
+                                                          spectral_blend=True))
         plan.clip_parallel.CopyFrom(resolve_options(STRATEGY_SPECS["clip_parallel"], req, model_info))
     return plan
 
@@ -67,7 +69,7 @@ def test_clip_parallel_equals_exact_within_the_native_length(exact, world_size):
     opts = pb.ClipParallelOptions.FromString(results[0][1])
     _, latent, native = CASES[name]
     assert opts.local_halo == native // 2 and 2 * opts.local_halo + 1 >= latent  # P follows the model
-    assert opts.global_frames > 0 and opts.entropy_scaling and opts.noise_reschedule  # all on, none acting
+    assert opts.global_frames > 0 and opts.entropy_scaling and opts.noise_reschedule and opts.spectral_blend  # none acting
     for rank, (latents, _) in sorted(results.items()):
         diff = (torch.from_numpy(latents) - want).abs().max().item()
         print(f"{name} N={world_size} rank {rank}: clip_parallel vs exact max|diff| {diff:.2e}")

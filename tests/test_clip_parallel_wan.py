@@ -1,9 +1,10 @@
 """The oracle for `clip_parallel` (Video-Infinity dual-scope attention) on Wan.
 
 1. DualScope.attend on N real gloo ranks (uneven splits, clips shorter than the halo, both
-   phases, G=0 and G>=F, entropy on/off, chunked, a rekey) equals a dense masked reference
-   written here: the full score matrix of every query token over all F frames' tokens plus
-   the G global frames' tokens, window+global mask, phase bias, one softmax.
+   phases, G=0 and G>=F, entropy on/off, chunked, a rekey, spectral blend on/off) equals a dense
+   masked reference written here: the full score matrix of every query token over all F frames'
+   tokens plus the G global frames' tokens, window+global mask, phase bias, one softmax; with the
+   spectral blend, also the window-only softmax, the two blended by an explicit DFT matrix.
 2. tiny-wan end to end: one worker equals the whole model run with that dense reference as its
    self-attention (for every global RoPE policy), and 2 and 3 workers (uneven, one clip shorter
    than the halo) equal one worker; the 3 steps straddle the phase switch (t = 999, 857 | 600).
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from clipmesh.plan import global_frame_indices, num_latent_frames
+from clipmesh.specs import GLOBAL_ROPE_POLICIES, STRATEGY_SPECS
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
 from ranks import run_ranks, single_thread_model
@@ -29,10 +31,10 @@ NATIVE = 4  # native frames for entropy scaling in the core cases (any value > 1
 
 
 def make_plan(clips, halo, num_global, global_phase=0.6, bias=10.0, entropy=False, request=None, name="cp",
-              noise_reschedule=False):
+              noise_reschedule=False, spectral_blend=False, global_rope="native"):
     opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, global_phase=global_phase,
-                                  noise_reschedule=noise_reschedule,
-                                  phase_bias=bias, entropy_scaling=entropy)
+                                  noise_reschedule=noise_reschedule, spectral_blend=spectral_blend,
+                                  global_rope=global_rope, phase_bias=bias, entropy_scaling=entropy)
     return pb.RenderPlan(request=request, strategy="clip_parallel", world_size=len(clips),
                          num_latent_frames=clips[-1][1], clips=[pb.ClipRange(start=s, end=e) for s, e in clips],
                          start_step=0, group_name=f"{name}-{len(clips)}", timeout_seconds=60,
@@ -43,10 +45,14 @@ def make_plan(clips, halo, num_global, global_phase=0.6, bias=10.0, entropy=Fals
 # the dense reference
 # ---------------------------------------------------------------------------------------------
 
-def dense_dual_scope(q, k, v, halo, gidx, t, switch, bias, entropy, native_frames, gk_per_query=None):
+def dense_dual_scope(q, k, v, halo, gidx, t, switch, bias, entropy, native_frames, gk_per_query=None,
+                     spectral_blend=False):
     """q, k, v [B, F, S, H, D] of the whole video -> [B, F, S, H, D], in float64.
 
-    gk_per_query [B, F, G, S, H, D]: the global keys each query frame sees (default: k[:, gidx])."""
+    gk_per_query [B, F, G, S, H, D]: the global keys each query frame sees (default: k[:, gidx]).
+    spectral_blend: FreeLong's blend of this (the global branch) with the window-only softmax of
+    the same logits (the local branch): the global branch's low temporal frequencies, the local
+    one's high, over the whole video's frames."""
     q, k, v = q.double(), k.double(), v.double()
     b, f, s, h, d = q.shape
     g = len(gidx)
@@ -72,7 +78,26 @@ def dense_dual_scope(q, k, v, halo, gidx, t, switch, bias, entropy, native_frame
     glob = glob.masked_fill(~global_seen.repeat_interleave(s, 1).view(1, 1, f, 1, g * s), float("-inf"))
     p = torch.softmax(torch.cat([local, glob], dim=-1), dim=-1)                    # one softmax
     values = torch.cat([v.reshape(b, f * s, h, d), gv.reshape(b, g * s, h, d)], dim=1)
-    return torch.einsum("bhfsk,bkhd->bfshd", p, values)
+    out = torch.einsum("bhfsk,bkhd->bfshd", p, values)
+    if not spectral_blend:
+        return out
+    window_only = torch.einsum("bhfsk,bkhd->bfshd", torch.softmax(local, dim=-1), v.reshape(b, f * s, h, d))
+    return spectral_blend_reference(out, window_only, halo)
+
+
+def spectral_blend_reference(global_branch, local_branch, halo):
+    """[B, F, ...] x 2 -> the low temporal frequencies of the first plus the high ones of the second,
+    by an explicit F x F DFT matrix; the low-pass: a Gaussian of gain 1/2 at 1/(2P+1) cycles per frame."""
+    f = global_branch.shape[1]
+    k = torch.arange(f, dtype=torch.float64)
+    dft = torch.exp(-2j * math.pi * torch.outer(k, k) / f)                         # [frequency, frame]
+    cycles = torch.minimum(k, f - k) / f                                           # |frequency| of each bin
+    low = 2.0 ** (-(cycles * (2 * halo + 1)) ** 2)
+    keep_low = dft.conj().T @ torch.diag(low.to(dft.dtype)) @ dft / f              # [frame, frame]
+    keep_high = torch.eye(f, dtype=dft.dtype) - keep_low
+    assert keep_low.imag.abs().max() < 1e-12  # a symmetric low-pass: a real filter
+    return (torch.einsum("tu,bu...->bt...", keep_low.real, global_branch.double())
+            + torch.einsum("tu,bu...->bt...", keep_high.real, local_branch.double()))
 
 
 def synthetic_rekey(gk, frames, gidx):
@@ -93,15 +118,20 @@ SPLITS = {
 }
 # the core's timesteps: its global phase (0.6 of 5 steps) is t >= 800
 CORE_TIMESTEPS = [999.0, 900.0, 800.0, 500.0, 100.0]
-# (halo, G, t, entropy, chunk_frames, rekey); phase switch 800
+# (halo, G, t, entropy, chunk_frames, rekey, spectral_blend); phase switch 800
 CONFIGS = [
-    (2, 3, 900.0, False, None, False),   # global phase
-    (2, 3, 500.0, False, None, False),   # local phase
-    (3, 0, 500.0, False, 1, False),      # no global frames
-    (1, 10, 900.0, True, None, False),   # G >= F, entropy
-    (2, 3, 500.0, True, 2, True),        # entropy, chunked, per-query global keys
-    (10, 2, 900.0, False, None, False),  # window wider than the video
+    (2, 3, 900.0, False, None, False, False),   # global phase
+    (2, 3, 500.0, False, None, False, False),   # local phase
+    (3, 0, 500.0, False, 1, False, False),      # no global frames
+    (1, 10, 900.0, True, None, False, False),   # G >= F, entropy
+    (2, 3, 500.0, True, 2, True, False),        # entropy, chunked, per-query global keys
+    (10, 2, 900.0, False, None, False, False),  # window wider than the video
+    (2, 3, 900.0, False, None, False, True),    # spectral blend, global phase
+    (1, 10, 900.0, True, None, False, True),    # spectral blend, G >= F, entropy
+    (1, 3, 900.0, True, 2, True, True),         # spectral blend, entropy, chunked, per-query global keys
+    (3, 0, 900.0, False, None, False, True),    # spectral blend without global frames: the identity
 ]
+BLEND_OF = {6: 0}  # a spectral-blend config -> the same config without it
 HALO_CASES = [(1, 1), (2, 3), (5, 5), (0, 2)]
 
 
@@ -118,9 +148,9 @@ def _core_rank(mesh):
     for si, clips in enumerate(SPLITS[world_size]):
         start, end = clips[rank]
         sizes = [e - s for s, e in clips]
-        for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
-            core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy), rank, NATIVE, CORE_TIMESTEPS,
-                             chunk_frames=chunk)
+        for ci, (halo, g, t, entropy, chunk, rekey, blend) in enumerate(CONFIGS):
+            core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy, spectral_blend=blend), rank, NATIVE,
+                             CORE_TIMESTEPS, chunk_frames=chunk)
             core.begin_step(t)
             res = core.attend(q[:, start:end], k[:, start:end], v[:, start:end],
                               rekey=synthetic_rekey if rekey else None)
@@ -149,16 +179,32 @@ def test_dual_scope_matches_dense_reference(core_results):
     world_size, results = core_results
     q, k, v = core_inputs()
     for si, clips in enumerate(SPLITS[world_size]):
-        for ci, (halo, g, t, entropy, chunk, rekey) in enumerate(CONFIGS):
+        for ci, (halo, g, t, entropy, chunk, rekey, blend) in enumerate(CONFIGS):
             gidx = global_frame_indices(F_CORE, g)
             gk = synthetic_rekey(k[:, gidx], torch.arange(F_CORE), torch.tensor(gidx, dtype=torch.long)) if rekey else None
-            want = dense_dual_scope(q, k, v, halo, gidx, t, 800.0, 10.0, entropy, NATIVE, gk)
+            want = dense_dual_scope(q, k, v, halo, gidx, t, 800.0, 10.0, entropy, NATIVE, gk, spectral_blend=blend)
             got = torch.cat([torch.from_numpy(results[r]["attend"][(si, ci)]) for r in range(world_size)], dim=1)
             diff = (got.double() - want).abs().max().item()
             assert diff <= TOL, f"clips={clips} config={CONFIGS[ci]}: max|diff| {diff:.2e}"
     # the phase bias is not a no-op: the two phases of the same config differ
     a, b_ = (torch.from_numpy(results[0]["attend"][(0, ci)]) for ci in (0, 1))
     assert (a - b_).abs().max() > 1e-2
+    # nor is the spectral blend, where frames see globals outside their windows
+    for blended, plain in BLEND_OF.items():
+        got = [torch.from_numpy(results[r]["attend"][(0, ci)]) for ci in (blended, plain) for r in range(world_size)]
+        assert (torch.cat(got[:world_size], 1) - torch.cat(got[world_size:], 1)).abs().max() > 1e-2
+
+
+def test_spectral_blend_reference_keeps_each_branch_on_its_side_of_the_cut_off():
+    """The test's own blend: a slow wave (period > the window) comes from the global branch, a
+    fast one (period < the window) from the local branch; equal branches give themselves."""
+    f, halo = 64, 2                                                   # cut-off: 1/5 cycles per frame
+    t = torch.arange(f, dtype=torch.float64).view(1, f, 1)
+    slow, fast = torch.cos(2 * math.pi * t / f), torch.cos(math.pi * t)  # 1/64 and 1/2 cycles per frame
+    mixed = spectral_blend_reference(slow + fast, 3 * slow - fast, halo)
+    assert (mixed - (slow - fast)).abs().max() < 0.05                 # slow from the first, fast from the second
+    x = torch.randn(2, f, 3, dtype=torch.float64)
+    assert (spectral_blend_reference(x, x, halo) - x).abs().max() < 1e-12
 
 
 def test_exchange_halos_and_stats(core_results):
@@ -197,15 +243,17 @@ LATENT = num_latent_frames(FRAMES, 4)  # 9
 HALO, GLOBAL, SWITCH, BIAS = 2, 3, 800.0, 10.0  # timesteps 999, 857 (global phase) | 600 (local)
 GLOBAL_PHASE = 0.67  # 2 of the 3 steps: t >= SWITCH, in the dense reference
 E2E_NATIVE = 4  # stands in for Wan's 21 so the "native" RoPE policy clamps in a 9-frame video
-POLICIES = ["true", "native", "clamp", "query"]
+POLICIES = list(GLOBAL_ROPE_POLICIES)
+DEFAULT_POLICY = STRATEGY_SPECS["clip_parallel"].option("global_rope").default
 E2E_SPLITS = {1: [(0, 9)], 2: [(0, 6), (6, 9)], 3: [(0, 4), (4, 5), (5, 9)]}
 
 
-def e2e_plan(world_size):
+def e2e_plan(world_size, policy=DEFAULT_POLICY):
     req = pb.SubmitJobRequest(prompt="a paper boat on a river", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-wan", strategy="clip_parallel", num_workers=world_size)
-    return make_plan(E2E_SPLITS[world_size], HALO, GLOBAL, GLOBAL_PHASE, BIAS, entropy=False, request=req, name="cpe2e")
+    return make_plan(E2E_SPLITS[world_size], HALO, GLOBAL, GLOBAL_PHASE, BIAS, entropy=False, request=req, name="cpe2e",
+                     global_rope=policy)
 
 
 def _rope(x, cos, sin):
@@ -283,10 +331,9 @@ def _one_worker(model, policy):
     from clipmesh.worker.render import denoise
     from clipmesh.worker.strategies import clip_parallel
     store, port = host_store("127.0.0.1", timeout_s=30)
-    with mock.patch.object(clip_parallel, "GLOBAL_ROPE_POLICY", policy), \
-            mock.patch.object(clip_parallel, "native_frames", lambda model, plan: E2E_NATIVE), \
+    with mock.patch.object(clip_parallel, "native_frames", lambda model, plan: E2E_NATIVE), \
             Mesh.open("127.0.0.1", port, 0, 1, f"cp1-{policy}", timeout_s=30, store=store) as mesh:
-        return denoise(model, e2e_plan(1), 0, mesh)
+        return denoise(model, e2e_plan(1, policy), 0, mesh)
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +352,7 @@ def by_policy(model):
 
 @pytest.fixture(scope="module")
 def one_worker(by_policy):
-    from clipmesh.worker.strategies.clip_parallel import GLOBAL_ROPE_POLICY
-    return by_policy(GLOBAL_ROPE_POLICY)
+    return by_policy(DEFAULT_POLICY)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -387,3 +433,32 @@ def test_global_frame_indices_properties():
                 got = [c.start + i for c in cores for i in c.owned_global]
                 assert got == want and [c.global_counts for c in cores] == [cores[0].global_counts] * n
                 assert sum(cores[0].global_counts) == len(want)
+
+
+class _OneRank:
+    """The mesh of a world of one: no neighbours, every gather is this rank's own tensor."""
+
+    def exchange_halos(self, x, dim, left, right, sizes=None):
+        assert left == right == [0]  # what each rank reaches beyond its clip
+        return x.narrow(dim, 0, 0), x.narrow(dim, 0, 0)
+
+    def all_gather_uneven(self, x, sizes, dim):
+        return x
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_without_the_log_sum_exp_kernel_the_result_is_the_same(blend):
+    """Where the CPU flash kernel is missing (GPUs), attend concatenates the two key sets with the
+    phase bias as a mask, and the spectral blend computes the window-only output by another call."""
+    from clipmesh.worker.strategies import dual_scope
+    q, k, v = core_inputs()
+    for halo, g, t, entropy, chunk, rekey, _ in CONFIGS:
+        runs = []
+        for with_lse in (True, False):
+            core = dual_scope.DualScope(_OneRank(), make_plan([(0, F_CORE)], halo, g, entropy=entropy,
+                                                              spectral_blend=blend), 0, NATIVE, CORE_TIMESTEPS,
+                                        chunk_frames=chunk)
+            core.begin_step(t)
+            with mock.patch.object(dual_scope, "_has_lse_attention", lambda q: with_lse):
+                runs.append(core.attend(q, k, v, rekey=synthetic_rekey if rekey else None))
+        assert (runs[0] - runs[1]).abs().max() <= TOL, (halo, g, t, entropy, chunk, rekey, blend)

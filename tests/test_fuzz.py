@@ -54,7 +54,9 @@ FUZZED = dict(
     num_workers=st.one_of(INT32, st.integers(-1, 300)),
     clip_parallel=_options(pb.ClipParallelOptions, dict(
         local_halo=st.one_of(INT32, st.integers(-1, 8)), global_frames=st.one_of(INT32, st.integers(-1, 8)),
-        global_phase=FLOATS, phase_bias=FLOATS, entropy_scaling=st.booleans())),
+        global_phase=FLOATS, phase_bias=FLOATS, entropy_scaling=st.booleans(), noise_reschedule=st.booleans(),
+        spectral_blend=st.booleans(), global_rope=st.one_of(st.text(max_size=12), st.sampled_from(
+            specs.GLOBAL_ROPE_POLICIES)))),
     block_pipeline=_options(pb.BlockPipelineOptions, dict(block_frames=st.one_of(INT32, st.integers(-1, 8)),
                                                           context_frames=st.one_of(INT32, st.integers(-1, 8)))),
     savers=_options(pb.SaverOptions, dict(slice_chunks=st.one_of(INT32, st.integers(-1, 9)),

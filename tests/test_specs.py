@@ -17,6 +17,7 @@ UNET3D = pb.ModelInfo(**model_limits("tiny-unet3d"))
 ANIMATEDIFF = pb.ModelInfo(**model_limits("tiny-animatediff"))  # exact only: 32 frames of motion positions
 MODELS = {"wan": WAN, "unet3d": UNET3D}
 RANGED = [(spec, o) for spec in STRATEGY_SPECS.values() for o in spec.options if o.low is not None]
+CHOSEN = [(spec, o) for spec in STRATEGY_SPECS.values() for o in spec.options if o.choices]
 
 
 def request(**kw) -> pb.SubmitJobRequest:
@@ -62,6 +63,9 @@ def test_table_is_well_formed():
                 assert spec.options_field in message.DESCRIPTOR.fields_by_name
             fields = spec.options_message().DESCRIPTOR.fields_by_name
             assert [o.name for o in spec.options] == list(fields)  # every field of the message has a spec
+            for o in spec.options:  # the spec's type is the field's; choices (str) and ranges (numbers) apart
+                assert type(getattr(spec.options_message(), o.name)) is o.type
+                assert (o.type is str) == bool(o.choices) and not (o.choices and o.low is not None)
         if spec.min_clip_option:
             assert spec.partition == FRAMES and spec.option(spec.min_clip_option).type is int
         for family, why in spec.refused:  # a refusal is for a family the spec does not run on, with a reason
@@ -251,6 +255,33 @@ def test_range_ends_are_accepted_and_beyond_refused_by_validation_and_check_plan
         assert err.field == field and f"[{low:g}, {high:g}]" in str(err)
 
 
+@pytest.mark.parametrize("spec,option", CHOSEN, ids=[f"{s.name}.{o.name}" for s, o in CHOSEN])
+def test_choices_are_accepted_and_others_refused_by_validation_and_check_plan(spec, option):
+    field = f"{spec.options_field}.{option.name}"
+    for family, model in MODELS.items():
+        assert option.default_for(family) in option.choices
+        assert getattr(specs.resolve_options(spec, pb.SubmitJobRequest(), model), option.name) in option.choices
+    for value in option.choices:
+        req = request(num_frames=129, strategy=spec.name, **{spec.options_field: spec.options_message(
+            **{option.name: value})})
+        validate_request(req, WAN, ["tiny-wan"])
+        plan = plan_for(req)
+        assert getattr(getattr(plan, spec.options_field), option.name) == value  # the planner keeps it
+        check_plan(plan, WAN)
+    for value in ("", option.choices[0].upper(), "x" * 5000):
+        req = request(num_frames=129, strategy=spec.name, **{spec.options_field: spec.options_message(
+            **{option.name: value})})
+        err = invalid(req)
+        assert err.field == field and ", ".join(option.choices) in str(err) and len(str(err)) < 300
+        plan = plan_for(request(num_frames=129, strategy=spec.name))
+        setattr(getattr(plan, spec.options_field), option.name, value)
+        err = refused(plan)
+        assert err.field == field and ", ".join(option.choices) in err.detail
+    plan = plan_for(request(num_frames=129, strategy=spec.name))
+    getattr(plan, spec.options_field).ClearField(option.name)
+    assert refused(plan).field == field
+
+
 def test_a_bound_by_another_option_follows_it_in_validation():
     block = lambda **kw: request(block_pipeline=pb.BlockPipelineOptions(**kw))  # noqa: E731
     validate_request(block(block_frames=2, context_frames=2), WAN, ["tiny-wan"])
@@ -288,7 +319,7 @@ def test_cli_has_a_flag_per_option_and_fills_the_messages():
     argv = ["submit", "x"]
     for spec in STRATEGY_SPECS.values():
         for o in spec.options:
-            argv += [o.flag] if o.type is bool else [o.flag, "2"]
+            argv += [o.flag] if o.type is bool else [o.flag, o.choices[-1] if o.choices else "2"]
     fields = _request_fields(parser.parse_args(argv))
     for spec in STRATEGY_SPECS.values():
         if spec.options_field:
@@ -298,3 +329,8 @@ def test_cli_has_a_flag_per_option_and_fills_the_messages():
     assert not any(unset[s.options_field].ListFields() for s in STRATEGY_SPECS.values() if s.options_field)
     with pytest.raises(SystemExit):
         parser.parse_args(["submit", "x", "--strategy", "warp-drive"])
+    for spec, option in CHOSEN:  # a flag with choices refuses others
+        assert getattr(parser.parse_args(["submit", "x", option.flag, option.choices[0]]), option.name) \
+            == option.choices[0]
+        with pytest.raises(SystemExit):
+            parser.parse_args(["submit", "x", option.flag, "warp-drive"])

@@ -100,20 +100,24 @@ class SaverOptions(_message.Message):
     def __init__(self, slice_chunks: _Optional[int] = ..., step_cache: _Optional[str] = ..., tiled_decode: _Optional[bool] = ...) -> None: ...
 
 class ClipParallelOptions(_message.Message):
-    __slots__ = ("local_halo", "global_frames", "phase_bias", "entropy_scaling", "global_phase", "noise_reschedule")
+    __slots__ = ("local_halo", "global_frames", "phase_bias", "entropy_scaling", "global_phase", "noise_reschedule", "spectral_blend", "global_rope")
     LOCAL_HALO_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     PHASE_BIAS_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_SCALING_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_PHASE_FIELD_NUMBER: _ClassVar[int]
     NOISE_RESCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SPECTRAL_BLEND_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_ROPE_FIELD_NUMBER: _ClassVar[int]
     local_halo: int
     global_frames: int
     phase_bias: float
     entropy_scaling: bool
     global_phase: float
     noise_reschedule: bool
-    def __init__(self, local_halo: _Optional[int] = ..., global_frames: _Optional[int] = ..., phase_bias: _Optional[float] = ..., entropy_scaling: _Optional[bool] = ..., global_phase: _Optional[float] = ..., noise_reschedule: _Optional[bool] = ...) -> None: ...
+    spectral_blend: bool
+    global_rope: str
+    def __init__(self, local_halo: _Optional[int] = ..., global_frames: _Optional[int] = ..., phase_bias: _Optional[float] = ..., entropy_scaling: _Optional[bool] = ..., global_phase: _Optional[float] = ..., noise_reschedule: _Optional[bool] = ..., spectral_blend: _Optional[bool] = ..., global_rope: _Optional[str] = ...) -> None: ...
 
 class BlockPipelineOptions(_message.Message):
     __slots__ = ("block_frames", "context_frames")

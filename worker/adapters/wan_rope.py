@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from clipmesh.specs import GLOBAL_ROPE_POLICIES
+
 
 def rope_rows(transformer, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The stock rope module's (cos, sin) for a latent video of `frames` frames of height x width:
@@ -47,18 +49,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-# Temporal RoPE position at which query frame f sees global frame g (N = native frames):
-#   "true":   g, its real position (|g - f| may be far beyond any distance seen in training);
-#   "native": clamp(g, f - (N-1), f + (N-1)): the real position while the distance is one the model
-#             was trained on (always, for videos up to N frames), else the farthest trained one;
-#   "clamp":  clamp(g, f - P, f + P): inside f's window; globals beyond it sit at its edge;
-#   "query":  f, the query's own time (like a temporal attention without positions).
-GLOBAL_ROPE_POLICIES = ("true", "native", "clamp", "query")
-
-
 def presented_positions(policy: str, query_frames: torch.Tensor, global_frames: torch.Tensor, halo: int,
                         native: int) -> torch.Tensor:
-    """[C, G] temporal positions of the global frames as each query frame sees them."""
+    """[C, G] temporal positions of the global frames as each query frame sees them, under one of
+    GLOBAL_ROPE_POLICIES (clip_parallel.global_rope; each is described where specs defines it)."""
     f, g = query_frames[:, None], global_frames[None, :]
     if policy == "true":
         return g.expand(f.shape[0], -1)

@@ -5,8 +5,9 @@ Unlike `exact` it is not the single-device model: it is how videos longer than t
 native length are made, at a cost per frame that does not grow with the video.
 
 The family says how its tokens map to [B, F_local, S, H, D] (adapters' AttentionOps) and how
-global frames are presented to a query frame (Wan re-rotates their temporal RoPE:
-GLOBAL_ROPE_POLICY, measured in docs/clip-parallel-rope.md; UNet3D has no positions). Temporal
+global frames are presented to a query frame (Wan re-rotates their temporal RoPE: the option
+clip_parallel.global_rope, measured in docs/clip-parallel-rope.md; UNet3D has no positions and
+ignores it). Temporal
 convs and frame norms are exact across clips, as in `exact` (the reference leaves the norms
 unsynchronised, a flaw clipmesh fixes).
 """
@@ -17,8 +18,6 @@ from clipmesh.specs import FAMILY_NATIVE_FRAMES
 from clipmesh.worker.job import Denoising
 from clipmesh.worker.strategies.base import FrameAttention, FrameStrategy
 from clipmesh.worker.strategies.dual_scope import DualScope
-
-GLOBAL_ROPE_POLICY = "native"  # one of adapters.wan_rope.GLOBAL_ROPE_POLICIES
 
 
 def native_frames(model, plan) -> int:
@@ -52,8 +51,8 @@ class ClipParallelStrategy(FrameStrategy):
 
     def attention(self, job, ops, backend):
         if id(ops) not in self._rekeys:  # one rekey per family ops, shared by its attentions
-            self._rekeys[id(ops)] = ops.global_rekey(GLOBAL_ROPE_POLICY, job.plan.clip_parallel.local_halo,
-                                                     self.core.native_frames)
+            opts = job.plan.clip_parallel
+            self._rekeys[id(ops)] = ops.global_rekey(opts.global_rope, opts.local_halo, self.core.native_frames)
         return DualScopeAttention(ops, self.core, self._rekeys[id(ops)])
 
 

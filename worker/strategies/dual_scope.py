@@ -11,6 +11,18 @@ with `phase_bias` added to the logits of the global columns during the first glo
 of the steps (the high-noise, layout phase) and to the local columns after it, and optionally the logit scale
 of each query multiplied by max(1, log(visible keys) / log(native keys)) (entropy scaling).
 
+Optionally (spectral_blend, FreeLong's SpectralBlend, ALGORITHMS.md section 6) that output is
+the "global branch", and the window part of the same softmax (each query's attention over its
+window alone, the same q; for a frame whose window holds every global frame, the same) is the
+"local branch": along the frame axis of the whole video, the result takes the global branch's
+low temporal frequencies and the local branch's high ones,
+  out = IFFT(LP * FFT(global)) + IFFT((1 - LP) * FFT(local)) = global - IFFT((1 - LP) * FFT(global - local)),
+LP a Gaussian low-pass whose gain is 1/2 at 1/(2P+1) cycles per frame (periods longer than the
+window come from the global branch). Cost: one all-gather of global - local (the attention
+outputs of the whole video, [B, F, S, H, Dv]: half of exact's K|V all-gather) and a real FFT of
+them per attend call, on every rank; none where no frame of the video has a global frame outside
+its window (G = 0, or a video within one window: there the blend is the identity).
+
 Layout: the frame axis is explicit, q/k/v are [B, F_local, S, H, D] (S tokens per frame: Wan
 has S = h*w patches per latent frame; UNet3D temporal attention has S = 1, B = batch*h*w).
 
@@ -62,7 +74,8 @@ class DualScope:
         `timesteps`: the job's, in order; the first round(global_phase * T) run in the global phase.
         `chunk_frames` fixes the query frames per rekey chunk (tests); by default it follows chunk_bytes."""
         opts = plan.clip_parallel
-        for field in ("local_halo", "global_frames", "global_phase", "phase_bias", "entropy_scaling"):
+        for field in ("local_halo", "global_frames", "global_phase", "phase_bias", "entropy_scaling",
+                      "spectral_blend"):
             if not opts.HasField(field):
                 raise ValueError(f"plan.clip_parallel.{field} is unset (the planner resolves every field)")
         if opts.local_halo < 0 or opts.global_frames < 0:
@@ -93,8 +106,13 @@ class DualScope:
                       [windows[e - 1][1] - (e - 1) if e > s else 0 for s, e in clips])
         # per query frame: the global frames (positions in global_frames) its window does not
         # already hold; one the window holds adds nothing (it is not counted twice)
-        self.outside = [tuple(j for j, g in enumerate(self.global_frames) if not first <= g <= last)
-                        for first, last in self.windows]
+        outside = [tuple(j for j, g in enumerate(self.global_frames) if not first <= g <= last)
+                   for first, last in windows]
+        self.outside = outside[self.start:self.end]
+        # the blend acts (and costs a collective) only where some frame of the video sees a global
+        # outside its window: the same answer on every rank
+        self.low_pass = (_low_pass(self.num_frames, self.halo)
+                         if opts.spectral_blend and any(outside) else None)
         self.t: float | None = None
 
     def begin_step(self, t: float) -> None:
@@ -148,6 +166,8 @@ class DualScope:
             q = q * factor.view(1, f_local, 1, 1, 1)
 
         out = q.new_empty(b, f_local, s, h, dv)
+        # spectral blend: global branch - local branch per query frame (0 where no global is outside)
+        diff = q.new_zeros(b, f_local, s, h, dv) if self.low_pass is not None else None
         with_lse = _has_lse_attention(q)
         shared: dict[int, tuple] = {}  # query frame -> its (out, lse) over the globals, from one call per run
         if n_global and rekey is None and with_lse:  # every query of a run sees the same global keys
@@ -182,6 +202,9 @@ class DualScope:
                     res = F.scaled_dot_product_attention(qf, torch.cat([wk, gkf], dim=2), torch.cat([wv, gvf], dim=2),
                                                          attn_mask=bias.view(1, 1, 1, -1), scale=scale)
                     out[:, i] = res.transpose(1, 2)
+                    if diff is not None:  # the window alone (its bias is one constant: it cancels)
+                        l_out = F.scaled_dot_product_attention(qf, wk, wv, scale=scale)
+                        diff[:, i] = (res - l_out).transpose(1, 2)
                     continue
                 l_out, l_lse = _attention(qf, wk, wv, scale)
                 g_o, g_l = shared[i] if rekey is None else _attention(qf, gkf, gvf, scale)
@@ -193,7 +216,35 @@ class DualScope:
                 res = l_out.float() * (w_l / total).unsqueeze(-1)
                 res.addcmul_(g_o.float(), (w_g / total).unsqueeze(-1))
                 out[:, i] = res.transpose(1, 2)
-        return out
+                if diff is not None:
+                    diff[:, i] = (res - l_out.float()).transpose(1, 2)
+        return out if diff is None else self._blend(out, diff)
+
+    def _blend(self, out: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+        """out - IFFT((1 - LP) * FFT(diff)) over the whole video's frames, this rank's slice: the
+        global branch's low temporal frequencies and the local branch's high ones. Exact across
+        ranks: the whole video's diff is gathered (one all-gather), every rank transforms it."""
+        whole = self.mesh.all_gather_uneven(diff, self.lengths, dim=1).flatten(2)    # [B, F, S*H*Dv]
+        dtype = torch.float64 if whole.dtype == torch.float64 else torch.float32
+        high_pass = (1 - self.low_pass).to(whole.device, dtype).view(1, -1, 1)
+        res = out.flatten(2).to(dtype, copy=True)
+        # features a chunk at a time: the spectrum's memory is bounded by chunk_bytes
+        step = max(1, self.chunk_bytes // (whole.shape[0] * self.num_frames * 2 * res.element_size()))
+        for a in range(0, whole.shape[2], step):
+            spectrum = torch.fft.rfft(whole[..., a:a + step].to(dtype), n=self.num_frames, dim=1) * high_pass
+            res[..., a:a + step] -= torch.fft.irfft(spectrum, n=self.num_frames, dim=1)[:, self.start:self.end]
+        return res.to(out.dtype).view(out.shape)
+
+
+def _low_pass(num_frames: int, halo: int) -> torch.Tensor:
+    """[F // 2 + 1] gains of the real FFT's bins k (k / F cycles per frame): 2^-(k(2P+1)/F)^2, a
+    Gaussian that passes 1/2 at 1/(2P+1) cycles per frame, where a box would step from 1 to 0.
+    Gaussian, not a box, as FreeLong: a box's step is a sinc across the whole video in time
+    (ringing, far frames weighed with alternating signs, and which bins pass jumps as F grows by
+    one frame); the Gaussian's kernel in time is itself a Gaussian, a few frames wide. The FFT
+    treats the video as a loop, so the kernel also reaches from the last frames to the first."""
+    cycles = torch.arange(num_frames // 2 + 1, dtype=torch.float64) / num_frames
+    return torch.exp2(-(cycles * (2 * halo + 1)) ** 2)
 
 
 def _runs(items: list) -> list[tuple[int, int, object]]:
