@@ -6,8 +6,9 @@
    tokens plus the G global frames' tokens, window+global mask, phase bias, one softmax; with the
    spectral blend, also the window-only softmax, the two blended by an explicit DFT matrix.
 2. tiny-wan end to end: one worker equals the whole model run with that dense reference as its
-   self-attention (for every global RoPE policy), and 2 and 3 workers (uneven, one clip shorter
-   than the halo) equal one worker; the 3 steps straddle the phase switch (t = 999, 857 | 600).
+   self-attention (for every global RoPE policy, the plan's global_rope; and with the spectral
+   blend), and 2 and 3 workers (uneven, one clip shorter than the halo) equal one worker; the
+   3 steps straddle the phase switch (t = 999, 857 | 600).
 3. Mesh.exchange_halos (multi-hop, sizes learned or given) and take_stats byte counts.
 4. global_frame_indices: count, order, range, uniform spread, independence of the split.
 """
@@ -248,12 +249,12 @@ DEFAULT_POLICY = STRATEGY_SPECS["clip_parallel"].option("global_rope").default
 E2E_SPLITS = {1: [(0, 9)], 2: [(0, 6), (6, 9)], 3: [(0, 4), (4, 5), (5, 9)]}
 
 
-def e2e_plan(world_size, policy=DEFAULT_POLICY):
+def e2e_plan(world_size, policy=DEFAULT_POLICY, blend=False):
     req = pb.SubmitJobRequest(prompt="a paper boat on a river", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-wan", strategy="clip_parallel", num_workers=world_size)
     return make_plan(E2E_SPLITS[world_size], HALO, GLOBAL, GLOBAL_PHASE, BIAS, entropy=False, request=req, name="cpe2e",
-                     global_rope=policy)
+                     global_rope=policy, spectral_blend=blend)
 
 
 def _rope(x, cos, sin):
@@ -271,8 +272,8 @@ def reference_positions(policy, f, g, halo, native):
 class DenseWanAttention:
     """attn1 of the whole (single-process) video with the dense dual-scope reference."""
 
-    def __init__(self, policy, state):
-        self.policy, self.state = policy, state
+    def __init__(self, policy, state, blend=False):
+        self.policy, self.state, self.blend = policy, state, blend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -288,7 +289,7 @@ class DenseWanAttention:
         gk = _rope(k_raw.unsqueeze(1), cos_f[pos][None, :, :, :, None], sin_f[pos][None, :, :, :, None])
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         out = dense_dual_scope(*(t.unflatten(1, (f, s)) for t in (q, k, v)), HALO, gidx, self.state["t"], SWITCH,
-                               BIAS, False, E2E_NATIVE, gk)
+                               BIAS, False, E2E_NATIVE, gk, spectral_blend=self.blend)
         out = out.flatten(1, 2).flatten(2, 3).to(hidden_states.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -304,7 +305,7 @@ def model(folder):
     yield from single_thread_model(folder)
 
 
-def _dense_run(model, policy):
+def _dense_run(model, policy, blend=False):
     req = e2e_plan(1).request
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
     noise = initial_noise(SEED, 0, LATENT, 16, SIDE // 8, SIDE // 8)
@@ -316,7 +317,7 @@ def _dense_run(model, policy):
     stock = [a.processor for a in attns]
     try:
         for a in attns:
-            a.set_processor(DenseWanAttention(policy, state))
+            a.set_processor(DenseWanAttention(policy, state, blend))
         return model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
                           num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                           output_type="latent").frames
@@ -326,26 +327,26 @@ def _dense_run(model, policy):
             a.set_processor(p)
 
 
-def _one_worker(model, policy):
+def _one_worker(model, policy, blend=False):
     from clipmesh.worker.mesh import Mesh, host_store
     from clipmesh.worker.render import denoise
     from clipmesh.worker.strategies import clip_parallel
     store, port = host_store("127.0.0.1", timeout_s=30)
     with mock.patch.object(clip_parallel, "native_frames", lambda model, plan: E2E_NATIVE), \
-            Mesh.open("127.0.0.1", port, 0, 1, f"cp1-{policy}", timeout_s=30, store=store) as mesh:
-        return denoise(model, e2e_plan(1, policy), 0, mesh)
+            Mesh.open("127.0.0.1", port, 0, 1, f"cp1-{policy}-{blend}", timeout_s=30, store=store) as mesh:
+        return denoise(model, e2e_plan(1, policy, blend), 0, mesh)
 
 
 @pytest.fixture(scope="module")
 def by_policy(model):
-    """policy -> the one-worker latents under that global RoPE policy, computed on first use and
-    cached for the module: every test asking for a policy gets it, whichever runs first or alone."""
-    cache: dict[str, torch.Tensor] = {}
+    """(policy, spectral blend) -> the one-worker latents under that global RoPE policy, computed on
+    first use and cached for the module: every test asking for one gets it, whichever runs first or alone."""
+    cache: dict[tuple[str, bool], torch.Tensor] = {}
 
-    def get(policy: str) -> torch.Tensor:
-        if policy not in cache:
-            cache[policy] = _one_worker(model, policy)
-        return cache[policy]
+    def get(policy: str, blend: bool = False) -> torch.Tensor:
+        if (policy, blend) not in cache:
+            cache[policy, blend] = _one_worker(model, policy, blend)
+        return cache[policy, blend]
 
     return get
 
@@ -366,12 +367,12 @@ def test_one_worker_equals_dense_reference(model, policy, by_policy):
     assert not model.denoiser.rope._forward_hooks
 
 
-def _e2e_rank(mesh, folder):
+def _e2e_rank(mesh, folder, blend=False):
     from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.render import denoise
     from clipmesh.worker.strategies import clip_parallel
     clip_parallel.native_frames = lambda model, plan: E2E_NATIVE  # this process only
-    model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(mesh.world_size)
+    model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(mesh.world_size, blend=blend)
     return denoise(model, plan, mesh.rank, mesh).numpy()
 
 
@@ -381,6 +382,20 @@ def test_workers_equal_one_worker(world_size, folder, one_worker):
     for rank, latents in sorted(results.items()):
         diff = (torch.from_numpy(latents) - one_worker).abs().max().item()
         print(f"world_size={world_size} clips={E2E_SPLITS[world_size]} rank={rank} max|diff|={diff:.3e}")
+        assert diff <= TOL
+
+
+def test_spectral_blend_end_to_end(model, folder, by_policy):
+    """tiny-wan with the spectral blend: one worker equals the dense reference blending the whole
+    video's two branches, 3 workers (uneven) equal one, and the blend changes the video."""
+    one = by_policy(DEFAULT_POLICY, True)
+    diff = (one - _dense_run(model, DEFAULT_POLICY, True)).abs().max().item()
+    print(f"spectral blend, 1 worker vs dense reference: max|diff|={diff:.3e}")
+    assert diff <= TOL
+    assert (one - by_policy(DEFAULT_POLICY)).abs().max() > 1e-3
+    for rank, latents in sorted(run_ranks(_e2e_rank, 3, str(folder), True, group="e2e-blend-3").items()):
+        diff = (torch.from_numpy(latents) - one).abs().max().item()
+        print(f"spectral blend, clips={E2E_SPLITS[3]} rank={rank} max|diff|={diff:.3e}")
         assert diff <= TOL
 
 
