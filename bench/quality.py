@@ -46,10 +46,10 @@ from bench.common import DOCS
 MODEL = "toy-wan"
 NATIVE_LATENT, STRIDE = 5, 4
 NATIVE = STRIDE * (NATIVE_LATENT - 1) + 1  # 17 frames
-# 16 prompts: every colour with every direction, the shapes in turn
-PROMPTS = [f"a {colour} {('circle', 'square', 'triangle')[(i + j) % 3]} moving {direction}"
-           for i, colour in enumerate(("red", "green", "blue", "yellow"))
-           for j, direction in enumerate(("right", "down", "left", "up"))]
+# 16 prompts: every colour with every direction, the shapes in turn; in Latin-square order, so
+# any first 4k of them hold every colour and every direction k times (--prompts takes the first)
+PROMPTS = [f"a {('red', 'green', 'blue', 'yellow')[i % 4]} {('circle', 'square', 'triangle')[i % 3]} moving "
+           f"{('right', 'down', 'left', 'up')[(i + i // 4) % 4]}" for i in range(16)]
 SEEDS = (1, 2)
 STRIP = "strip"  # marker for the strip of frames written beside the table
 
