@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
           f"a {scene.shape} in {scores['shape']:.0%}; it moves {direction_of(detections) or 'nowhere'} "
           f"(asked: {scene.direction}); smoothness {smoothness(detections):.2f} px/frame²")
     motion = window_motion(detections, args.window, scene)
-    print(f"in {motion['windows']} windows of {min(args.window, len(video))} frames: the asked direction in "
+    print(f"in {motion['windows']} window{'s' * (motion['windows'] != 1)} of {min(args.window, len(video))} frames: the asked direction in "
           f"{motion['direction']:.0%}, speed off by {motion['speed_error']:.0%} of {expected_speed(video.shape[2]):g} px/frame")
     return 0
 
