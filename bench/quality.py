@@ -11,7 +11,7 @@ each), jobs submitted over gRPC, MP4s fetched and decoded. Lengths are multiples
 native 5 latent frames (17 frames): 1x 17, 4x 77, 8x 157, 15x 297 frames. Methods (METHODS):
 
   exact                     every frame attends to every frame (the reference at 1x)
-  clip_parallel, old        Video-Infinity as it was configured before issue 20 (P=2, G=16, the
+  clip_parallel (old)       Video-Infinity as it was configured before issue 20 (P=2, G=16, the
                             switch at t=800: 4 of 8 steps global), on today's never-shrinking window
   clip_parallel             the defaults (docs/quality.md says how they were chosen)
   clip_parallel + X         one consistency method on top of the defaults: FreeNoise's noise
@@ -55,10 +55,10 @@ STRIP = "strip"  # marker for the strip of frames written beside the table
 
 # name -> (request fields beyond the common ones, runs at 1x too)
 CP = "clip_parallel"
-OLD = dict(local_halo=2, global_frames=16, global_phase=0.5)
+OLD = dict(local_halo=2, global_frames=16, global_phase=0.5, global_rope="native")
 METHODS: dict[str, tuple[dict, bool]] = {
     "exact": (dict(strategy="exact"), True),
-    "clip_parallel, old": (dict(strategy=CP, clip_parallel=OLD), False),
+    "clip_parallel (old)": (dict(strategy=CP, clip_parallel=OLD), False),
     "clip_parallel": (dict(strategy=CP), False),
     "clip_parallel + noise_reschedule": (dict(strategy=CP, clip_parallel=dict(noise_reschedule=True)), False),
     "clip_parallel + spectral_blend": (dict(strategy=CP, clip_parallel=dict(spectral_blend=True)), False),
@@ -257,7 +257,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated names of METHODS")
     ap.add_argument("--output", type=Path, default=DOCS / "quality.md")
-    ap.add_argument("--strip", type=Path, default=DOCS / "quality-strip.png",
+    ap.add_argument("--strip", default=str(DOCS / "quality-strip.png"),
                     help="the strip of frames of the longest videos ('' for none)")
     args = ap.parse_args()
 
@@ -282,8 +282,8 @@ def main() -> int:
                   + (row.error or ", ".join(f"{k} {mean(row, k):.2f}" for k, _ in COLUMNS) +
                      f", {np.mean(row.seconds):.1f} s"), flush=True)
     body = table(rows)
-    if args.strip and str(args.strip):
-        strip(rows, args.strip)
+    if args.strip:
+        strip(rows, Path(args.strip))
     header = [
         "# Long-video quality: toy-wan, read back by the toy world's detector",
         "",

@@ -146,7 +146,10 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
             OptionSpec("global_frames", int, 16, "G: frames spread over the video that every frame sees", 0, 256),
             OptionSpec("phase_bias", float, 10.0, "logit bias of the active phase (10 ~ hard switch)", 0.0, 100.0),
             OptionSpec("entropy_scaling", bool, False, "scale logits by visible keys (beyond the native length)"),
-            OptionSpec("global_phase", float, 0.5, "share of the denoising steps, from the first, in the global phase",
+            # 0.25 (2 of 8 steps), measured at 8x toy-wan (docs/quality.md): against 0.5 (what t=800
+            # was on its flow-matching schedule) the object keeps moving in 0.44 of the windows, not
+            # 0.18 (a longer global phase makes every frame a copy of the same global frames)
+            OptionSpec("global_phase", float, 0.25, "share of the denoising steps, from the first, in the global phase",
                        0.0, 1.0),
             OptionSpec("noise_reschedule", bool, False,
                        "FreeNoise: every native-length window starts from a shuffle of the first window's noise"),
