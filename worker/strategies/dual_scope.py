@@ -71,7 +71,7 @@ class DualScope:
                  chunk_frames: int | None = None):
         """`native_frames`: frames the model was trained to attend over at once (Wan2.1: 21 latent
         frames; VideoCrafter2: 16); entropy scaling compares visible keys with native_frames * S.
-        `timesteps`: the job's, in order; the first round(global_phase * T) run in the global phase.
+        `timesteps`: the job's, in order; the first global_phase * T (rounded half up) run in the global phase.
         `chunk_frames` fixes the query frames per rekey chunk (tests); by default it follows chunk_bytes."""
         opts = plan.clip_parallel
         for field in ("local_halo", "global_frames", "global_phase", "phase_bias", "entropy_scaling",
@@ -84,7 +84,7 @@ class DualScope:
         self.halo, self.phase_bias = opts.local_halo, opts.phase_bias
         # a share of the steps, not a timestep: t = 800 is 20% of a DDPM's steps but half of a
         # shifted flow-matching schedule's; timesteps fall, so t >= the last global one is global
-        global_steps = round(opts.global_phase * len(timesteps))
+        global_steps = math.floor(opts.global_phase * len(timesteps) + 0.5)  # half up: 0.25 of 2 steps is 1
         self.phase_switch_t = float(timesteps[global_steps - 1]) if global_steps else math.inf
         self.entropy_scaling, self.native_frames = opts.entropy_scaling, native_frames
         self.chunk_bytes, self.chunk_frames = chunk_bytes, chunk_frames
