@@ -35,9 +35,10 @@ def rescheduled_noise(seed: int, frame_start: int, frame_end: int, window: int, 
                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """FreeNoise's noise rescheduling, [1, C, frame_end - frame_start, h, w]: the first `window`
     latent frames draw their own noise; every later window of `window` frames is a shuffle of
-    those, permuted by a generator of (seed, window index). Independent noise per frame makes
-    each window of a long video a new sample (its colour and shape drift); shared noise keeps
-    the windows one video's. Split-independent, as initial_noise."""
+    those, permuted by a generator of (seed, window index): the windows of a long video start
+    from correlated noise, meant to keep them one video's. Split-independent, as initial_noise.
+    Off by default: on toy-wan at 8x it kept no more colour and the object repeated in place
+    (docs/quality.md)."""
     base = initial_noise(seed, 0, window, channels, h, w, dtype, device)
     picks = []
     for index in range(frame_start // window, (frame_end - 1) // window + 1 if frame_end > frame_start else 0):
