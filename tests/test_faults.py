@@ -228,8 +228,8 @@ def test_backfill_and_a_cancelled_blocker(whole_farm):
         with pytest.raises(grpc.RpcError) as refused:  # no registered set of workers could serve it
             client.submit("too big", num_workers=4, **{**JOB, "num_frames": 17})
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "registered" in refused.value.details()
-        busy = client.submit("long", num_workers=1, **{**JOB, "num_frames": 65, "height": 64, "width": 96,
-                                                       "num_inference_steps": 200})
+        busy = client.submit("long", num_workers=1, **{**JOB, "num_frames": 129, "height": 96, "width": 128,
+                                                       "num_inference_steps": 200})  # outlasts the test: cancelled at its end
         wait_for_step(client, busy.id, 1)
         big = client.submit("big", num_workers=3, **JOB)
         small = client.submit("small", num_workers=2, **JOB)

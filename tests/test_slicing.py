@@ -165,7 +165,10 @@ def test_wan_block_in_chunks_is_the_stock_block(wan, per_token):
     with torch.no_grad():
         stock = type(block).forward(block, hidden, text, temb, rotary)
         for chunks in (2, 3, 7):
-            assert torch.equal(TokenChunks(block, chunks)(hidden, text, temb, rotary), stock)
+            # within float rounding, not bit for bit: on some CPUs a matmul over fewer rows takes
+            # another kernel (this failed bitwise on a 2-core EPYC with the code before and after)
+            diff = (TokenChunks(block, chunks)(hidden, text, temb, rotary) - stock).abs().max().item()
+            assert diff <= 1e-6, (chunks, diff)
 
 
 def test_with_taylorseer_the_wan_blocks_run_whole(wan):
