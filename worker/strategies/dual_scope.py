@@ -194,20 +194,24 @@ class DualScope:
                 if not seen:
                     out[:, i] = F.scaled_dot_product_attention(qf, wk, wv, scale=scale).transpose(1, 2)
                     continue
-                gkf = flat((ck[:, i - a] if rekey is not None else gk)[:, seen])
-                gvf = flat(gv[:, seen])
-                if not with_lse:  # one call over both key sets, the biases as a per-column mask
-                    bias = torch.full((wk.shape[2] + gkf.shape[2],), global_bias, dtype=q.dtype, device=q.device)
-                    bias[:wk.shape[2]] = local_bias
-                    res = F.scaled_dot_product_attention(qf, torch.cat([wk, gkf], dim=2), torch.cat([wv, gvf], dim=2),
-                                                         attn_mask=bias.view(1, 1, 1, -1), scale=scale)
-                    out[:, i] = res.transpose(1, 2)
-                    if diff is not None:  # the window alone (its bias is one constant: it cancels)
-                        l_out = F.scaled_dot_product_attention(qf, wk, wv, scale=scale)
-                        diff[:, i] = (res - l_out).transpose(1, 2)
-                    continue
+                if rekey is None and with_lse:  # from the run's one call: no per-frame copy of the globals
+                    g_o, g_l = shared[i]
+                else:
+                    gkf = flat((ck[:, i - a] if rekey is not None else gk)[:, seen])
+                    gvf = flat(gv[:, seen])
+                    if not with_lse:  # one call over both key sets, the biases as a per-column mask
+                        bias = torch.full((wk.shape[2] + gkf.shape[2],), global_bias, dtype=q.dtype, device=q.device)
+                        bias[:wk.shape[2]] = local_bias
+                        res = F.scaled_dot_product_attention(qf, torch.cat([wk, gkf], dim=2),
+                                                             torch.cat([wv, gvf], dim=2),
+                                                             attn_mask=bias.view(1, 1, 1, -1), scale=scale)
+                        out[:, i] = res.transpose(1, 2)
+                        if diff is not None:  # the window alone (its bias is one constant: it cancels)
+                            l_out = F.scaled_dot_product_attention(qf, wk, wv, scale=scale)
+                            diff[:, i] = (res - l_out).transpose(1, 2)
+                        continue
+                    g_o, g_l = _attention(qf, gkf, gvf, scale)
                 l_out, l_lse = _attention(qf, wk, wv, scale)
-                g_o, g_l = shared[i] if rekey is None else _attention(qf, gkf, gvf, scale)
                 # one softmax over both key sets: each part's softmax weighed by its share of the mass
                 l_lse, g_l = l_lse + local_bias, g_l + global_bias
                 top = torch.maximum(l_lse, g_l)
