@@ -13,8 +13,8 @@
 
 OpenAI's fields map onto a SubmitJobRequest: `size` "WxH" is width x height, `seconds` becomes
 frames at the job's fps (the nearest the model allows, stride*k+1); clipmesh's own fields
-(num_frames, steps, seed, strategy, workers, guidance, negative_prompt, fps, height, width)
-come as extra fields and win. Errors are OpenAI's error JSON with the gRPC side's field-and-limit
+(num_frames, steps, seed, strategy, workers, guidance, guidance_scale_2, negative_prompt, fps,
+height, width) come as extra fields and win. Errors are OpenAI's error JSON with the gRPC side's field-and-limit
 text; the credentials are the gRPC side's (`Authorization: Bearer`, the SDK's api_key; a client
 certificate where the coordinator has a CA), and HTTPS where it has a certificate. gRPC stays the
 primary contract: this module only translates. aiohttp: one asyncio server for JSON, streaming
@@ -50,7 +50,8 @@ _HTTP = {InvalidArgument: 400, PermissionDenied: 403, NotFound: 404, FailedPreco
 EXTRAS = {"num_frames": ("num_frames", int), "frames": ("num_frames", int), "steps": ("num_inference_steps", int),
           "num_inference_steps": ("num_inference_steps", int), "seed": ("seed", int), "strategy": ("strategy", str),
           "workers": ("num_workers", int), "num_workers": ("num_workers", int), "guidance": ("guidance_scale", float),
-          "guidance_scale": ("guidance_scale", float), "negative_prompt": ("negative_prompt", str),
+          "guidance_scale": ("guidance_scale", float), "guidance_scale_2": ("guidance_scale_2", float),
+          "negative_prompt": ("negative_prompt", str),
           "fps": ("fps", float), "height": ("height", int), "width": ("width", int)}
 
 

@@ -40,7 +40,7 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
         raise InvalidArgument("model", f"unknown model {req.model!r}; known: {', '.join(sorted(known_models)) or 'none'}")
     if req.strategy and req.strategy not in model.strategies:
         known = specs.STRATEGY_SPECS.get(req.strategy)
-        why = known and known.refusal(model.family)
+        why = known and known.refusal(model.family, model.experts)
         if why:
             raise InvalidArgument("strategy", f"{req.strategy} cannot run {model.name} ({model.family}): {why}; "
                                               f"allowed: {', '.join(model.strategies)}")
@@ -60,6 +60,11 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
             raise InvalidArgument(field, f"must be a multiple of {mult} in [{mult}, {model.max_side}], got {value}")
     specs.check_range("num_inference_steps", req.num_inference_steps, 1, MAX_STEPS)
     specs.check_range("guidance_scale", req.guidance_scale, 0.0, MAX_GUIDANCE)
+    if req.HasField("guidance_scale_2"):
+        if model.experts < 2:
+            raise InvalidArgument("guidance_scale_2", f"is for two-expert models (Wan 2.2 A14B); {model.name} has "
+                                                      f"one denoiser: use guidance_scale")
+        specs.check_range("guidance_scale_2", req.guidance_scale_2, 0.0, MAX_GUIDANCE)
     specs.check_range("fps", req.fps, 1.0, MAX_FPS)
     if req.seed < 0:
         raise InvalidArgument("seed", f"must be >= 0, got {req.seed}")
@@ -87,7 +92,7 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
 # bounds a sane model stays in. What matters beyond them is pinned by the first claim (workers.py).
 CLAIM_BOUNDS = dict(spatial_multiple=(1, 256), temporal_stride=(1, 16), max_frames=(1, 100_001),
                     max_side=(1, 8192), native_latent_frames=(1, 4096), num_layers=(0, 4096),
-                    attention_heads=(0, 4096))
+                    attention_heads=(0, 4096), experts=(0, 2))
 MAX_MODEL_NAME = 512
 
 
@@ -103,8 +108,8 @@ def check_model_claim(model: pb.ModelInfo) -> None:
             specs.check_range(f"register.model.{field}", getattr(model, field), low, high)
         if model.max_side < model.spatial_multiple:
             raise InvalidArgument("register.model.max_side", f"must be >= spatial_multiple ({model.spatial_multiple})")
-        if set(model.strategies) - set(specs.strategies_for(model.family)):
-            raise InvalidArgument("register.model.strategies",
-                                  f"must be among {', '.join(specs.strategies_for(model.family))}")
+        allowed = specs.strategies_for(model.family, model.experts)
+        if set(model.strategies) - set(allowed):
+            raise InvalidArgument("register.model.strategies", f"must be among {', '.join(allowed)}")
     except specs.SpecError as exc:
         raise InvalidArgument(exc.field, exc.detail) from None

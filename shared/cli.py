@@ -53,6 +53,8 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     p.add_argument("--width", type=int, default=d["width"])
     p.add_argument("--steps", type=int, default=d["num_inference_steps"])
     p.add_argument("--guidance", type=float, default=d["guidance_scale"])
+    p.add_argument("--guidance-2", type=float, metavar="G",
+                   help="two-expert models (Wan 2.2 A14B): the low-noise expert's guidance (unset: --guidance)")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--model", default=d["model"], help="preset (tiny-wan, bench-wan) or a local diffusers folder")
     p.add_argument("--strategy", default=d["strategy"], choices=["", *STRATEGY_SPECS], metavar="STRATEGY",
@@ -96,7 +98,8 @@ def _request_fields(args) -> dict:
                                                             ("step_cache", args.step_cache),
                                                             ("tiled_decode", args.tiled_decode)) if v is not None}),
                 **{k: v for k, v in (("checkpoint_every", args.checkpoint_every),
-                                     ("max_attempts", args.max_attempts)) if v is not None})
+                                     ("max_attempts", args.max_attempts),
+                                     ("guidance_scale_2", args.guidance_2)) if v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:

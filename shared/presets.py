@@ -139,7 +139,8 @@ def _with_shape(limits: dict, denoiser_cfg: dict) -> dict:
     else:  # defaults: Wan2.1-T2V-1.3B
         shape = dict(num_layers=denoiser_cfg.get("num_layers", 30),
                      attention_heads=denoiser_cfg.get("num_attention_heads", 12))
-    return {**limits, "strategies": strategies_for(limits["family"]), **shape}
+    limits = {"experts": 1, **limits}
+    return {**limits, "strategies": strategies_for(limits["family"], limits["experts"]), **shape}
 
 
 def _denoiser_config(preset: dict) -> dict:
@@ -161,6 +162,20 @@ PRESETS: dict[str, dict] = {
         "scheduler": _WAN_SCHEDULER,
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
                        max_side=512, native_latent_frames=21),
+    },
+    # Wan 2.2 A14B's layout (T2V-A14B-Diffusers): two experts, the high-noise `transformer` for
+    # timesteps >= boundary_ratio * 1000 and the low-noise `transformer_2` below, tiny-wan's size.
+    "tiny-wan22": {
+        "transformer": dict(
+            patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12,
+            in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=4,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        "vae": _vae(base_dim=8, z_dim=16),
+        "text_encoder": _umt5(32),
+        "scheduler": _WAN_SCHEDULER,
+        "boundary_ratio": 0.875,  # Wan2.2-T2V-A14B's model_index.json
+        "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
+                       max_side=512, native_latent_frames=21, experts=2),
     },
     # 256x256, hundreds of frames: long token sequences where attention dominates.
     "bench-wan": {
@@ -339,12 +354,15 @@ def _build(name: str, out: pathlib.Path) -> None:
     cfg = PRESETS[name]
     tokenizer = _tokenizer()
     assert len(tokenizer) == cfg["text_encoder"]["vocab_size"], len(tokenizer)
+    experts = cfg["limits"].get("experts", 1)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=UMT5EncoderModel(UMT5Config(**cfg["text_encoder"])).eval(),
         vae=AutoencoderKLWan(**cfg["vae"]).eval(),
         scheduler=UniPCMultistepScheduler(**cfg["scheduler"]),
         transformer=WanTransformer3DModel(**cfg["transformer"]).eval(),
+        transformer_2=WanTransformer3DModel(**cfg["transformer"]).eval() if experts == 2 else None,
+        boundary_ratio=cfg.get("boundary_ratio"),
     )
     pipe.save_pretrained(out)
 
@@ -418,14 +436,22 @@ def _init_like_trained(unet, scale: float) -> None:
                 param.mul_(scale)
 
 
-def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "") -> dict:
+def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "", pipeline_cfg: dict | None = None) -> dict:
     """Limits of a model folder from its config json files: the denoiser's (transformer/ for
-    Wan, unet/ for UNet3D and AnimateDiff) and the VAE's. `name`: the folder's name or path (a hint only)."""
+    Wan, unet/ for UNet3D and AnimateDiff), the VAE's and the pipeline's (model_index.json:
+    a second expert). `name`: the folder's name or path (a hint only)."""
     if _is_animatediff(denoiser_cfg):
         return _with_shape(_animatediff_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
     if _is_unet3d(denoiser_cfg):
         return _with_shape(_unet3d_limits(vae_cfg, name), denoiser_cfg)
-    return _with_shape(_wan_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
+    return _with_shape({**_wan_limits(denoiser_cfg, vae_cfg), "experts": experts(pipeline_cfg or {})}, denoiser_cfg)
+
+
+def experts(pipeline_cfg: dict) -> int:
+    """Denoisers a pipeline switches between along the schedule (model_index.json): Wan 2.2 A14B
+    saves `transformer_2` and `boundary_ratio` (a one-expert folder may save transformer_2 as null)."""
+    second = pipeline_cfg.get("transformer_2")
+    return 2 if isinstance(second, (list, tuple)) and second and second[0] is not None else 1
 
 
 def _is_animatediff(denoiser_cfg: dict) -> bool:
@@ -487,4 +513,5 @@ def model_limits(name_or_path: str) -> dict:
     denoiser = "unet" if (folder / "unet" / "config.json").is_file() else "transformer"
     d_cfg = json.loads((folder / denoiser / "config.json").read_text())
     v_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    return {"name": name_or_path, **limits_from_configs(d_cfg, v_cfg, str(folder))}
+    p_cfg = json.loads((folder / "model_index.json").read_text())
+    return {"name": name_or_path, **limits_from_configs(d_cfg, v_cfg, str(folder), p_cfg)}

@@ -114,6 +114,14 @@ class Denoising:
     def guidance_scale(self) -> float:
         return self.job.request.guidance_scale
 
+    def guidance_at(self, t) -> float:
+        """The guidance of the expert denoising at timestep t: a two-expert model's low-noise
+        expert takes guidance_scale_2 where the request sets it (WanPipeline's rule)."""
+        req = self.job.request
+        if self.job.model.expert(t) == 1 and req.HasField("guidance_scale_2"):
+            return req.guidance_scale_2
+        return req.guidance_scale
+
     def new_scheduler(self):
         """A fresh scheduler (multistep schedulers keep state), its timesteps set, at plan.start_step."""
         model, req = self.job.model, self.job.request

@@ -105,7 +105,8 @@ class ModelAdapter:
         if name in PRESETS:
             limits = PRESETS[name]["limits"]
         else:
-            limits = limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name)
+            limits = limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name,
+                                         dict(self.pipe.config))
         return pb.ModelInfo(name=name, **limits)
 
     # -- what mixes frames (for strategies) ------------------------------------
@@ -130,8 +131,17 @@ class ModelAdapter:
     # -- the denoising loop's pieces ------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The network run every step (transformer or UNet)."""
+        """The network run every step (transformer or UNet); of two experts, the first."""
         raise NotImplementedError
+
+    @property
+    def denoisers(self) -> list[torch.nn.Module]:
+        """Every expert, in the order of the schedule (one for most models)."""
+        return [self.denoiser]
+
+    def expert(self, t) -> int:
+        """The index in `denoisers` of the expert that denoises at timestep t."""
+        return 0
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(channels, latent height, latent width) of one latent frame."""

@@ -125,21 +125,40 @@ class WanAdapter(ModelAdapter):
         return self.pipe.transformer
 
     @property
+    def denoisers(self) -> list[torch.nn.Module]:
+        """Every expert: Wan 2.2 A14B's high-noise `transformer` and low-noise `transformer_2`."""
+        second = getattr(self.pipe, "transformer_2", None)
+        return [self.pipe.transformer] + ([second] if second is not None else [])
+
+    @functools.cached_property
+    def boundary_timestep(self) -> float | None:
+        """WanPipeline's switch: `transformer` for t >= boundary_ratio * num_train_timesteps,
+        `transformer_2` below (None: one expert)."""
+        ratio = self.pipe.config.get("boundary_ratio") if len(self.denoisers) > 1 else None
+        return None if ratio is None else ratio * self.pipe.scheduler.config.num_train_timesteps
+
+    def expert(self, t) -> int:
+        """The expert that denoises at timestep t: a property of the step, the same on every rank."""
+        return 0 if self.boundary_timestep is None or t >= self.boundary_timestep else 1
+
+    @property
     def temporal_stride(self) -> int:
         return self.pipe.vae_scale_factor_temporal
 
     def self_attentions(self) -> list[torch.nn.Module]:
-        """The modules that mix tokens across frames: attn1 of every block (attn2 is text cross-attention)."""
-        return [block.attn1 for block in self.pipe.transformer.blocks]
+        """The modules that mix tokens across frames: attn1 of every block of every expert (attn2
+        is text cross-attention)."""
+        return [block.attn1 for transformer in self.denoisers for block in transformer.blocks]
 
     def frame_mixers(self) -> list[FrameMixer]:
-        """RoPE (positions in time) and every block's attn1; everything else in Wan is per token."""
-        if getattr(self.pipe, "transformer_2", None) is not None:
-            raise NotImplementedError("two-transformer Wan (2.2 A14B) is not supported yet")
-        transformer = self.pipe.transformer
-        ops = WanAttentionOps(transformer.rope)
-        return [FrameMixer(POSITIONS, transformer.rope, functools.partial(global_positions_hook, transformer)), *(
-            FrameMixer(ATTENTION, attn, ops, layer) for layer, attn in enumerate(self.self_attentions()))]
+        """RoPE (positions in time) and every block's attn1, of every expert; everything else in
+        Wan is per token. `layer` counts the blocks of one expert."""
+        mixers = []
+        for transformer in self.denoisers:
+            ops = WanAttentionOps(transformer.rope)
+            mixers += [FrameMixer(POSITIONS, transformer.rope, functools.partial(global_positions_hook, transformer)),
+                       *(FrameMixer(ATTENTION, block.attn1, ops, layer) for layer, block in enumerate(transformer.blocks))]
+        return mixers
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.pipe.vae_scale_factor_spatial
@@ -156,28 +175,30 @@ class WanAdapter(ModelAdapter):
         return cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
 
     def predict(self, latents, t, scheduler, cond, uncond, guidance_scale):
-        """WanPipeline's step body: two transformer calls (cond, uncond), each in its diffusers cache
-        context as WanPipeline names them (when a step cache enabled one), then CFG."""
-        transformer = self.pipe.transformer
+        """WanPipeline's step body: the expert of timestep t, two calls of it (cond, uncond), each
+        in its diffusers cache context as WanPipeline names them (when a step cache enabled one),
+        then CFG (`guidance_scale`: the expert's, Denoising.guidance_at)."""
+        transformer = self.denoisers[self.expert(t)]
         x, timestep = latents.to(transformer.dtype), t.expand(latents.shape[0])
-        with self.cache_context("cond"):
+        with self.cache_context("cond", transformer):
             pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
         if uncond is not None:
-            with self.cache_context("uncond"):
+            with self.cache_context("uncond", transformer):
                 pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
                                      return_dict=False)[0]
             pred = pred_u + guidance_scale * (pred - pred_u)
         return pred
 
-    def cache_context(self, name: str):
+    def cache_context(self, name: str, transformer=None):
         """diffusers' `cache_context(name)` while a cache is enabled on the transformer (a step cache,
         savers/step_cache.py), so its state is kept per call; else nothing (the stock model stays untouched)."""
-        transformer = self.pipe.transformer
+        transformer = transformer or self.pipe.transformer
         return transformer.cache_context(name) if transformer.is_cache_enabled else contextlib.nullcontext()
 
     def slice_groups(self) -> list[SliceGroup]:
-        """Every transformer block: attn1 (the strategy's) on all tokens, the rest per chunk of tokens."""
-        return [SliceGroup(PER_TOKEN, block) for block in self.pipe.transformer.blocks]
+        """Every transformer block of every expert: attn1 (the strategy's) on all tokens, the rest
+        per chunk of tokens."""
+        return [SliceGroup(PER_TOKEN, block) for transformer in self.denoisers for block in transformer.blocks]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

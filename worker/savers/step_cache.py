@@ -43,6 +43,8 @@ A step reports full_pass False when any of its denoiser calls skipped work.
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -150,25 +152,25 @@ def install_diffusers_cache(job, patches, cache: StepCache) -> None:
     from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
-    transformer = job.model.denoiser
-    if cache.kind == "fbc":
-        config, hook_name = FirstBlockCacheConfig(threshold=cache.value), _FBC_LEADER_BLOCK_HOOK
-    else:
-        if not job.model.taylorseer_modules:
-            raise NotImplementedError(f"{job.model.family} models name no modules for TaylorSeer to forecast")
-        config = TaylorSeerCacheConfig(cache_interval=int(cache.value), disable_cache_before_step=TAYLORSEER_WARMUP,
-                                       max_order=1, taylor_factors_dtype=transformer.dtype,
-                                       cache_identifiers=list(job.model.taylorseer_modules))
-        hook_name = _TAYLORSEER_CACHE_HOOK
-    transformer.enable_cache(config)
-    patches.on_remove(lambda: disable_cache(transformer))
     decisions = patches.track(CacheDecisions())
-    hooks = [m._diffusers_hook.get_hook(hook_name) for m in transformer.modules() if hasattr(m, "_diffusers_hook")]
-    for hook in filter(None, hooks):
+    for transformer in job.model.denoisers:  # each expert of a two-expert model keeps its own cache
         if cache.kind == "fbc":
-            hook._should_compute_remaining_blocks = agreed_first_block(hook, job.mesh, cache.value, decisions)
+            config, hook_name = FirstBlockCacheConfig(threshold=cache.value), _FBC_LEADER_BLOCK_HOOK
         else:
-            hook._measure_should_compute = recorded(hook._measure_should_compute, decisions)
+            if not job.model.taylorseer_modules:
+                raise NotImplementedError(f"{job.model.family} models name no modules for TaylorSeer to forecast")
+            config = TaylorSeerCacheConfig(cache_interval=int(cache.value), disable_cache_before_step=TAYLORSEER_WARMUP,
+                                           max_order=1, taylor_factors_dtype=transformer.dtype,
+                                           cache_identifiers=list(job.model.taylorseer_modules))
+            hook_name = _TAYLORSEER_CACHE_HOOK
+        transformer.enable_cache(config)
+        patches.on_remove(functools.partial(disable_cache, transformer))
+        hooks = [m._diffusers_hook.get_hook(hook_name) for m in transformer.modules() if hasattr(m, "_diffusers_hook")]
+        for hook in filter(None, hooks):
+            if cache.kind == "fbc":
+                hook._should_compute_remaining_blocks = agreed_first_block(hook, job.mesh, cache.value, decisions)
+            else:
+                hook._measure_should_compute = recorded(hook._measure_should_compute, decisions)
 
 
 def disable_cache(transformer) -> None:

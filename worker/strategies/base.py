@@ -66,7 +66,7 @@ class StepSchedule(Schedule):
 
     def run(self, work: Work) -> None:
         model, d = self.job.model, self.d
-        pred = model.predict(self.latents, work.t, self.scheduler, d.cond, d.uncond, d.guidance_scale)
+        pred = model.predict(self.latents, work.t, self.scheduler, d.cond, d.uncond, d.guidance_at(work.t))
         self.latents = model.step(self.scheduler, pred, work.t, self.latents)
         self.i += 1
 

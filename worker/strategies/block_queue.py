@@ -123,7 +123,7 @@ class _Stage(Schedule):
         out = self.stages.head(hidden, temb, item.context + item.own, self.cache.h, self.cache.w)
         pred = out[:1]
         if out.shape[0] == 2:  # WanPipeline's CFG: uncond + g * (cond - uncond)
-            pred = out[1:] + self.d.guidance_scale * (pred - out[1:])
+            pred = out[1:] + self.d.guidance_at(self.d.timesteps[item.step]) * (pred - out[1:])
         return pred[:, :, item.context:].contiguous()
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
