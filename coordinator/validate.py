@@ -40,7 +40,7 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
         raise InvalidArgument("model", f"unknown model {req.model!r}; known: {', '.join(sorted(known_models)) or 'none'}")
     if req.strategy and req.strategy not in model.strategies:
         known = specs.STRATEGY_SPECS.get(req.strategy)
-        why = known and known.refusal(model.family, model.experts)
+        why = known and known.refusal(model.family)
         if why:
             raise InvalidArgument("strategy", f"{req.strategy} cannot run {model.name} ({model.family}): {why}; "
                                               f"allowed: {', '.join(model.strategies)}")
@@ -108,8 +108,8 @@ def check_model_claim(model: pb.ModelInfo) -> None:
             specs.check_range(f"register.model.{field}", getattr(model, field), low, high)
         if model.max_side < model.spatial_multiple:
             raise InvalidArgument("register.model.max_side", f"must be >= spatial_multiple ({model.spatial_multiple})")
-        allowed = specs.strategies_for(model.family, model.experts)
-        if set(model.strategies) - set(allowed):
-            raise InvalidArgument("register.model.strategies", f"must be among {', '.join(allowed)}")
+        if set(model.strategies) - set(specs.strategies_for(model.family)):
+            raise InvalidArgument("register.model.strategies",
+                                  f"must be among {', '.join(specs.strategies_for(model.family))}")
     except specs.SpecError as exc:
         raise InvalidArgument(exc.field, exc.detail) from None

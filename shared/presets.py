@@ -139,8 +139,7 @@ def _with_shape(limits: dict, denoiser_cfg: dict) -> dict:
     else:  # defaults: Wan2.1-T2V-1.3B
         shape = dict(num_layers=denoiser_cfg.get("num_layers", 30),
                      attention_heads=denoiser_cfg.get("num_attention_heads", 12))
-    limits = {"experts": 1, **limits}
-    return {**limits, "strategies": strategies_for(limits["family"], limits["experts"]), **shape}
+    return {"experts": 1, **limits, "strategies": strategies_for(limits["family"]), **shape}
 
 
 def _denoiser_config(preset: dict) -> dict:

@@ -92,21 +92,13 @@ class StrategySpec:
     min_clip_option: str | None = None    # the option no clip may be shorter than (as frames allow)
     splits_heads: bool = False            # ranks split attention heads: workers divide ModelInfo.attention_heads
     refused: tuple[tuple[str, str], ...] = ()  # (family, why it cannot run there): said when asked for
-    max_experts: int = 2                  # denoisers a model may switch between (ModelInfo.experts)
-    experts_refused: str = ""             # why a model with more experts cannot run under it
 
     def option(self, name: str) -> OptionSpec:
         return next(o for o in self.options if o.name == name)
 
-    def refusal(self, family: str, experts: int = 1) -> str | None:
-        """Why this strategy is refused for a model family, or for a model of that many experts
-        (None: not refused, it may just not run there)."""
-        if experts > self.max_experts:
-            return self.experts_refused or f"{self.name} runs models of at most {self.max_experts} experts"
+    def refusal(self, family: str) -> str | None:
+        """Why this strategy is refused for a model family (None: not refused, it may just not run there)."""
         return dict(self.refused).get(family)
-
-    def runs(self, family: str, experts: int = 1) -> bool:
-        return family in self.families and max(experts, 1) <= self.max_experts
 
     @property
     def model_defaults_field(self) -> str | None:
@@ -173,10 +165,6 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec(
         name="block_pipeline", partition=LAYERS, families=("wan",), streams=True,
         summary="DualParal block queue", options_field="block_pipeline",
-        max_experts=1, experts_refused="its stages hold one transformer's layers and blocks at different noise "
-                                       "levels are in flight at once, so a two-expert model (Wan 2.2 A14B) would "
-                                       "need both experts' layers per stage; run it under exact, ulysses or "
-                                       "clip_parallel",
         # ALGORITHMS.md section 2: blocks of 8 latent frames (29 video frames for the first)
         # with 4 frames of context each way.
         options=(
@@ -200,9 +188,9 @@ def spec_named(name: str) -> StrategySpec:
         raise SpecError("strategy", f"unknown strategy {name!r}; known: {', '.join(STRATEGY_SPECS)}") from None
 
 
-def strategies_for(family: str, experts: int = 1) -> list[str]:
-    """The strategies a model family (of `experts` denoisers) supports, in table order (ModelInfo.strategies)."""
-    return [spec.name for spec in STRATEGY_SPECS.values() if spec.runs(family, experts)]
+def strategies_for(family: str) -> list[str]:
+    """The strategies a model family supports, in table order (ModelInfo.strategies)."""
+    return [spec.name for spec in STRATEGY_SPECS.values() if family in spec.families]
 
 
 def choose_spec(req: pb.SubmitJobRequest, model: pb.ModelInfo) -> StrategySpec:
@@ -323,8 +311,8 @@ def check_plan(plan: pb.RenderPlan, model: pb.ModelInfo) -> StrategySpec:
     """A plan's checks against its spec and the model, before any collective: SpecError (a
     ValueError) naming the field and the limit. Returns the spec (the worker's registry key)."""
     spec = spec_named(plan.strategy)
-    if not spec.runs(model.family, model.experts):
-        why = spec.refusal(model.family, model.experts)
+    if model.family not in spec.families:
+        why = spec.refusal(model.family)
         raise SpecError("model.family", f"{spec.name} runs on {', '.join(spec.families)}, not {model.family!r}"
                                         + (f": {why}" if why else ""))
     req, stride = plan.request, model.temporal_stride

@@ -99,10 +99,9 @@ def test_presets_list_the_strategies_of_their_family():
     assert specs.strategies_for("wan") == ["exact", "clip_parallel", "block_pipeline", "ulysses"]
     assert specs.strategies_for("unet3d") == ["exact", "clip_parallel"]
     assert specs.strategies_for("animatediff") == ["exact"]
-    assert specs.strategies_for("wan", experts=2) == ["exact", "clip_parallel", "ulysses"]  # block_pipeline: one expert
     for name, preset in PRESETS.items():
         limits = preset["limits"]
-        assert limits["strategies"] == specs.strategies_for(limits["family"], limits["experts"]), name
+        assert limits["strategies"] == specs.strategies_for(limits["family"]), name
         assert limits["attention_heads"] >= 1
     assert (WAN.num_layers, WAN.attention_heads) == (4, 2)  # tiny-wan's transformer config
     assert UNET3D.attention_heads == 8  # transformer_in's 8; blocks of 32 and 64 channels at head_dim 4: 8, 16

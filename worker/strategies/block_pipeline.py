@@ -91,9 +91,10 @@ class BlockPipelineStrategy(Strategy):
     name = "block_pipeline"
 
     def install(self, job, patches) -> None:
-        self.stages = WanStages(job.model.denoiser)
+        # one WanStages per expert (Wan 2.2 A14B: two); each item runs on the expert of its step
+        self.stages = [WanStages(transformer) for transformer in job.model.denoisers]
         _, h, w = job.model.latent_shape(job.request.height, job.request.width)
-        self.cache = FeatureCache(self.stages, job.plan.block_pipeline.context_frames, h, w)
+        self.cache = FeatureCache(self.stages[0], job.plan.block_pipeline.context_frames, h, w)
         super().install(job, patches)
 
     def patch_positions(self, job, mixer, patches) -> None:
@@ -101,6 +102,9 @@ class BlockPipelineStrategy(Strategy):
         block's RoPE to the layers themselves."""
 
     def patch_attention(self, job, mixer, patches) -> None:
+        """This stage's layers of every expert. Each attention keeps its own cache, so at a
+        two-expert model's switch the first block on the other expert has no look-ahead (the K/V
+        of the block before it came from the other expert's projections)."""
         start, end = job.layers
         if start <= mixer.layer < end:  # this stage's layers only
             backend = getattr(mixer.module.processor, "_attention_backend", None)

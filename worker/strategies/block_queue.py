@@ -87,7 +87,7 @@ class _Stage(Schedule):
     """One rank's stage: its layers, the message ring, and (last rank) the output head."""
 
     def __init__(self, job, denoising, stages, cache):
-        self.job, self.mesh, self.d, self.stages, self.cache = job, job.mesh, denoising, stages, cache
+        self.job, self.mesh, self.d, self.experts, self.cache = job, job.mesh, denoising, stages, cache
         self.layers = job.layers
         self.text = denoising.cond if denoising.uncond is None else torch.cat([denoising.cond, denoising.uncond])
         self.total = len(denoising.timesteps)
@@ -107,20 +107,24 @@ class _Stage(Schedule):
         finished, self.finished = self.finished, []
         return finished
 
+    def stages(self, step: int):
+        """The WanStages of the expert that denoises at `step` (one for most models)."""
+        return self.experts[self.job.model.expert(self.d.timesteps[step])]
+
     def _stage(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's layers on one item: hidden [B, tokens, dim] -> the same."""
         self.cache.item = item
         if item.step not in self.conditioning:
             t = self.d.timesteps[item.step].expand(self.text.shape[0])
-            self.conditioning[item.step] = self.stages.condition(t, self.text)
+            self.conditioning[item.step] = self.stages(item.step).condition(t, self.text)
         _, proj, text = self.conditioning[item.step]
         rope = self.cache.rope(item.context + item.own)
-        return self.stages.blocks(hidden, *self.layers, text, proj, rope)
+        return self.stages(item.step).blocks(hidden, *self.layers, text, proj, rope)
 
     def _head(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
         """Last rank: output head, CFG, context dropped -> the block's prediction [1, C, own, h, w]."""
         temb = self.conditioning[item.step][0]
-        out = self.stages.head(hidden, temb, item.context + item.own, self.cache.h, self.cache.w)
+        out = self.stages(item.step).head(hidden, temb, item.context + item.own, self.cache.h, self.cache.w)
         pred = out[:1]
         if out.shape[0] == 2:  # WanPipeline's CFG: uncond + g * (cond - uncond)
             pred = out[1:] + self.d.guidance_at(self.d.timesteps[item.step]) * (pred - out[1:])
@@ -242,7 +246,7 @@ class BlockQueue(_Stage):
         if j > 0 and self.context_frames and before is not None:
             context = before[:, :, before.shape[2] - self.context_frames:]
             x, item = torch.cat([context, x], 2), Item(j, work.step, context.shape[2], item.own, item.first)
-        hidden = self.stages.embed(x).repeat(self.text.shape[0], 1, 1)
+        hidden = self.stages(work.step).embed(x).repeat(self.text.shape[0], 1, 1)
         pred = self._pass_on(item, self._stage(item, hidden))
         self.in_flight.append(item)
         if pred is not None:
