@@ -23,7 +23,9 @@ DATA_PLANE_BYTES = Counter("clipmesh_data_plane_bytes", "Bytes the workers repor
                            ["direction"], registry=REGISTRY)
 COMM_SECONDS = Counter("clipmesh_comm_seconds", "Seconds the workers report spending in collectives",
                        registry=REGISTRY)
-PEAK_MEMORY = Gauge("clipmesh_worker_peak_memory_bytes", "Peak memory a worker reported in its last step",
+# not clipmesh_worker_peak_memory_bytes: that name is the worker's own (worker/metrics.py), and
+# one name exported by both would be summed twice
+PEAK_MEMORY = Gauge("clipmesh_reported_peak_memory_bytes", "Peak memory a worker reported in its last step",
                     ["worker"], registry=REGISTRY)
 FRAMES_ENCODED = Counter("clipmesh_frames_encoded", "Frames received into jobs' videos", registry=REGISTRY)
 RPCS = Counter("clipmesh_rpcs", "gRPC calls handled", ["method", "code"], registry=REGISTRY)

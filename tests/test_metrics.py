@@ -70,6 +70,11 @@ def test_counters_move_during_a_job_and_the_dashboard_queries_only_real_metrics(
     assert total(worker, "clipmesh_worker_jobs_total", outcome="JOB_OUTCOME_DONE") == 1
     assert total(worker, "clipmesh_worker_busy") == 0
 
+    # one owner per name: a Grafana sum over both scrapes must not count a metric twice
+    family = lambda scraped: {re.sub(r"_(bucket|sum|count|total|created)$", "", n) for n, _ in scraped}  # noqa: E731
+    assert not family(after) & family(worker), family(after) & family(worker)
+    assert total(after, "clipmesh_reported_peak_memory_bytes", worker="m0") > 0
+
     exposed = {name for name, _ in {**after, **worker}}
     families = {re.sub(r"_(bucket|sum|count|total|created)$", "", n) for n in exposed} | exposed
     queried = {m for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]
