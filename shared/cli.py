@@ -214,6 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _check_locally(prompt: str, fields: dict) -> None:
+    """`generate` runs its own coordinator: its checks of the request (and the worker count, which
+    here starts that many workers) run before anything starts, so a bad flag costs no start-up."""
+    from clipmesh import presets
+    from clipmesh.coordinator.errors import InvalidArgument
+    from clipmesh.coordinator.validate import validate_request
+
+    if fields["num_workers"] < 1:
+        raise ValueError(f"--workers: must be >= 1 (the local workers to start), got {fields['num_workers']}")
+    model = pb.ModelInfo(**presets.model_limits(fields["model"]))
+    try:
+        validate_request(pb.SubmitJobRequest(prompt=prompt, **fields), model, [fields["model"]])
+    except InvalidArgument as exc:
+        raise ValueError(f"INVALID_ARGUMENT: {exc}") from None
+
+
 def _run(args) -> int | None:
     from clipmesh import progress
     from clipmesh.client import Client
@@ -253,7 +269,9 @@ def _run(args) -> int | None:
     if args.command == "generate":
         from clipmesh.local import generate
 
-        return generate(args.prompt, _request_fields(args), args.output, keep_data=args.keep_data)
+        fields = _request_fields(args)
+        _check_locally(args.prompt, fields)
+        return generate(args.prompt, fields, args.output, keep_data=args.keep_data)
 
     with Client(args.address, args.token, _tls(args)) as client:
         if args.command == "submit":
