@@ -131,8 +131,7 @@ class Jobs:
         job.state = pb.QUEUED
         del job.worker_ids[:]
         job.ClearField("started_at")
-        self.store.save_job(job)
-        self.store.append_event(pb.JobEvent(job_id=job.id, state=pb.StateChange(state=pb.QUEUED, detail=detail)))
+        self.store.change_state(job, pb.JobEvent(job_id=job.id, state=pb.StateChange(state=pb.QUEUED, detail=detail)))
         self.queued_since[job.id] = time.monotonic()
 
     def scratch_dir(self, job_id: str) -> Path:
@@ -142,6 +141,10 @@ class Jobs:
     # -- events -------------------------------------------------------------
     async def emit(self, job_id: str, **kind) -> None:
         self.store.append_event(pb.JobEvent(job_id=job_id, **kind))
+        await self._emitted(job_id, kind)
+
+    async def _emitted(self, job_id: str, kind: dict) -> None:
+        """What follows an event in the store: metrics, progress, the watchers woken."""
         if "step" in kind and job_id in self.active:
             metrics.step(kind["step"], self.active[job_id].plan)
         if "frames" in kind:
@@ -173,8 +176,9 @@ class Jobs:
         if state in FINAL_STATES:
             job.finished_at.CopyFrom(now_ts())
             metrics.job_ended(job)
-        self.store.save_job(job)
-        await self.emit(job.id, state=pb.StateChange(state=state, detail=detail or error))
+        change = pb.StateChange(state=state, detail=detail or error)
+        self.store.change_state(job, pb.JobEvent(job_id=job.id, state=change))
+        await self._emitted(job.id, dict(state=change))
 
     # -- client API ---------------------------------------------------------
     async def submit(self, req: pb.SubmitJobRequest, owner: str = "") -> pb.Job:
@@ -188,7 +192,7 @@ class Jobs:
                                     "submit again once some have run")
         job = self.store.create_job(req, owner)
         self.queued_since[job.id] = time.monotonic()
-        await self.emit(job.id, state=pb.StateChange(state=pb.QUEUED, detail="accepted"))
+        await self.hub.notify(job.id)
         log.info("job %s queued: %d frames %dx%d, %d steps", job.id, req.num_frames, req.width, req.height,
                  req.num_inference_steps)
         return job

@@ -6,6 +6,8 @@ truth for what a job or an event is; columns exist only for what we query on.
 
 from __future__ import annotations
 
+import contextlib
+
 import sqlite3
 import time
 import uuid
@@ -75,12 +77,37 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """What is written inside commits together or not at all (outside one, every statement
+        commits alone). Nested: the outermost one decides."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def change_state(self, job: pb.Job, event: pb.JobEvent) -> pb.JobEvent:
+        """The job's row and the event that says so, in one transaction: a crash between them
+        cannot leave a row whose state its event log does not end in."""
+        with self.transaction():
+            self.save_job(job)
+            return self.append_event(event)
+
     # -- jobs -------------------------------------------------------------
     def create_job(self, request: pb.SubmitJobRequest, owner: str = "") -> pb.Job:
+        """A QUEUED job and its first event (QUEUED, "accepted"), in one transaction."""
         job = pb.Job(id=uuid.uuid4().hex[:12], state=pb.QUEUED, request=request, created_at=now_ts(), owner=owner)
-        (ord_,) = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM jobs").fetchone()
-        self._db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
-                         (job.id, ord_, job.state, job.SerializeToString(), owner))
+        with self.transaction():
+            (ord_,) = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM jobs").fetchone()
+            self._db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
+                             (job.id, ord_, job.state, job.SerializeToString(), owner))
+            self.append_event(pb.JobEvent(job_id=job.id, state=pb.StateChange(state=pb.QUEUED, detail="accepted")))
         return job
 
     def save_job(self, job: pb.Job) -> None:
@@ -108,8 +135,9 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         """The job and everything of it (retention)."""
-        for table in ("jobs", "events", "attempts", "checkpoint_parts"):
-            self._db.execute(f"DELETE FROM {table} WHERE {'id' if table == 'jobs' else 'job_id'} = ?", (job_id,))
+        with self.transaction():
+            for table in ("jobs", "events", "attempts", "checkpoint_parts"):
+                self._db.execute(f"DELETE FROM {table} WHERE {'id' if table == 'jobs' else 'job_id'} = ?", (job_id,))
 
     def queued_jobs(self, page: int = 256) -> Iterator[pb.Job]:
         """QUEUED jobs oldest first, read a page at a time: a pass that stops early reads little,
