@@ -1,4 +1,4 @@
-"""Per-worker savers (Streamlined Inference, ALGORITHMS.md section 3) as data: what a request may
+"""Per-worker savers (Streamlined Inference, docs/algorithms.md section 3) as data: what a request may
 ask for, per model family, and what the planner resolves. They compose with every strategy
 (a step cache with every strategy but block_pipeline: NO_STEP_CACHE): the feature slicer (with
 operator grouping) is exact, a step cache is an approximation.

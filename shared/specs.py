@@ -135,7 +135,7 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
         refused=(("animatediff", "AnimateDiff's motion modules add sinusoidal positions by frame index, and "
                                  "Video-Infinity's authors state that dual-scope attention fails with temporal "
                                  "position embeddings"),),
-        # ALGORITHMS.md section 1; every default measured on the toy world (docs/quality.md).
+        # docs/algorithms.md section 1; every default measured on the toy world (docs/quality.md).
         # The window follows the model's native latent frames N: P = N // 2, so a window of 2P+1
         # holds the native length (Wan2.1: 81 frames = 21 latent frames, P = 10; VideoCrafter2:
         # 16, P = 8, the reference's) and a video of at most N frames is one window: `exact`.
@@ -165,7 +165,7 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec(
         name="block_pipeline", partition=LAYERS, families=("wan",), streams=True,
         summary="DualParal block queue", options_field="block_pipeline",
-        # ALGORITHMS.md section 2: blocks of 8 latent frames (29 video frames for the first)
+        # docs/algorithms.md section 2: blocks of 8 latent frames (29 video frames for the first)
         # with 4 frames of context each way.
         options=(
             OptionSpec("block_frames", int, 8, "latent frames per block", 1, 64),

@@ -77,7 +77,7 @@ def _pipeline(folder, plan, by_rank=None) -> tuple[list[tuple[int, int]], torch.
     return [(s, e) for s, e, _ in blocks], torch.cat([torch.from_numpy(x) for _, _, x in blocks], dim=2)
 
 
-# -- the reference, written from ALGORITHMS.md section 2 -----------------------------------------
+# -- the reference, written from docs/algorithms.md section 2 ------------------------------------
 
 def _rotate(x, cos, sin):
     """Wan's RoPE: interleaved pairs (x0, x1) rotated by the frequency of their position."""

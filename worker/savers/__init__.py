@@ -1,4 +1,4 @@
-"""Per-worker savers (Streamlined Inference, ALGORITHMS.md section 3), installed by the runner
+"""Per-worker savers (Streamlined Inference, docs/algorithms.md section 3), installed by the runner
 after the strategy's patches and through the same Patches, so they compose with every strategy:
 
 - slicing.py: the feature slicer with operator grouping (exact): the operators of a group run

@@ -1,4 +1,4 @@
-"""The feature slicer with operator grouping (Streamlined Inference, ALGORITHMS.md section 3): exact.
+"""The feature slicer with operator grouping (Streamlined Inference, docs/algorithms.md section 3): exact.
 
 A group of operators that is independent along some axis runs chunk by chunk: each chunk goes
 through the *whole* chain before the next one starts, so the chain's full-size intermediates

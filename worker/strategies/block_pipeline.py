@@ -1,4 +1,4 @@
-"""`block_pipeline`: DualParal (ALGORITHMS.md section 2). The ranks split the transformer's
+"""`block_pipeline`: DualParal (docs/algorithms.md section 2). The ranks split the transformer's
 blocks (layers), not the frames, and a queue of video blocks at staggered noise levels flows
 through them, so a worker's memory is bounded by the queue, not by the video's length, and a
 video can go on until it is cancelled.

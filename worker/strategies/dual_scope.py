@@ -11,7 +11,7 @@ with `phase_bias` added to the logits of the global columns during the first glo
 of the steps (the high-noise, layout phase) and to the local columns after it, and optionally the logit scale
 of each query multiplied by max(1, log(visible keys) / log(native keys)) (entropy scaling).
 
-Optionally (spectral_blend, FreeLong's SpectralBlend, ALGORITHMS.md section 6) that output is
+Optionally (spectral_blend, FreeLong's SpectralBlend, docs/algorithms.md section 1) that output is
 the "global branch", and the window part of the same softmax (each query's attention over its
 window alone, the same q; for a frame whose window holds every global frame, the same) is the
 "local branch": along the frame axis of the whole video, the result takes the global branch's
