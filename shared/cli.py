@@ -214,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _needs_worker_stack(command: str) -> None:
+    """`worker` and `generate` render: without the worker extra, one line saying how to get it."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"clipmesh {command}: renders with torch and diffusers, not installed here ({', '.join(missing)} "
+                         f"missing): pip install 'clipmesh[worker]'")
+
+
 def _check_locally(prompt: str, fields: dict) -> None:
     """`generate` runs its own coordinator: its checks of the request (and the worker count, which
     here starts that many workers) run before anything starts, so a bad flag costs no start-up."""
@@ -254,6 +264,7 @@ def _run(args) -> int | None:
                          http_listen=args.http, http_port_file=args.http_port_file))
         return 0
     if args.command == "worker":
+        _needs_worker_stack("worker")
         from clipmesh.worker.daemon import main as worker_main
 
         worker_main(args)
@@ -271,6 +282,7 @@ def _run(args) -> int | None:
 
         fields = _request_fields(args)
         _check_locally(args.prompt, fields)
+        _needs_worker_stack("generate")
         return generate(args.prompt, fields, args.output, keep_data=args.keep_data)
 
     with Client(args.address, args.token, _tls(args)) as client:

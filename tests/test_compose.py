@@ -5,6 +5,7 @@ The schema is the copy vendored inside check-jsonschema, so this runs offline.
 
 import json
 import shlex
+import re
 import socket
 import subprocess
 import sys
@@ -152,6 +153,9 @@ def test_services_build_from_the_dockerfile(services):
         context = build if isinstance(build, str) else build.get("context", ".")
         dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
         assert (ROOT / context / dockerfile).is_file(), f"{name}: {context}/{dockerfile} not found"
+        # the coordinator's image is the torch-free target, a worker's the renderer
+        stages = re.findall(r"^FROM \S+ AS (\S+)", (ROOT / context / dockerfile).read_text(), re.MULTILINE)
+        assert build["target"] in stages and build["target"] == ("worker" if "worker" in name else "coordinator"), name
 
 
 def _free_port() -> int:
