@@ -16,6 +16,11 @@ from clipmesh import presets
 from clipmesh.client import Client
 from clipmesh.v1 import clipmesh_pb2 as pb
 
+# Modules of fast unit tests (no daemon, no rank process, no model): `pytest -m unit` runs them
+# in seconds; a module joins the list once it stays so.
+UNIT_MODULES = {"test_cli_input", "test_compose", "test_hub", "test_planner", "test_progress", "test_specs",
+                "test_stubs", "test_toyworld", "test_validation"}
+
 TOKEN = "test-token"                # a client's
 WORKER_TOKEN = "test-worker-token"  # the workers'
 
@@ -98,3 +103,9 @@ def daemons(tmp_path):
     d = Daemons(tmp_path)
     yield d
     d.stop()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
