@@ -162,20 +162,6 @@ PRESETS: dict[str, dict] = {
         "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
                        max_side=512, native_latent_frames=21),
     },
-    # Wan 2.2 A14B's layout (T2V-A14B-Diffusers): two experts, the high-noise `transformer` for
-    # timesteps >= boundary_ratio * 1000 and the low-noise `transformer_2` below, tiny-wan's size.
-    "tiny-wan22": {
-        "transformer": dict(
-            patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12,
-            in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=4,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-        "vae": _vae(base_dim=8, z_dim=16),
-        "text_encoder": _umt5(32),
-        "scheduler": _WAN_SCHEDULER,
-        "boundary_ratio": 0.875,  # Wan2.2-T2V-A14B's model_index.json
-        "limits": dict(family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
-                       max_side=512, native_latent_frames=21, experts=2),
-    },
     # 256x256, hundreds of frames: long token sequences where attention dominates.
     "bench-wan": {
         "transformer": dict(
@@ -256,6 +242,12 @@ PRESETS: dict[str, dict] = {
         "branch_init": 0.1,
     },
 }
+
+# Wan 2.2 A14B's layout (T2V-A14B-Diffusers) at tiny-wan's size: two experts, the high-noise
+# `transformer` for timesteps >= boundary_ratio * 1000 and the low-noise `transformer_2` below
+# (each built with its own random weights).
+PRESETS["tiny-wan22"] = {**PRESETS["tiny-wan"], "boundary_ratio": 0.875,  # Wan2.2-T2V-A14B's model_index.json
+                         "limits": {**PRESETS["tiny-wan"]["limits"], "experts": 2}}
 
 for _preset in PRESETS.values():  # as a folder of these configs reports them: strategies, layers, heads
     _preset["limits"] = _with_shape(_preset["limits"], _denoiser_config(_preset))
@@ -353,14 +345,13 @@ def _build(name: str, out: pathlib.Path) -> None:
     cfg = PRESETS[name]
     tokenizer = _tokenizer()
     assert len(tokenizer) == cfg["text_encoder"]["vocab_size"], len(tokenizer)
-    experts = cfg["limits"].get("experts", 1)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=UMT5EncoderModel(UMT5Config(**cfg["text_encoder"])).eval(),
         vae=AutoencoderKLWan(**cfg["vae"]).eval(),
         scheduler=UniPCMultistepScheduler(**cfg["scheduler"]),
         transformer=WanTransformer3DModel(**cfg["transformer"]).eval(),
-        transformer_2=WanTransformer3DModel(**cfg["transformer"]).eval() if experts == 2 else None,
+        transformer_2=WanTransformer3DModel(**cfg["transformer"]).eval() if cfg["limits"]["experts"] == 2 else None,
         boundary_ratio=cfg.get("boundary_ratio"),
     )
     pipe.save_pretrained(out)
