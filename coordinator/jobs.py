@@ -328,6 +328,9 @@ class Jobs:
         if active is None or worker_id not in active.pending or result.attempt != active.attempt:
             return False  # a late or repeated result, or one of an older attempt
         error = "" if result.outcome in _NOT_A_FAILURE else f"worker {worker_id}: {result.error}"
+        if result.outcome == pb.JOB_OUTCOME_REFUSED:  # would fail again: no retry
+            active.pending.discard(worker_id)
+            return await self.fault(result.job_id, error, retry=False)
         return await self.member_left(result.job_id, worker_id, error)
 
     async def member_left(self, job_id: str, worker_id: str, error: str = "") -> bool:
@@ -342,16 +345,17 @@ class Jobs:
             return await self.fault(job_id, error)
         return await self._finish_if_done(job_id)
 
-    async def fault(self, job_id: str, error: str) -> bool:
+    async def fault(self, job_id: str, error: str, retry: bool = True) -> bool:
         """A member of the running attempt was lost or failed: the others abort; the job is queued
-        again unless this was its last attempt (then it FAILS, first error wins)."""
+        again unless this was its last attempt or `retry` is off (then it FAILS, first error wins)."""
         active, job = self.active.get(job_id), self.get(job_id)
         if active is None or job.state in FINAL_STATES:
             return await self._finish_if_done(job_id)
         self.workers.cancel(job_id, active.pending, active.attempt, abort=True)
         limit = faults.max_attempts(job.request)
-        if active.attempt >= limit:
-            await self.end(job_id, pb.FAILED, error=f"{error} (attempt {active.attempt} of {limit})")
+        if active.attempt >= limit or not retry:
+            why = "" if retry else "; not retried: the plan or the model is refused, a retry would fail the same way"
+            await self.end(job_id, pb.FAILED, error=f"{error} (attempt {active.attempt} of {limit}{why})")
             return await self._finish_if_done(job_id)
         self.active.pop(job_id)
         async with active.video_lock:  # (an upload of this attempt may be writing)

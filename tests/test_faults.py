@@ -334,3 +334,36 @@ def test_a_name_follows_the_newest_process(tmp_path):
         assert registry.current(again)
 
     asyncio.run(scenario())
+
+
+def test_a_refused_plan_fails_the_job_at_once_and_a_failed_one_is_retried(daemons):
+    """A rank's error that would repeat (JOB_OUTCOME_REFUSED: a ValueError or NotImplementedError
+    of its own, worker.daemon.outcome_of) fails the job at its first attempt; any other error
+    fails the attempt, which is retried. Real coordinator, a worker speaking the real protocol."""
+    from clipmesh.worker.daemon import outcome_of
+    from fake_worker import FakeWorker
+
+    assert outcome_of(ValueError("clips: do not tile"), False) == pb.JOB_OUTCOME_REFUSED
+    assert outcome_of(NotImplementedError("a variant it cannot split"), False) == pb.JOB_OUTCOME_REFUSED
+    assert outcome_of(RuntimeError("gloo: connection reset"), False) == pb.JOB_OUTCOME_FAILED
+    assert outcome_of(ValueError("after a cancel"), True) == pb.JOB_OUTCOME_FAILED_AFTER_CANCEL
+
+    daemons.coordinator()
+    worker = FakeWorker(daemons.address, "w0")
+    small = dict(num_frames=9, height=32, width=48, num_inference_steps=2, num_workers=1, max_attempts=3)
+    with daemons.client() as client:
+        refused = client.submit("refused", **small)
+        worker.expect("assignment")
+        worker.send(result=pb.JobResult(job_id=refused.id, outcome=pb.JOB_OUTCOME_REFUSED,
+                                        error="NotImplementedError: no such variant"))
+        wait_until(lambda: client.get(refused.id).state == pb.FAILED, 30, "the refused job failed", daemons)
+        job = client.get(refused.id)
+        assert "attempt 1 of 3" in job.error and "not retried" in job.error and job.attempt == 1
+
+        failed = client.submit("failed once", **small)
+        worker.expect("assignment")
+        worker.send(result=pb.JobResult(job_id=failed.id, outcome=pb.JOB_OUTCOME_FAILED, error="RuntimeError: x"))
+        assignment = worker.expect("assignment")  # the retry, after its backoff
+        assert assignment.job_id == failed.id and assignment.attempt == 2
+        client.cancel(failed.id)
+    worker.close()

@@ -42,6 +42,18 @@ UPLOAD_RETRY_S = 600.0      # an upload is retried (the coordinator restarting) 
 _RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
 
+def outcome_of(exc: Exception, cancelled: bool) -> int:
+    """How a rank's error ends its part: after a cancel, a consequence of it; a ValueError or
+    NotImplementedError (a plan or model the code refuses: the specs' checks, a variant it cannot
+    split) would repeat on any retry, so the job is refused; anything else (a broken collective,
+    memory, I/O) fails the attempt, which may succeed again."""
+    if cancelled:
+        return pb.JOB_OUTCOME_FAILED_AFTER_CANCEL
+    if isinstance(exc, (ValueError, NotImplementedError)):
+        return pb.JOB_OUTCOME_REFUSED
+    return pb.JOB_OUTCOME_FAILED
+
+
 @dataclass
 class JobContext:
     assignment: pb.Assignment
@@ -258,7 +270,7 @@ class WorkerDaemon:
         except Exception as exc:
             log.exception("job %s failed on %s", a.job_id, self.worker_id)
             result.error = f"{type(exc).__name__}: {exc}"
-            result.outcome = pb.JOB_OUTCOME_FAILED_AFTER_CANCEL if ctx.cancel.is_set() else pb.JOB_OUTCOME_FAILED
+            result.outcome = outcome_of(exc, ctx.cancel.is_set())
         finally:
             del store
             self.jobs.pop(a.job_id, None)

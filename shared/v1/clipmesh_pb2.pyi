@@ -34,6 +34,7 @@ class JobOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_OUTCOME_FAILED: _ClassVar[JobOutcome]
     JOB_OUTCOME_FAILED_AFTER_CANCEL: _ClassVar[JobOutcome]
     JOB_OUTCOME_ABORTED: _ClassVar[JobOutcome]
+    JOB_OUTCOME_REFUSED: _ClassVar[JobOutcome]
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -50,6 +51,7 @@ JOB_OUTCOME_CANCELLED: JobOutcome
 JOB_OUTCOME_FAILED: JobOutcome
 JOB_OUTCOME_FAILED_AFTER_CANCEL: JobOutcome
 JOB_OUTCOME_ABORTED: JobOutcome
+JOB_OUTCOME_REFUSED: JobOutcome
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts", "guidance_scale_2")
