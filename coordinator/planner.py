@@ -12,38 +12,6 @@ from clipmesh.savers import resolve_savers
 from clipmesh.plan import num_latent_frames, split_clips_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
 
-_CLIP_PARALLEL = specs.STRATEGY_SPECS["clip_parallel"]
-_BLOCK_PIPELINE = specs.STRATEGY_SPECS["block_pipeline"]
-
-# The specs' defaults as plain dicts: per family for clip_parallel, one set for block_pipeline.
-CLIP_PARALLEL_DEFAULTS = {family: {o.name: o.default_for(family) for o in _CLIP_PARALLEL.options}
-                          for family in _CLIP_PARALLEL.families}
-BLOCK_PIPELINE_DEFAULTS = {o.name: o.default for o in _BLOCK_PIPELINE.options}
-
-
-def choose_strategy(req: pb.SubmitJobRequest, model: pb.ModelInfo) -> str:
-    """The request's strategy, else block_pipeline for an unbounded video, else clip_parallel
-    for videos longer than the model's native length (where the model supports it), else exact."""
-    return specs.choose_spec(req, model).name
-
-
-def resolve_clip_parallel(req: pb.SubmitJobRequest, model: pb.ModelInfo) -> pb.ClipParallelOptions:
-    """Every option set: the request's value where given, else the model's, else the family's default."""
-    return specs.resolve_options(_CLIP_PARALLEL, req, model)
-
-
-def resolve_block_pipeline(req: pb.SubmitJobRequest, model: pb.ModelInfo | None = None) -> pb.BlockPipelineOptions:
-    """Every option set: the request's value where given, else the default (the default context
-    shrinks to fit a smaller block)."""
-    return specs.resolve_options(_BLOCK_PIPELINE, req, model)
-
-
-def max_workers(req: pb.SubmitJobRequest, model: pb.ModelInfo) -> int:
-    """How many workers a job can use: one per transformer block under block_pipeline (it splits
-    layers), else one per latent frame (the others split frames)."""
-    return specs.worker_limit(specs.choose_spec(req, model), req, model)
-
-
 def workers_wanted(req: pb.SubmitJobRequest, model: pb.ModelInfo, idle: int) -> int:
     """The workers a queued job asks for: its num_workers, else as many of the `idle` ones as it
     can use (a heads split: a count that divides the heads); 0 when none fits."""

@@ -5,6 +5,7 @@ submitted, watched and fetched with its CLI. `clipmesh[worker]` is what renders.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_a_coordinator_and_a_client_without_torch(tmp_path):
-    venv = tmp_path / "venv"
+    venv, source = tmp_path / "venv", tmp_path / "src"
+    # from a copy of the tree: setuptools builds in the source's build/, which must not be the checkout's
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "out", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([venv / "bin" / "pip", "install", "-q", str(ROOT)], check=True, timeout=600,
+    subprocess.run([venv / "bin" / "pip", "install", "-q", str(source)], check=True, timeout=600,
                    capture_output=True)
     light = venv / "bin" / "clipmesh"
     probe = "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'diffusers', 'transformers')))"

@@ -2,13 +2,25 @@
 
 import pytest
 
-from clipmesh.coordinator.planner import (BLOCK_PIPELINE_DEFAULTS, CLIP_PARALLEL_DEFAULTS, choose_strategy, make_plan,
-                                         max_workers, resolve_block_pipeline, resolve_clip_parallel)
+from clipmesh import specs
+from clipmesh.coordinator.planner import make_plan
 from clipmesh.plan import split_clips, split_clips_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 WAN = pb.ModelInfo(name="tiny-wan", family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
                    max_side=512, strategies=["exact", "clip_parallel"], native_latent_frames=21)
+
+
+CLIP_PARALLEL, BLOCK_PIPELINE = specs.STRATEGY_SPECS["clip_parallel"], specs.STRATEGY_SPECS["block_pipeline"]
+BLOCK_PIPELINE_DEFAULTS = {o.name: o.default for o in BLOCK_PIPELINE.options}
+
+
+def choose_strategy(req, model) -> str:
+    return specs.choose_spec(req, model).name
+
+
+def max_workers(req, model) -> int:
+    return specs.worker_limit(specs.choose_spec(req, model), req, model)
 
 
 def request(**kw) -> pb.SubmitJobRequest:
@@ -27,9 +39,9 @@ def test_strategy_defaults_to_clip_parallel_only_beyond_native_length():
 def test_options_precedence_request_over_model_over_family():
     model = pb.ModelInfo(); model.CopyFrom(WAN)
     model.clip_parallel_defaults.local_halo = 6
-    opts = resolve_clip_parallel(request(clip_parallel=pb.ClipParallelOptions(global_frames=0)), model)
+    opts = specs.resolve_options(CLIP_PARALLEL, request(clip_parallel=pb.ClipParallelOptions(global_frames=0)), model)
     assert (opts.local_halo, opts.global_frames) == (6, 0)  # G=0 given explicitly is kept, not defaulted
-    assert opts.global_phase == CLIP_PARALLEL_DEFAULTS["wan"]["global_phase"]
+    assert opts.global_phase == CLIP_PARALLEL.option("global_phase").default_for("wan")
     assert all(opts.HasField(f) for f in ("local_halo", "global_frames", "global_phase", "phase_bias",
                                           "entropy_scaling"))
 
@@ -76,7 +88,7 @@ def test_block_pipeline_plan_splits_layers_not_frames():
 
 
 def test_block_pipeline_default_context_shrinks_to_a_small_block():
-    small = resolve_block_pipeline(request(block_pipeline=pb.BlockPipelineOptions(block_frames=2)))
+    small = specs.resolve_options(BLOCK_PIPELINE, request(block_pipeline=pb.BlockPipelineOptions(block_frames=2)))
     assert (small.block_frames, small.context_frames) == (2, 2)
-    none = resolve_block_pipeline(request(block_pipeline=pb.BlockPipelineOptions(context_frames=0)))
+    none = specs.resolve_options(BLOCK_PIPELINE, request(block_pipeline=pb.BlockPipelineOptions(context_frames=0)))
     assert (none.block_frames, none.context_frames) == (BLOCK_PIPELINE_DEFAULTS["block_frames"], 0)

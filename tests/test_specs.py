@@ -6,7 +6,7 @@ import pytest
 from clipmesh import specs
 from clipmesh.cli import build_parser, _request_fields
 from clipmesh.coordinator.errors import InvalidArgument
-from clipmesh.coordinator.planner import make_plan, max_workers
+from clipmesh.coordinator.planner import make_plan
 from clipmesh.coordinator.validate import validate_request
 from clipmesh.presets import PRESETS, model_limits
 from clipmesh.specs import FRAMES, LAYERS, STRATEGY_SPECS, SpecError, StrategySpec, check_plan
@@ -220,7 +220,7 @@ def test_check_plan_refuses_workers_that_do_not_divide_the_heads(ulysses):
     spec, model = ulysses
     req = request(num_frames=17, strategy=spec.name)  # 5 latent frames, 4 heads
     validate_request(req, model, [model.name])
-    assert max_workers(req, model) == 4
+    assert specs.worker_limit(spec, req, model) == 4
     assert [specs.usable_workers(spec, req, model, n) for n in range(6)] == [0, 1, 2, 2, 4, 4]
     check_plan(plan_for(req, model, speeds=(1, 1)), model)
     err = refused(plan_for(req, model, speeds=(1, 1, 1)), model)

@@ -28,7 +28,6 @@ ATTENTION = "attention"          # self-attention across frames; ops: the family
 POSITIONS = "positions"          # a module that gives tokens their position in time (Wan's RoPE)
 TEMPORAL_CONV = "temporal_conv"  # a convolution along time (UNet3D's TemporalConvLayer)
 FRAME_NORM = "frame_norm"        # a GroupNorm whose statistics span frames
-KINDS = (POSITIONS, ATTENTION, TEMPORAL_CONV, FRAME_NORM)
 
 # The kinds of operator group the feature slicer runs in chunks (SliceGroup.kind; savers/slicing.py):
 PER_FRAME = "per_frame"        # acts on every row of dim 0 (batch*frames) alone (a resnet, a spatial
@@ -38,7 +37,6 @@ PER_POSITION = "per_position"  # a temporal transformer on [B*F, C, H, W] (norm,
 #                                per chunk of the B*h*w latent pixels (never of the frames)
 PER_TOKEN = "per_token"        # a Wan transformer block: attn1 on all tokens, then norm2 -> attn2 -> norm3
 #                                -> FFN (and their residuals and modulation) per chunk of tokens
-SLICE_KINDS = (PER_FRAME, PER_POSITION, PER_TOKEN)
 
 
 @dataclass(frozen=True)
