@@ -82,11 +82,19 @@ class _Pool:
 _POOL: _Pool | None = None
 
 
-def run_ranks(target, world_size: int, *args, group: str = "test", timeout: float = 150) -> dict[int, object]:
-    """Runs `target(mesh, *args)` on `world_size` ranks (the session's pooled processes); returns
-    rank -> its return value. A rank that raises fails the test with its traceback. `target` must
-    be a module-level function (it is pickled by name) and return something picklable."""
+def run_ranks(target, world_size: int, *args, group: str = "test", timeout: float = 150,
+              fresh: bool = False) -> dict[int, object]:
+    """Runs `target(mesh, *args)` on `world_size` ranks (the session's pooled processes; `fresh`:
+    new ones, for what a process's past would hide, such as its peak memory); returns rank -> its
+    return value. A rank that raises fails the test with its traceback. `target` must be a
+    module-level function (it is pickled by name) and return something picklable."""
     global _POOL
+    if fresh:
+        pool = _Pool()
+        try:
+            return pool.run(target, world_size, args, group, timeout)
+        finally:
+            pool.kill()
     _POOL = _POOL or _Pool()
     return _POOL.run(target, world_size, args, group, timeout)
 

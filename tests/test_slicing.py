@@ -215,7 +215,8 @@ def _peak_main(mesh, chunks):
 
 def test_slicing_lowers_the_peak():
     """Each run in a fresh process (so earlier allocations do not hide its peak); the max over steps."""
-    peaks = {chunks: max(run_ranks(_peak_main, 1, chunks, group=f"slice-peak-{chunks}")[0]) for chunks in (0, 4)}
+    peaks = {chunks: max(run_ranks(_peak_main, 1, chunks, group=f"slice-peak-{chunks}", fresh=True)[0])
+             for chunks in (0, 4)}
     print(f"per-step peak memory, {MEMORY}: unsliced {peaks[0] / 2**20:.0f} MiB, "
           f"slice_chunks=4 {peaks[4] / 2**20:.0f} MiB")
     if not peaks[0]:

@@ -105,15 +105,8 @@ class AnimateDiffAdapter(ModelAdapter):
         """AnimateDiffPipeline's step body: one batched unet call [uncond; cond] with the text
         repeated per frame (repeat_interleave over this clip's frames), then CFG. (The scheduler
         step is the base one: the pipeline steps the 5D latents directly, with DDIM's eta 0.)"""
-        unet, frames = self.pipe.unet, latents.shape[2]
-        x = torch.cat([latents] * 2) if uncond is not None else latents
-        x = scheduler.scale_model_input(x, t)
-        text = (torch.cat([uncond, cond]) if uncond is not None else cond).repeat_interleave(frames, dim=0)
-        pred = unet(x.to(unet.dtype), t, encoder_hidden_states=text, return_dict=False)[0]
-        if uncond is not None:
-            pred_u, pred_c = pred.chunk(2)
-            pred = pred_u + guidance_scale * (pred_c - pred_u)
-        return pred
+        text = (torch.cat([uncond, cond]) if uncond is not None else cond).repeat_interleave(latents.shape[2], dim=0)
+        return self.batched_cfg(self.pipe.unet, latents, t, scheduler, text, uncond, guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

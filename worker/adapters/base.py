@@ -158,6 +158,17 @@ class ModelAdapter:
         """The guided model output for `latents` [1, C, F_local, h, w] at timestep t."""
         raise NotImplementedError
 
+    @staticmethod
+    def batched_cfg(unet, x, t, scheduler, text, uncond, guidance_scale: float) -> torch.Tensor:
+        """The UNet pipelines' step body: one call on [uncond; cond] (`text` already so batched),
+        the scheduler's input scaling first, then CFG."""
+        x = scheduler.scale_model_input(torch.cat([x] * 2) if uncond is not None else x, t)
+        pred = unet(x.to(unet.dtype), t, encoder_hidden_states=text, return_dict=False)[0]
+        if uncond is not None:
+            pred_u, pred_c = pred.chunk(2)
+            pred = pred_u + guidance_scale * (pred_c - pred_u)
+        return pred
+
     def step(self, scheduler, pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """One scheduler step on this rank's latents (elementwise schedulers: exact per clip)."""
         return scheduler.step(pred, t, latents, return_dict=False)[0]

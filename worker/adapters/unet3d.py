@@ -264,15 +264,8 @@ class UNet3DAdapter(ModelAdapter):
 
     def predict(self, latents, t, scheduler, cond, uncond, guidance_scale):
         """TextToVideoSDPipeline's step body: one batched unet call [uncond; cond], then CFG."""
-        unet = self.pipe.unet
-        x = torch.cat([latents] * 2) if uncond is not None else latents
-        x = scheduler.scale_model_input(x, t)
         text = torch.cat([uncond, cond]) if uncond is not None else cond
-        pred = unet(x.to(unet.dtype), t, encoder_hidden_states=text, return_dict=False)[0]
-        if uncond is not None:
-            pred_u, pred_c = pred.chunk(2)
-            pred = pred_u + guidance_scale * (pred_c - pred_u)
-        return pred
+        return self.batched_cfg(self.pipe.unet, latents, t, scheduler, text, uncond, guidance_scale)
 
     def step(self, scheduler, pred, t, latents):
         """The pipeline steps the scheduler on frames as images [B*F, C, h, w]; so do we."""

@@ -146,3 +146,11 @@ class FrameAttention:
     def attend(self, attn, q, k, v):
         """q, k, v [B, F, S, H, D] of this rank's frames -> the attention output [B, F, S, H, Dv]."""
         raise NotImplementedError
+
+
+class MeshAttention(FrameAttention):
+    """A processor over the whole video's frames: this rank's clip, the mesh, every rank's clip length."""
+
+    def __init__(self, ops, mesh, clip_lengths: list[int], backend=None):
+        super().__init__(ops, clip_lengths[mesh.rank], backend)
+        self.mesh, self.lengths = mesh, clip_lengths

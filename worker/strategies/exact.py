@@ -14,15 +14,11 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from clipmesh.worker.strategies.base import FrameAttention, FrameStrategy
+from clipmesh.worker.strategies.base import FrameStrategy, MeshAttention
 
 
-class ExactAttention(FrameAttention):
+class ExactAttention(MeshAttention):
     """Local queries, whole-video keys and values."""
-
-    def __init__(self, ops, mesh, clip_lengths: list[int], backend=None):
-        super().__init__(ops, clip_lengths[mesh.rank], backend)
-        self.mesh, self.lengths = mesh, clip_lengths
 
     def attend(self, attn, q, k, v):
         kv = self.mesh.all_gather_uneven(torch.cat([k, v], dim=-1), self.lengths, dim=1)  # one collective, not two

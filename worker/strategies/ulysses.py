@@ -14,14 +14,10 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from clipmesh.worker.strategies.base import FrameAttention, FrameStrategy
+from clipmesh.worker.strategies.base import FrameStrategy, MeshAttention
 
 
-class UlyssesAttention(FrameAttention):
-    def __init__(self, ops, mesh, clip_lengths: list[int], backend=None):
-        super().__init__(ops, clip_lengths[mesh.rank], backend)
-        self.mesh, self.lengths = mesh, clip_lengths
-
+class UlyssesAttention(MeshAttention):
     def attend(self, attn, q, k, v):
         n, (b, f, s, h, d) = self.mesh.world_size, q.shape
         if h % n:
