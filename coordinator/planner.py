@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from clipmesh import faults, specs
 from clipmesh.savers import resolve_savers
-from clipmesh.plan import num_latent_frames, split_clips_weighted
+from clipmesh.plan import num_latent_frames, split_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 def workers_wanted(req: pb.SubmitJobRequest, model: pb.ModelInfo, idle: int) -> int:
@@ -34,9 +34,9 @@ def make_plan(job: pb.Job, members: list[pb.WorkerInfo], model: pb.ModelInfo, ti
     if spec.partition == specs.LAYERS:
         # every rank sees every frame; ranks split the transformer's blocks instead (equal speeds:
         # L//N each, the remainder to the first ranks, as DualParal does)
-        plan.layers.extend(pb.LayerRange(start=s, end=e) for s, e in split_clips_weighted(model.num_layers, speeds))
+        plan.layers.extend(pb.LayerRange(start=s, end=e) for s, e in split_weighted(model.num_layers, speeds))
     else:
         # clips follow measured speed; under clip_parallel none is shorter than the halo
         min_len = specs.min_clip_length(spec, options, latent, len(members))
-        plan.clips.extend(pb.ClipRange(start=s, end=e) for s, e in split_clips_weighted(latent, speeds, min_len))
+        plan.clips.extend(pb.ClipRange(start=s, end=e) for s, e in split_weighted(latent, speeds, min_len))
     return plan

@@ -42,9 +42,10 @@ def frame_seed(seed: int, frame_index: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def split_clips_weighted(num_latent: int, speeds: list[float], min_len: int = 1) -> list[tuple[int, int]]:
-    """Contiguous clips sized in proportion to each worker's speed (largest remainder), none
-    shorter than `min_len` (the halo: a clip must cover what its neighbours ask of it).
+def split_weighted(num_latent: int, speeds: list[float], min_len: int = 1) -> list[tuple[int, int]]:
+    """Contiguous ranges of `num_latent` items (a frames partition's latent frames, or
+    block_pipeline's transformer blocks) sized in proportion to each worker's speed (largest
+    remainder), none shorter than `min_len` (the halo: a clip must cover what its neighbours ask of it).
 
     Equal speeds give exactly split_clips' even split, so the split is reproducible."""
     n = len(speeds)

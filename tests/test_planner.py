@@ -4,7 +4,7 @@ import pytest
 
 from clipmesh import specs
 from clipmesh.coordinator.planner import make_plan
-from clipmesh.plan import split_clips, split_clips_weighted
+from clipmesh.plan import split_clips, split_weighted
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 WAN = pb.ModelInfo(name="tiny-wan", family="wan", spatial_multiple=16, temporal_stride=4, max_frames=1025,
@@ -48,7 +48,7 @@ def test_options_precedence_request_over_model_over_family():
 
 @pytest.mark.parametrize("latent,speeds", [(10, [1, 3]), (33, [2, 1, 1]), (7, [5, 1, 1]), (64, [1, 1, 1, 4])])
 def test_weighted_clips_tile_the_video_and_follow_speed(latent, speeds):
-    clips = split_clips_weighted(latent, speeds)
+    clips = split_weighted(latent, speeds)
     assert clips[0][0] == 0 and clips[-1][1] == latent
     assert all(a[1] == b[0] for a, b in zip(clips, clips[1:]))
     lengths = [e - s for s, e in clips]
@@ -57,9 +57,9 @@ def test_weighted_clips_tile_the_video_and_follow_speed(latent, speeds):
 
 
 def test_weighted_clips_respect_the_halo_and_equal_speeds_split_evenly():
-    assert split_clips_weighted(10, [1, 100], min_len=3) == [(0, 3), (3, 10)]
-    assert split_clips_weighted(9, [1, 1, 1, 1], min_len=8) == split_clips(9, 4)  # cannot honour 8: even split
-    assert split_clips_weighted(13, [2.0, 2.0]) == split_clips(13, 2)
+    assert split_weighted(10, [1, 100], min_len=3) == [(0, 3), (3, 10)]
+    assert split_weighted(9, [1, 1, 1, 1], min_len=8) == split_clips(9, 4)  # cannot honour 8: even split
+    assert split_weighted(13, [2.0, 2.0]) == split_clips(13, 2)
 
 
 def test_make_plan_sizes_clips_by_worker_speed():

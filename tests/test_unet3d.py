@@ -106,12 +106,12 @@ def test_rounding_floor(model, reference, reference64):
 
 
 def _halo_check(mesh, lengths: list[int]) -> tuple[float, bool]:
-    """unet3d_temporal alone on a random float64 TemporalConvLayer (a random last conv: diffusers
+    """frame_ops alone on a random float64 TemporalConvLayer (a random last conv: diffusers
     zero-initialises it): this rank's clip of the layer's output against the whole video's.
     Returns (max abs diff, whether the layer is still patched after remove)."""
     from diffusers.models.resnet import TemporalConvLayer
 
-    from clipmesh.worker.adapters.unet3d_temporal import TemporalOps
+    from clipmesh.worker.strategies.frame_ops import TemporalOps
     from clipmesh.worker.patches import Patches
 
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def _norm_check(mesh, lengths: list[int]) -> tuple[float, float]:
     UNet3D's norms get it) against torch's GroupNorm over the whole video: (max abs diff,
     fraction of bitwise-equal outputs). It repeats torch's arithmetic, so only torch's own
     float32 statistics (an ulp off here and there) make outputs differ."""
-    from clipmesh.worker.adapters.unet3d_temporal import sync_group_norm
+    from clipmesh.worker.strategies.frame_ops import sync_group_norm
 
     torch.manual_seed(1)
     norm = torch.nn.GroupNorm(4, 16)

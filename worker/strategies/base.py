@@ -12,7 +12,7 @@ A strategy supplies three things and no loop (the runner, render.py, owns the lo
 from __future__ import annotations
 
 from clipmesh.worker import checkpoint
-from clipmesh.worker.adapters.unet3d_temporal import TemporalOps
+from clipmesh.worker.strategies.frame_ops import TemporalOps
 from clipmesh.worker.job import FinishedLatents, Job, Work
 
 
