@@ -20,6 +20,7 @@ from pathlib import Path
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .errors import InvalidArgument
+from .spool import spool
 from .store import Store
 
 # A part is latents plus a few scheduler histories of the same size: far below this for any
@@ -54,16 +55,7 @@ class Checkpoints:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{header.latent_start}-{header.latent_end}.part"
         tmp = path.with_suffix(f".tmp{header.attempt}")
-        received = 0
-        with open(tmp, "wb") as f:
-            async for data in chunks:
-                received += len(data)
-                if received > header.size:
-                    break
-                await asyncio.to_thread(f.write, data)
-        if received != header.size:
-            tmp.unlink(missing_ok=True)
-            raise InvalidArgument("data", f"expected {header.size} bytes of checkpoint, got {received}")
+        await spool(chunks, tmp, header.size, "checkpoint")
         os.replace(tmp, path)
         self.store.add_checkpoint_part(header.job_id, header.step, header.latent_start, header.latent_end,
                                        header.size, str(path))

@@ -1,8 +1,17 @@
 """Domain errors of the coordinator core; the servicer maps them to gRPC codes in one place."""
 
 
+MAX_DETAIL = 1000  # characters of an error's text a caller gets: it may echo input (a 1 MB model name)
+
+
 class CoordinatorError(Exception):
     """Base: a request the core refuses."""
+
+    @property
+    def detail(self) -> str:
+        """The text for the caller (gRPC details, HTTP error JSON), at most MAX_DETAIL characters."""
+        text = str(self)
+        return text if len(text) <= MAX_DETAIL else f"{text[:MAX_DETAIL]}... ({len(text)} characters)"
 
 
 class InvalidArgument(CoordinatorError):

@@ -66,7 +66,7 @@ def error_response(status: int, message: str, param: str | None = None):
 
 def _from_error(exc: CoordinatorError) -> web.Response:
     status = next(code for cls, code in _HTTP.items() if isinstance(exc, cls))
-    return error_response(status, str(exc)[:1000], getattr(exc, "field", None))
+    return error_response(status, exc.detail, getattr(exc, "field", None))
 
 
 def video_object(job: pb.Job, progress: float) -> dict:

@@ -19,6 +19,7 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 from .errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from .jobs import ActiveJob, Jobs, shielded
 from .limits import Limits
+from .spool import spool
 from .stitcher import FramePart, VideoClosed
 from .store import FINAL_STATES
 
@@ -63,16 +64,7 @@ class FrameIntake:
         folder = self.jobs.scratch_dir(header.job_id)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"frames-{header.first_frame:06d}-{next(self._upload_ids)}.rgb"
-        received = 0
-        with open(path, "wb") as f:
-            async for data in chunks:
-                received += len(data)
-                if received > expected:
-                    break
-                f.write(data)
-        if received != expected:
-            path.unlink(missing_ok=True)
-            raise InvalidArgument("data", f"expected {expected} bytes of RGB24, got {received}")
+        await spool(chunks, path, expected, "RGB24")
         try:
             part = FramePart(header.first_frame, header.num_frames, header.height, header.width, path)
             await self._add_part(header.job_id, active, part)

@@ -32,16 +32,10 @@ _CODES = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 VIDEO_CHUNK = 1 << 20  # well under gRPC's 4 MiB message limit
-MAX_DETAIL = 1000  # characters of an error's text: it may echo input (a 1 MB model name)
 
 
 def _status_for(exc: CoordinatorError) -> grpc.StatusCode:
     return next(code for cls, code in _CODES.items() if isinstance(exc, cls))
-
-
-def _detail(exc: CoordinatorError) -> str:
-    text = str(exc)
-    return text if len(text) <= MAX_DETAIL else f"{text[:MAX_DETAIL]}... ({len(text)} characters)"
 
 
 def grpc_errors(method):
@@ -56,7 +50,7 @@ def grpc_errors(method):
                     async for item in items:
                         yield item
             except CoordinatorError as exc:
-                await context.abort(_status_for(exc), _detail(exc))
+                await context.abort(_status_for(exc), exc.detail)
         return stream
 
     @functools.wraps(method)
@@ -64,7 +58,7 @@ def grpc_errors(method):
         try:
             return await method(self, request, context)
         except CoordinatorError as exc:
-            await context.abort(_status_for(exc), _detail(exc))
+            await context.abort(_status_for(exc), exc.detail)
     return unary
 
 
