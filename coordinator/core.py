@@ -24,6 +24,7 @@ from pathlib import Path
 from clipmesh import faults
 from clipmesh.v1 import clipmesh_pb2 as pb
 
+from . import access
 from .checkpoints import Checkpoints, stream_part
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from .intake import FrameIntake
@@ -71,27 +72,42 @@ class CoordinatorCore:
         await self.schedule()
         return self.get_job(job.id)
 
-    def get_job(self, job_id: str) -> pb.Job:
-        return self.jobs.get(job_id)
+    # Every client call names its caller (access.Caller; OPEN: a coordinator without credentials,
+    # or the core's own use): who may see, cancel, delete or fetch a job is decided here, once,
+    # for gRPC and HTTP alike.
+    def get_job(self, job_id: str, who: access.Caller = access.OPEN) -> pb.Job:
+        job = self.jobs.get(job_id)
+        access.check_visible(who, job)
+        return job
 
-    def list_jobs(self, limit: int, owner: str | None = None) -> list[pb.Job]:
-        """The newest `limit` jobs (of `owner` only, where given)."""
-        return self.jobs.list(limit, owner)
+    def list_jobs(self, limit: int, who: access.Caller = access.OPEN) -> list[pb.Job]:
+        """The newest `limit` jobs the caller may see (a client: its own)."""
+        return self.jobs.list(limit, None if who.sees_all else who.name)
+
+    def progress(self, job: pb.Job) -> float:
+        """0..1 from the job's real events (Jobs.progress)."""
+        return self.jobs.progress(job)
 
     def list_workers(self) -> list[pb.WorkerInfo]:
         return self.workers.list()
 
-    def watch(self, job_id: str) -> AsyncIterator[pb.JobEvent]:
+    def worker_session(self, key: str, worker: str) -> WorkerSession:
+        """The attach session a worker's call names (its key), if the caller is that worker."""
+        return self.workers.by_key(key, worker)
+
+    def watch(self, job_id: str, who: access.Caller = access.OPEN) -> AsyncIterator[pb.JobEvent]:
+        self.get_job(job_id, who)
         return self.jobs.watch(job_id)
 
-    async def cancel(self, job_id: str) -> pb.Job:
+    async def cancel(self, job_id: str, who: access.Caller = access.OPEN) -> pb.Job:
+        self.get_job(job_id, who)
         job = await self.jobs.cancel(job_id)
         await self.schedule()  # a cancelled queued job may have blocked the ones behind it
         return job
 
-    async def delete(self, job_id: str) -> bool:
+    async def delete(self, job_id: str, who: access.Caller = access.OPEN) -> bool:
         """Cancels the job if it is not over, then deletes it; True if it was cancelled first."""
-        running = self.jobs.get(job_id).state not in FINAL_STATES
+        running = self.get_job(job_id, who).state not in FINAL_STATES
         if running:
             try:
                 await self.cancel(job_id)
@@ -100,7 +116,8 @@ class CoordinatorCore:
         self.jobs.delete(job_id)
         return running
 
-    def video_path(self, job_id: str) -> Path:
+    def video_path(self, job_id: str, who: access.Caller = access.OPEN) -> Path:
+        self.get_job(job_id, who)
         return self.jobs.video_path(job_id)
 
     async def schedule(self) -> None:

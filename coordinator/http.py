@@ -113,9 +113,7 @@ class Gateway:
 
     def visible(self, request: web.Request) -> tuple[access.Caller, pb.Job]:
         who = self.caller(request)
-        job = self.core.get_job(request.match_info["video_id"])
-        access.check_visible(who, job)
-        return who, job
+        return who, self.core.get_job(request.match_info["video_id"], who)
 
     # -- the Videos API -----------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
@@ -179,7 +177,7 @@ class Gateway:
             return error_response(400, "limit: must be an integer", "limit")
         if not 1 <= limit <= 100:
             return error_response(400, f"limit: must be in [1, 100], got {limit}", "limit")
-        jobs = self.core.list_jobs(1000, owner=None if who.sees_all else who.name)  # newest first
+        jobs = self.core.list_jobs(1000, who)  # newest first
         if request.query.get("order") == "asc":
             jobs.reverse()
         after = request.query.get("after")
@@ -187,23 +185,23 @@ class Gateway:
             ids = [j.id for j in jobs]
             jobs = jobs[ids.index(after) + 1:] if after in ids else []
         page = jobs[:limit]
-        data = [video_object(j, self.core.jobs.progress(j)) for j in page]
+        data = [video_object(j, self.core.progress(j)) for j in page]
         return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                                   "last_id": data[-1]["id"] if data else None, "has_more": len(jobs) > limit})
 
     async def retrieve(self, request: web.Request) -> web.Response:
         _, job = self.visible(request)
-        return web.json_response(video_object(job, self.core.jobs.progress(job)))
+        return web.json_response(video_object(job, self.core.progress(job)))
 
     async def delete(self, request: web.Request) -> web.Response:
-        _, job = self.visible(request)
-        await self.core.delete(job.id)
+        who, job = self.visible(request)
+        await self.core.delete(job.id, who)
         return web.json_response({"id": job.id, "object": "video.deleted", "deleted": True})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        _, job = self.visible(request)
-        job = await self.core.cancel(job.id)
-        return web.json_response(video_object(job, self.core.jobs.progress(job)))
+        who, job = self.visible(request)
+        job = await self.core.cancel(job.id, who)
+        return web.json_response(video_object(job, self.core.progress(job)))
 
     async def workers(self, request: web.Request) -> web.Response:
         self.caller(request)
@@ -216,14 +214,15 @@ class Gateway:
         return web.Response(text=DASHBOARD.read_text(), content_type="text/html")
 
     async def content(self, request: web.Request) -> web.StreamResponse:
-        _, job = self.visible(request)
-        return web.FileResponse(self.core.video_path(job.id), headers={"Content-Type": "video/mp4"})
+        who, job = self.visible(request)
+        return web.FileResponse(self.core.video_path(job.id, who), headers={"Content-Type": "video/mp4"})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        _, job = self.visible(request)
+        who, job = self.visible(request)
+        events = self.core.watch(job.id, who)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        async for event in self.core.watch(job.id):
+        async for event in events:
             data = json.dumps(MessageToDict(event, preserving_proto_field_name=True))
             await response.write(f"id: {event.seq}\nevent: {event.WhichOneof('kind')}\ndata: {data}\n\n".encode())
         return response

@@ -69,44 +69,35 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, core: CoordinatorCore):
         self.core = core
 
-    def _visible(self, job_id: str) -> pb.Job:
-        job = self.core.get_job(job_id)
-        access.check_visible(access.caller(), job)
-        return job
-
     @grpc_errors
     async def SubmitJob(self, request, context):
         return await self.core.submit(request, owner=access.caller().name)
 
     @grpc_errors
     async def GetJob(self, request, context):
-        return self._visible(request.job_id)
+        return self.core.get_job(request.job_id, access.caller())
 
     @grpc_errors
     async def ListJobs(self, request, context):
-        who = access.caller()
-        return pb.ListJobsResponse(jobs=self.core.list_jobs(request.limit, owner=None if who.sees_all else who.name))
+        return pb.ListJobsResponse(jobs=self.core.list_jobs(request.limit, access.caller()))
 
     @grpc_errors
     async def WatchJob(self, request, context):
-        self._visible(request.job_id)
-        async for event in self.core.watch(request.job_id):
+        async for event in self.core.watch(request.job_id, access.caller()):
             yield event
 
     @grpc_errors
     async def CancelJob(self, request, context):
-        self._visible(request.job_id)
-        return await self.core.cancel(request.job_id)
+        return await self.core.cancel(request.job_id, access.caller())
 
     @grpc_errors
     async def DeleteJob(self, request, context):
-        self._visible(request.job_id)
-        return pb.DeleteJobResponse(job_id=request.job_id, was_running=await self.core.delete(request.job_id))
+        was_running = await self.core.delete(request.job_id, access.caller())
+        return pb.DeleteJobResponse(job_id=request.job_id, was_running=was_running)
 
     @grpc_errors
     async def FetchVideo(self, request, context):
-        self._visible(request.job_id)
-        path = self.core.video_path(request.job_id)
+        path = self.core.video_path(request.job_id, access.caller())
         with open(path, "rb") as f:
             while data := f.read(VIDEO_CHUNK):
                 yield pb.VideoChunk(data=data)
@@ -125,7 +116,7 @@ class WorkerGatewayService(pb_grpc.WorkerGatewayServicer):
 
     def _session(self, context):
         key = dict(context.invocation_metadata() or ()).get(SESSION_HEADER, "")
-        return self.core.workers.by_key(key, access.caller().name)
+        return self.core.worker_session(key, access.caller().name)
 
     @grpc_errors
     async def Attach(self, request_iterator, context):
