@@ -95,6 +95,15 @@ class Jobs:
         self.not_before: dict[str, float] = {}         # job -> monotonic time its retry may be placed
         self.queued_since: dict[str, float] = {}       # job -> monotonic time it was (re)queued
 
+    # -- what the scheduler asks of a queued job -------------------------------------
+    def backing_off(self, job_id: str, now: float) -> bool:
+        """A retry still in its backoff after a fault: not to be placed yet."""
+        return self.not_before.get(job_id, 0.0) > now
+
+    def waited(self, job_id: str, now: float) -> float:
+        """Seconds the job has been queued (since its submit, or its last re-queue)."""
+        return now - self.queued_since.setdefault(job_id, now)
+
     def recover(self, grace_s: float) -> None:
         """After a restart: a RUNNING job's members may still be rendering it; it waits `grace_s`
         for them to re-attach (adopt), with its video as far as it was encoded."""

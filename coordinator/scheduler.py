@@ -46,13 +46,13 @@ class Scheduler:
         reserved: set[str] = set()  # models whose idle workers are kept for a starving job
         for job in self.jobs.store.queued_jobs() if idle else ():
             req = job.request
-            if req.model in reserved or self.jobs.not_before.get(job.id, 0.0) > now:
+            if req.model in reserved or self.jobs.backing_off(job.id, now):
                 continue
             free = idle.get(req.model, [])
             model = self.workers.model_info(req.model)
             wanted = workers_wanted(req, model, len(free))
             if wanted == 0 or len(free) < wanted:
-                if now - self.jobs.queued_since.setdefault(job.id, now) >= self.backfill_wait_s:
+                if self.jobs.waited(job.id, now) >= self.backfill_wait_s:
                     reserved.add(req.model)
                 continue
             await self._place(job, free[:wanted], model)
