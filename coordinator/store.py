@@ -7,7 +7,6 @@ truth for what a job or an event is; columns exist only for what we query on.
 from __future__ import annotations
 
 import contextlib
-
 import sqlite3
 import time
 import uuid
