@@ -197,7 +197,7 @@ def ceiling_row(row: Row, cases) -> None:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from clipmesh import presets, toyworld
+    from clipmesh import presets, toytrain, toyworld
 
     vae = AutoencoderKLWan.from_pretrained(presets.model_folder(MODEL), subfolder="vae").eval()
     for prompt, seed in cases:
@@ -208,7 +208,7 @@ def ceiling_row(row: Row, cases) -> None:
         x = torch.from_numpy(toyworld.render(scene, row.frames, 64)).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
         with torch.no_grad():
             video = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        video = ((video.clamp(-1, 1) + 1) * 127.5).round().byte()[0].permute(1, 2, 3, 0).numpy()
+        video = toytrain.to_uint8(video)[0]
         if row.strip_video is None:
             row.strip_video = video
         row.scores.append(score(video, prompt, []))

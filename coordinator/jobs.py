@@ -337,12 +337,10 @@ class Jobs:
         if active is None or worker_id not in active.pending or result.attempt != active.attempt:
             return False  # a late or repeated result, or one of an older attempt
         error = "" if result.outcome in _NOT_A_FAILURE else f"worker {worker_id}: {result.error}"
-        if result.outcome == pb.JOB_OUTCOME_REFUSED:  # would fail again: no retry
-            active.pending.discard(worker_id)
-            return await self.fault(result.job_id, error, retry=False)
-        return await self.member_left(result.job_id, worker_id, error)
+        # a refusal would fail again on any retry
+        return await self.member_left(result.job_id, worker_id, error, retry=result.outcome != pb.JOB_OUTCOME_REFUSED)
 
-    async def member_left(self, job_id: str, worker_id: str, error: str = "") -> bool:
+    async def member_left(self, job_id: str, worker_id: str, error: str = "", retry: bool = True) -> bool:
         """A member is out of the job (reported, or lost): `error` ends the attempt (the job is
         retried, or FAILED after its last attempt), and the last member out finishes it. True
         when the job finished or was queued again."""
@@ -351,7 +349,7 @@ class Jobs:
             return False
         active.pending.discard(worker_id)
         if error:
-            return await self.fault(job_id, error)
+            return await self.fault(job_id, error, retry)
         return await self._finish_if_done(job_id)
 
     async def fault(self, job_id: str, error: str, retry: bool = True) -> bool:
