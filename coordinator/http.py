@@ -14,7 +14,8 @@
 OpenAI's fields map onto a SubmitJobRequest: `size` "WxH" is width x height, `seconds` becomes
 frames at the job's fps (the nearest the model allows, stride*k+1); clipmesh's own fields
 (num_frames, steps, seed, strategy, workers, guidance, guidance_scale_2, negative_prompt, fps,
-height, width) come as extra fields and win. Errors are OpenAI's error JSON with the gRPC side's field-and-limit
+height, width) come as extra fields and win. `input_reference` (image-to-video models) is the first
+frame: a file as the SDK uploads it, or a base64 data: URL in JSON. Errors are OpenAI's error JSON with the gRPC side's field-and-limit
 text; the credentials are the gRPC side's (`Authorization: Bearer`, the SDK's api_key; a client
 certificate where the coordinator has a CA), and HTTPS where it has a certificate. gRPC stays the
 primary contract: this module only translates. aiohttp: one asyncio server for JSON, streaming
@@ -23,6 +24,8 @@ responses (SSE) and files with ranges, on the coordinator's own loop, no second 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import ssl
@@ -33,6 +36,7 @@ from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from clipmesh.auth import TLS
+from clipmesh import images
 from clipmesh.client import REQUEST_DEFAULTS
 from clipmesh.v1 import clipmesh_pb2 as pb
 
@@ -42,6 +46,7 @@ from .errors import (AlreadyExists, CoordinatorError, FailedPrecondition, Invali
                      ResourceExhausted)
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
+MAX_BODY_BYTES = images.MAX_IMAGE_BYTES * 4 // 3 + (64 << 10)  # an image as base64 JSON, and the other fields
 STATUS = {pb.QUEUED: "queued", pb.RUNNING: "in_progress", pb.SUCCEEDED: "completed", pb.FAILED: "failed",
           pb.CANCELLED: "cancelled"}
 _HTTP = {InvalidArgument: 400, PermissionDenied: 403, NotFound: 404, FailedPrecondition: 409, AlreadyExists: 409,
@@ -67,6 +72,19 @@ def error_response(status: int, message: str, param: str | None = None):
 def _from_error(exc: CoordinatorError) -> web.Response:
     status = next(code for cls, code in _HTTP.items() if isinstance(exc, cls))
     return error_response(status, exc.detail, getattr(exc, "field", None))
+
+
+def _image_bytes(reference) -> bytes:
+    """input_reference as the openai SDK sends it (a multipart file), or a base64 data: URL in JSON."""
+    if isinstance(reference, bytes):
+        return reference
+    if isinstance(reference, str) and reference.startswith("data:") and ";base64," in reference:
+        try:
+            return base64.b64decode(reference.partition(";base64,")[2], validate=True)
+        except binascii.Error:
+            raise InvalidArgument("input_reference", "the data: URL's base64 does not decode") from None
+    raise InvalidArgument("input_reference", "must be an image file (a multipart upload) or a base64 data: URL; "
+                                             "URLs are not fetched")
 
 
 def video_object(job: pb.Job, progress: float) -> dict:
@@ -126,17 +144,19 @@ class Gateway:
             if not isinstance(body, dict):
                 return error_response(400, "body: must be a JSON object")
         else:
-            form = await request.post()
-            body = {k: v for k, v in form.items() if isinstance(v, str)}
-            body.update({k: True for k, v in form.items() if not isinstance(v, str)})  # files: named, refused below
-        if body.get("input_reference") is not None:
-            return error_response(400, "input_reference: image-to-video is not supported; text-to-video only",
-                                  "input_reference")
+            try:
+                form = await request.post()
+            except web.HTTPRequestEntityTooLarge:
+                return error_response(413, f"body: at most {MAX_BODY_BYTES} bytes (input_reference: at most "
+                                           f"{images.MAX_IMAGE_BYTES})", "input_reference")
+            body = {k: v if isinstance(v, str) else v.file.read() for k, v in form.items()}  # files: their bytes
         try:
             fields = self._request_fields(body)
+            job = await self.core.submit(pb.SubmitJobRequest(**fields), owner=who.name)
         except InvalidArgument as exc:
+            if exc.field == "image":  # named as this API names it
+                exc = InvalidArgument("input_reference", str(exc).partition(": ")[2])
             return _from_error(exc)
-        job = await self.core.submit(pb.SubmitJobRequest(**fields), owner=who.name)
         return web.json_response(video_object(job, 0.0))
 
     def _request_fields(self, body: dict) -> dict:
@@ -167,6 +187,8 @@ class Gateway:
             if not (math.isfinite(seconds) and seconds > 0):
                 raise InvalidArgument("seconds", f"must be > 0, got {seconds:g}")
             fields["num_frames"] = stride * max(round(seconds * fields["fps"] / stride), 0) + 1
+        if body.get("input_reference") is not None:
+            fields["image"] = _image_bytes(body["input_reference"])
         return fields
 
     async def list(self, request: web.Request) -> web.Response:
@@ -243,7 +265,7 @@ async def _errors(request: web.Request, handler):
 
 def make_app(core: CoordinatorCore, credentials: access.Credentials) -> web.Application:
     gateway = Gateway(core, credentials)
-    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     metrics.watch_store(core)
     app.add_routes([web.get("/metrics", scrape), web.get("/", gateway.dashboard),
                     web.get("/api/workers", gateway.workers), web.post("/v1/videos/{video_id}/cancel", gateway.cancel),

@@ -7,6 +7,7 @@ strategy allows (its options' ranges, streaming, worker caps) is read from the s
 from __future__ import annotations
 
 from clipmesh import faults, specs
+from clipmesh.images import ImageError, check_image
 from clipmesh.plan import num_latent_frames
 from clipmesh.savers import check_savers
 from clipmesh.v1 import clipmesh_pb2 as pb
@@ -65,6 +66,12 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
             raise InvalidArgument("guidance_scale_2", f"is for two-expert models (Wan 2.2 A14B); {model.name} has "
                                                       f"one denoiser: use guidance_scale")
         specs.check_range("guidance_scale_2", req.guidance_scale_2, 0.0, MAX_GUIDANCE)
+    specs.check_mode(req, model)
+    if req.image:
+        try:
+            check_image(req.image)
+        except ImageError as exc:
+            raise InvalidArgument("image", str(exc)) from None
     specs.check_range("fps", req.fps, 1.0, MAX_FPS)
     if req.seed < 0:
         raise InvalidArgument("seed", f"must be >= 0, got {req.seed}")

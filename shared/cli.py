@@ -56,6 +56,8 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     p.add_argument("--guidance-2", type=float, metavar="G",
                    help="two-expert models (Wan 2.2 A14B): the low-noise expert's guidance (unset: --guidance)")
     p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--image", type=Path, metavar="PATH",
+                   help="image-to-video models: the first frame (PNG or JPEG, resized to --height x --width)")
     p.add_argument("--model", default=d["model"], help="preset (tiny-wan, bench-wan) or a local diffusers folder")
     p.add_argument("--strategy", default=d["strategy"], choices=["", *STRATEGY_SPECS], metavar="STRATEGY",
                    help=_strategy_help())
@@ -99,7 +101,17 @@ def _request_fields(args) -> dict:
                                                             ("tiled_decode", args.tiled_decode)) if v is not None}),
                 **{k: v for k, v in (("checkpoint_every", args.checkpoint_every),
                                      ("max_attempts", args.max_attempts),
-                                     ("guidance_scale_2", args.guidance_2)) if v is not None})
+                                     ("guidance_scale_2", args.guidance_2),
+                                     ("image", _read_image(args.image))) if v is not None})
+
+
+def _read_image(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--image: cannot read {path}: {exc.strerror}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

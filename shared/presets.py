@@ -139,7 +139,7 @@ def _with_shape(limits: dict, denoiser_cfg: dict) -> dict:
     else:  # defaults: Wan2.1-T2V-1.3B
         shape = dict(num_layers=denoiser_cfg.get("num_layers", 30),
                      attention_heads=denoiser_cfg.get("num_attention_heads", 12))
-    return {"experts": 1, **limits, "strategies": strategies_for(limits["family"]), **shape}
+    return {"experts": 1, "modes": ["t2v"], **limits, "strategies": strategies_for(limits["family"]), **shape}
 
 
 def _denoiser_config(preset: dict) -> dict:
@@ -249,6 +249,20 @@ PRESETS: dict[str, dict] = {
 PRESETS["tiny-wan22"] = {**PRESETS["tiny-wan"], "boundary_ratio": 0.875,  # Wan2.2-T2V-A14B's model_index.json
                          "limits": {**PRESETS["tiny-wan"]["limits"], "experts": 2}}
 
+# Image-to-video at tiny-wan's size (WanImageToVideoPipeline folders): the transformer takes 36
+# channels (16 noisy latents, 4 of first-frame mask, 16 of the encoded [image, zeros...]).
+# Wan 2.1 I2V-14B also reads the image through a CLIP vision encoder (image_dim: its hidden size;
+# added_kv_proj_dim: the transformer's inner dim, as 5120 is the 14B's); Wan 2.2 I2V-A14B has no
+# image encoder and two experts (boundary 0.9, its model_index.json).
+_I2V_TRANSFORMER = {**PRESETS["tiny-wan"]["transformer"], "in_channels": 36, "out_channels": 16}
+PRESETS["tiny-wan-i2v"] = {
+    **PRESETS["tiny-wan"], "transformer": {**_I2V_TRANSFORMER, "image_dim": 32, "added_kv_proj_dim": 24},
+    "image_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8, projection_dim=32),
+    "limits": {**PRESETS["tiny-wan"]["limits"], "modes": ["i2v"]}}
+PRESETS["tiny-wan22-i2v"] = {**PRESETS["tiny-wan"], "transformer": _I2V_TRANSFORMER, "boundary_ratio": 0.9,
+                             "limits": {**PRESETS["tiny-wan"]["limits"], "experts": 2, "modes": ["i2v"]}}
+
 for _preset in PRESETS.values():  # as a folder of these configs reports them: strategies, layers, heads
     _preset["limits"] = _with_shape(_preset["limits"], _denoiser_config(_preset))
 
@@ -339,13 +353,14 @@ def _build(name: str, out: pathlib.Path) -> None:
         return _build_unet3d(name, out)
     if family == "animatediff":
         return _build_animatediff(name, out)
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = PRESETS[name]
     tokenizer = _tokenizer()
     assert len(tokenizer) == cfg["text_encoder"]["vocab_size"], len(tokenizer)
-    pipe = WanPipeline(
+    parts = dict(
         tokenizer=tokenizer,
         text_encoder=UMT5EncoderModel(UMT5Config(**cfg["text_encoder"])).eval(),
         vae=AutoencoderKLWan(**cfg["vae"]).eval(),
@@ -354,7 +369,16 @@ def _build(name: str, out: pathlib.Path) -> None:
         transformer_2=WanTransformer3DModel(**cfg["transformer"]).eval() if cfg["limits"]["experts"] == 2 else None,
         boundary_ratio=cfg.get("boundary_ratio"),
     )
-    pipe.save_pretrained(out)
+    if "i2v" not in cfg["limits"]["modes"]:
+        return WanPipeline(**parts).save_pretrained(out)
+    if "image_encoder" in cfg:  # Wan 2.1 I2V: CLIP ViT-H/14 and its processor, here tiny
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        side = cfg["image_encoder"]["image_size"]
+        parts.update(image_encoder=CLIPVisionModel(CLIPVisionConfig(**cfg["image_encoder"])).eval(),
+                     image_processor=CLIPImageProcessor(size={"shortest_edge": side},
+                                                        crop_size={"height": side, "width": side}))
+    WanImageToVideoPipeline(**parts).save_pretrained(out)
 
 
 def _sd_parts(cfg: dict) -> dict:
@@ -434,7 +458,8 @@ def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "", pipel
         return _with_shape(_animatediff_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
     if _is_unet3d(denoiser_cfg):
         return _with_shape(_unet3d_limits(vae_cfg, name), denoiser_cfg)
-    return _with_shape({**_wan_limits(denoiser_cfg, vae_cfg), "experts": experts(pipeline_cfg or {})}, denoiser_cfg)
+    return _with_shape({**_wan_limits(denoiser_cfg, vae_cfg), "experts": experts(pipeline_cfg or {}),
+                        "modes": modes(pipeline_cfg or {})}, denoiser_cfg)
 
 
 def experts(pipeline_cfg: dict) -> int:
@@ -442,6 +467,12 @@ def experts(pipeline_cfg: dict) -> int:
     saves `transformer_2` and `boundary_ratio` (a one-expert folder may save transformer_2 as null)."""
     second = pipeline_cfg.get("transformer_2")
     return 2 if isinstance(second, (list, tuple)) and second and second[0] is not None else 1
+
+
+def modes(pipeline_cfg: dict) -> list[str]:
+    """What a Wan pipeline makes (model_index.json's class): WanImageToVideoPipeline (Wan 2.1 I2V,
+    Wan 2.2 I2V-A14B) needs a first-frame image; WanPipeline takes a prompt alone."""
+    return ["i2v"] if pipeline_cfg.get("_class_name") == "WanImageToVideoPipeline" else ["t2v"]
 
 
 def _is_animatediff(denoiser_cfg: dict) -> bool:

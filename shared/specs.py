@@ -307,6 +307,17 @@ def check_tiling(field: str, ranges, world_size: int, total: int) -> None:
     raise SpecError(field, f"{pairs} do not tile [0, {total}) over {world_size} ranks")
 
 
+def check_mode(req: pb.SubmitJobRequest, model: pb.ModelInfo) -> None:
+    """SpecError("image") unless the request asks what the model makes (ModelInfo.modes): an
+    image needs an image-to-video model, and an image-to-video model needs one."""
+    modes = list(model.modes) or ["t2v"]
+    if req.image and "i2v" not in modes:
+        raise SpecError("image", f"{model.name} is a text-to-video model and takes no image (modes: {', '.join(modes)})")
+    if not req.image and "t2v" not in modes:
+        raise SpecError("image", f"{model.name} is an image-to-video model: the request needs a first-frame "
+                                 f"image (PNG or JPEG)")
+
+
 def check_plan(plan: pb.RenderPlan, model: pb.ModelInfo) -> StrategySpec:
     """A plan's checks against its spec and the model, before any collective: SpecError (a
     ValueError) naming the field and the limit. Returns the spec (the worker's registry key)."""
@@ -316,6 +327,7 @@ def check_plan(plan: pb.RenderPlan, model: pb.ModelInfo) -> StrategySpec:
         raise SpecError("model.family", f"{spec.name} runs on {', '.join(spec.families)}, not {model.family!r}"
                                         + (f": {why}" if why else ""))
     req, stride = plan.request, model.temporal_stride
+    check_mode(req, model)
     if stride < 1:
         raise SpecError("model.temporal_stride", f"must be >= 1, got {stride}")
     if req.num_frames == 0 and not spec.streams:

@@ -104,6 +104,11 @@ class Denoising:
     job: Job
     cond: torch.Tensor
     uncond: torch.Tensor | None    # None without CFG
+    image: object = None           # image-to-video: the adapter's image_condition (None: text only)
+
+    def image_part(self, start: int, end: int):
+        """The image conditioning of latent frames [start, end) (adapters/base.ImagePart), or None."""
+        return self.image.part(start, end) if self.image is not None else None
 
     @functools.cached_property
     def timesteps(self) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from clipmesh.images import decode_image
 from clipmesh.plan import num_output_frames
 from clipmesh.specs import check_plan as check_against_spec
 from clipmesh.specs import clip_lengths
@@ -51,7 +52,9 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
     model, req, mesh = job.model, job.request, job.mesh
     check_plan(model, job.plan, job.rank, mesh)
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
-    denoising = Denoising(job, cond, uncond)
+    image = model.image_condition(decode_image(req.image), req.height, req.width,
+                                  job.plan.num_latent_frames) if req.image else None
+    denoising = Denoising(job, cond, uncond, image)
     strategy, memory = get_strategy(job.plan.strategy), PeakMemory(model.device)
     with Patches() as patches:
         strategy.install(job, patches)

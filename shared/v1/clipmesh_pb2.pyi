@@ -54,7 +54,7 @@ JOB_OUTCOME_ABORTED: JobOutcome
 JOB_OUTCOME_REFUSED: JobOutcome
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts", "guidance_scale_2")
+    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts", "guidance_scale_2", "image")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class SubmitJobRequest(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_frames: int
@@ -91,7 +92,8 @@ class SubmitJobRequest(_message.Message):
     checkpoint_every: int
     max_attempts: int
     guidance_scale_2: float
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., checkpoint_every: _Optional[int] = ..., max_attempts: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
+    image: bytes
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., checkpoint_every: _Optional[int] = ..., max_attempts: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class SaverOptions(_message.Message):
     __slots__ = ("slice_chunks", "step_cache", "tiled_decode")
@@ -342,7 +344,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers", "attention_heads", "block_pipeline_defaults", "experts")
+    __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers", "attention_heads", "block_pipeline_defaults", "experts", "modes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SPATIAL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +358,7 @@ class ModelInfo(_message.Message):
     ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_PIPELINE_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MODES_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     spatial_multiple: int
@@ -369,7 +372,8 @@ class ModelInfo(_message.Message):
     attention_heads: int
     block_pipeline_defaults: BlockPipelineOptions
     experts: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ..., attention_heads: _Optional[int] = ..., block_pipeline_defaults: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., experts: _Optional[int] = ...) -> None: ...
+    modes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_side: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., native_latent_frames: _Optional[int] = ..., clip_parallel_defaults: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., num_layers: _Optional[int] = ..., attention_heads: _Optional[int] = ..., block_pipeline_defaults: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., experts: _Optional[int] = ..., modes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("header", "data")

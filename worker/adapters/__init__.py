@@ -11,10 +11,11 @@ from clipmesh.worker.adapters.animatediff import AnimateDiffAdapter
 from clipmesh.worker.adapters.base import ModelAdapter
 from clipmesh.worker.adapters.unet3d import UNet3DAdapter
 from clipmesh.worker.adapters.wan import WanAdapter
+from clipmesh.worker.adapters.wan_i2v import WanI2VAdapter
 
 # model_index.json `_class_name` -> adapter (an adapter may also accept aliases of its pipeline)
 FAMILIES: dict[str, type[ModelAdapter]] = {
-    name: cls for cls in (WanAdapter, UNet3DAdapter, AnimateDiffAdapter)
+    name: cls for cls in (WanAdapter, WanI2VAdapter, UNet3DAdapter, AnimateDiffAdapter)
     for name in (cls.pipeline_class, *getattr(cls, "pipeline_aliases", ()))}
 
 

@@ -101,7 +101,7 @@ class AnimateDiffAdapter(ModelAdapter):
                                       "would depend on how it is split; use DDIM or DPM-Solver++")
         return scheduler
 
-    def predict(self, latents, t, scheduler, cond, uncond, guidance_scale):
+    def predict(self, latents, t, scheduler, cond, uncond, guidance_scale, image=None):
         """AnimateDiffPipeline's step body: one batched unet call [uncond; cond] with the text
         repeated per frame (repeat_interleave over this clip's frames), then CFG. (The scheduler
         step is the base one: the pipeline steps the 5D latents directly, with DDIM's eta 0.)"""

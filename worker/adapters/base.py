@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import PIL.Image
 import torch
 
 from clipmesh.presets import PRESETS, limits_from_configs
@@ -76,6 +77,16 @@ class AttentionOps:
 
 
 @dataclass(frozen=True)
+class ImagePart:
+    """Image-to-video conditioning of some latent frames, as the denoiser takes it: `channels`
+    [1, C, n, h, w] go beside the noisy latents (Wan I2V: first-frame mask and the encoded
+    [image, zeros...]); `embeds` the image's encoder states (None: the model reads none)."""
+
+    channels: torch.Tensor
+    embeds: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class DeepPath:
     """Where step rehash (savers/step_cache.py) cuts the denoiser: the `skipped` modules run only
     at full steps; at a rehash step each returns a stand-in of its last output without running,
@@ -90,6 +101,7 @@ class ModelAdapter:
     family = ""
     pipeline_class = ""  # model_index.json `_class_name` this adapter loads
     temporal_stride = 1        # video frames per latent frame (after the first)
+    takes_image = False        # an image-to-video model: every step needs image_condition's part
     # step cache taylorseer (savers/step_cache.py): the denoiser modules whose outputs are forecast
     # between full passes, as diffusers' TaylorSeerCacheConfig.cache_identifiers (re.fullmatch on names)
     taylorseer_modules: tuple[str, ...] = ()
@@ -104,7 +116,7 @@ class ModelAdapter:
             limits = PRESETS[name]["limits"]
         else:
             limits = limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name,
-                                         dict(self.pipe.config))
+                                         {**self.pipe.config, "_class_name": type(self.pipe).__name__})
         return pb.ModelInfo(name=name, **limits)
 
     # -- what mixes frames (for strategies) ------------------------------------
@@ -154,9 +166,16 @@ class ModelAdapter:
         return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, scheduler, cond, uncond,
-                guidance_scale: float) -> torch.Tensor:
-        """The guided model output for `latents` [1, C, F_local, h, w] at timestep t."""
+                guidance_scale: float, image: ImagePart | None = None) -> torch.Tensor:
+        """The guided model output for `latents` [1, C, F_local, h, w] at timestep t; `image`:
+        the image-to-video conditioning of the same frames (image_condition(...).part)."""
         raise NotImplementedError
+
+    def image_condition(self, image, height: int, width: int, latent_frames: int = 0):
+        """A first-frame image (PIL) for a video of `latent_frames` (0: unbounded) -> an object
+        whose `part(start, end)` is the ImagePart of latent frames [start, end) and `embeds` its
+        ImagePart.embeds; ValueError for a model that takes no image."""
+        raise ValueError(f"{self.family} models here take no image (text-to-video only)")
 
     @staticmethod
     def batched_cfg(unet, x, t, scheduler, text, uncond, guidance_scale: float) -> torch.Tensor:
@@ -206,6 +225,8 @@ class ModelAdapter:
         c, h, w = self.latent_shape(side, side)
         x = torch.randn(1, c, frames, h, w, device=self.device, dtype=self.denoiser.dtype)
         cond, uncond = self.encode_prompt("speed", "", 2.0)
+        image = self.image_condition(PIL.Image.new("RGB", (side, side)), side, side, frames).part(0, frames) \
+            if self.takes_image else None
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(2, device=self.device)
         t = scheduler.timesteps[0]
@@ -213,7 +234,7 @@ class ModelAdapter:
         for _ in range(2):
             self._sync()
             began = time.perf_counter()
-            self.predict(x, t, scheduler, cond, uncond, 2.0)
+            self.predict(x, t, scheduler, cond, uncond, 2.0, image)
             self._sync()
             seconds = time.perf_counter() - began
         return frames * h * w / max(seconds, 1e-9)

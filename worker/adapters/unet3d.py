@@ -262,7 +262,7 @@ class UNet3DAdapter(ModelAdapter):
         dtype = self.pipe.unet.dtype
         return cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
 
-    def predict(self, latents, t, scheduler, cond, uncond, guidance_scale):
+    def predict(self, latents, t, scheduler, cond, uncond, guidance_scale, image=None):
         """TextToVideoSDPipeline's step body: one batched unet call [uncond; cond], then CFG."""
         text = torch.cat([uncond, cond]) if uncond is not None else cond
         return self.batched_cfg(self.pipe.unet, latents, t, scheduler, text, uncond, guidance_scale)

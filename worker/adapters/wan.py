@@ -82,13 +82,19 @@ class WanStages:
         if p_t != 1:
             raise NotImplementedError(f"block-wise Wan needs temporal patch size 1, this model has {p_t}")
 
-    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+    def embed(self, latents: torch.Tensor, image=None) -> torch.Tensor:
+        """Patch embedding of latents [1, C, F, h, w] (image-to-video: with the ImagePart of the same frames)."""
+        if image is not None:
+            latents = torch.cat([latents, image.channels], dim=1)
         x = self.t.patch_embedding(latents.to(self.t.dtype))
         return x.flatten(2).transpose(1, 2).contiguous()
 
-    def condition(self, timestep: torch.Tensor, text: torch.Tensor):
-        """(temb, timestep_proj [B, 6, dim], projected text) for timesteps [B] and text [B, L, D]."""
-        temb, proj, text, _ = self.t.condition_embedder(timestep, text, None, timestep_seq_len=None)
+    def condition(self, timestep: torch.Tensor, text: torch.Tensor, image_embeds: torch.Tensor | None = None):
+        """(temb, timestep_proj [B, 6, dim], projected text) for timesteps [B] and text [B, L, D];
+        image embeddings [B, L', D'] go before the text, as the transformer's forward puts them."""
+        temb, proj, text, image = self.t.condition_embedder(timestep, text, image_embeds, timestep_seq_len=None)
+        if image is not None:
+            text = torch.concat([image, text], dim=1)
         return temb, proj.unflatten(1, (6, -1)), text
 
     def blocks(self, hidden, start: int, end: int, text, timestep_proj, rotary_emb) -> torch.Tensor:
@@ -174,18 +180,25 @@ class WanAdapter(ModelAdapter):
         dtype = self.pipe.transformer.dtype
         return cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
 
-    def predict(self, latents, t, scheduler, cond, uncond, guidance_scale):
+    def predict(self, latents, t, scheduler, cond, uncond, guidance_scale, image=None):
         """WanPipeline's step body: the expert of timestep t, two calls of it (cond, uncond), each
         in its diffusers cache context as WanPipeline names them (when a step cache enabled one),
-        then CFG (`guidance_scale`: the expert's, Denoising.guidance_at)."""
+        then CFG (`guidance_scale`: the expert's, Denoising.guidance_at). Image-to-video
+        (WanImageToVideoPipeline's body): the image's channels beside the latents, its embedding
+        beside the text."""
         transformer = self.denoisers[self.expert(t)]
-        x, timestep = latents.to(transformer.dtype), t.expand(latents.shape[0])
+        x, timestep = latents, t.expand(latents.shape[0])
+        embeds = None
+        if image is not None:
+            x, embeds = torch.cat([latents, image.channels], dim=1), image.embeds
+        x = x.to(transformer.dtype)
         with self.cache_context("cond", transformer):
-            pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+            pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
+                               encoder_hidden_states_image=embeds, return_dict=False)[0]
         if uncond is not None:
             with self.cache_context("uncond", transformer):
                 pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
-                                     return_dict=False)[0]
+                                     encoder_hidden_states_image=embeds, return_dict=False)[0]
             pred = pred_u + guidance_scale * (pred - pred_u)
         return pred
 

@@ -53,6 +53,7 @@ class StepSchedule(Schedule):
             self.latents = checkpoint.restore(resume, self.start, self.end, self.scheduler, job.model.device)
         else:
             self.latents = denoising.noise(self.start, self.end, self.scheduler)
+        self.image = denoising.image_part(self.start, self.end)  # the same at every step
         self.i, self.total = job.plan.start_step, len(denoising.timesteps)
 
     def agree_stop(self, asked: bool) -> bool:
@@ -66,7 +67,7 @@ class StepSchedule(Schedule):
 
     def run(self, work: Work) -> None:
         model, d = self.job.model, self.d
-        pred = model.predict(self.latents, work.t, self.scheduler, d.cond, d.uncond, d.guidance_at(work.t))
+        pred = model.predict(self.latents, work.t, self.scheduler, d.cond, d.uncond, d.guidance_at(work.t), self.image)
         self.latents = model.step(self.scheduler, pred, work.t, self.latents)
         self.i += 1
 

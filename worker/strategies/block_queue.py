@@ -90,6 +90,8 @@ class _Stage(Schedule):
         self.job, self.mesh, self.d, self.experts, self.cache = job, job.mesh, denoising, stages, cache
         self.layers = job.layers
         self.text = denoising.cond if denoising.uncond is None else torch.cat([denoising.cond, denoising.uncond])
+        embeds = getattr(denoising.image, "embeds", None)  # image-to-video: beside the text, per CFG row
+        self.image_embeds = None if embeds is None else embeds.expand(self.text.shape[0], -1, -1)
         self.total = len(denoising.timesteps)
         self.last = job.rank == job.mesh.world_size - 1  # the last stage runs the head
         self.conditioning: dict[int, tuple] = {}
@@ -116,7 +118,7 @@ class _Stage(Schedule):
         self.cache.item = item
         if item.step not in self.conditioning:
             t = self.d.timesteps[item.step].expand(self.text.shape[0])
-            self.conditioning[item.step] = self.stages(item.step).condition(t, self.text)
+            self.conditioning[item.step] = self.stages(item.step).condition(t, self.text, self.image_embeds)
         _, proj, text = self.conditioning[item.step]
         rope = self.cache.rope(item.context + item.own)
         return self.stages(item.step).blocks(hidden, *self.layers, text, proj, rope)
@@ -246,7 +248,8 @@ class BlockQueue(_Stage):
         if j > 0 and self.context_frames and before is not None:
             context = before[:, :, before.shape[2] - self.context_frames:]
             x, item = torch.cat([context, x], 2), Item(j, work.step, context.shape[2], item.own, item.first)
-        hidden = self.stages(work.step).embed(x).repeat(self.text.shape[0], 1, 1)
+        image = self.d.image_part(block.start - item.context, block.end)
+        hidden = self.stages(work.step).embed(x, image).repeat(self.text.shape[0], 1, 1)
         pred = self._pass_on(item, self._stage(item, hidden))
         self.in_flight.append(item)
         if pred is not None:
