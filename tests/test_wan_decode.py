@@ -4,7 +4,8 @@ one `AutoencoderKLWan.decode` call on the whole video, bit for bit on this CPU (
 the same per-frame shapes; the one per-voxel conv whose kernel torch picks by size runs on
 >= 3 frames, as in the whole decode).
 
-Two VAEs: tiny-wan's preset, and Wan 2.1's layout (dim_mult 1,2,4,4; 2 res blocks) made narrow.
+Three VAEs: tiny-wan's preset, Wan 2.1's layout (dim_mult 1,2,4,4; 2 res blocks) made narrow,
+and Wan 2.2's (TI2V-5B: residual up blocks, 2x2 patches) made narrow.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from ranks import run_ranks
 
 WAN21_LAYOUT = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                     temperal_downsample=[False, True, True], dropout=0.0)
+# Wan 2.2's VAE (TI2V-5B: z_dim 48, residual blocks, 2x2 patches as channels, x16 in space), narrow
+WAN22_LAYOUT = dict(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                    temperal_downsample=[False, True, True], dropout=0.0, is_residual=True, in_channels=12,
+                    out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)
 LATENT, SIDE = 45, 2  # latent frames and latent side of the test video
 
 
-def _video(frames: int = LATENT, seed: int = 0) -> torch.Tensor:
-    return torch.randn(1, 16, frames, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
+def _video(frames: int = LATENT, seed: int = 0, channels: int = 16) -> torch.Tensor:
+    return torch.randn(1, channels, frames, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
 
 
 def _first_frame(latent: int) -> int:
@@ -35,7 +40,8 @@ def _vaes():
     torch.manual_seed(0)
     folder = presets.model_folder("tiny-wan")
     return {"tiny-wan": AutoencoderKLWan.from_pretrained(folder, subfolder="vae").eval(),
-            "wan2.1-layout": AutoencoderKLWan(**WAN21_LAYOUT).eval()}
+            "wan2.1-layout": AutoencoderKLWan(**WAN21_LAYOUT).eval(),
+            "wan2.2-layout": AutoencoderKLWan(**WAN22_LAYOUT).eval()}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def vaes():
     return _vaes()
 
 
-@pytest.mark.parametrize("name,expected", [("tiny-wan", 30), ("wan2.1-layout", 38)])
+@pytest.mark.parametrize("name,expected", [("tiny-wan", 30), ("wan2.1-layout", 38), ("wan2.2-layout", 38)])
 def test_receptive_field_is_measured(vaes, name, expected):
     """A perturbation R+1 latent frames before a clip leaves the clip's frames unchanged; one R
     frames before changes them. R is what the decoder's look-backs add up to."""
@@ -52,7 +58,7 @@ def test_receptive_field_is_measured(vaes, name, expected):
     vae = vaes[name]
     r = ClipDecoder(vae).receptive_field
     assert r == expected
-    start, z = r + 4, _video(r + 8)
+    start, z = r + 4, _video(r + 8, channels=vae.config.z_dim)
     with torch.no_grad():
         whole = vae.decode(z).sample[:, :, _first_frame(start):]
         for back, changes in ((r + 1, False), (r, True)):
@@ -61,12 +67,13 @@ def test_receptive_field_is_measured(vaes, name, expected):
             assert (not torch.equal(vae.decode(poked).sample[:, :, _first_frame(start):], whole)) == changes, back
 
 
-@pytest.mark.parametrize("name", ["tiny-wan", "wan2.1-layout"])
+@pytest.mark.parametrize("name", ["tiny-wan", "wan2.1-layout", "wan2.2-layout"])
 @pytest.mark.parametrize("start,end", [(0, 1), (0, 5), (1, 3), (7, 20), (20, 45), (44, 45)])
 def test_any_clip_decodes_alone_as_in_the_whole(vaes, name, start, end):
     from clipmesh.worker.adapters.wan_decode import ClipDecoder
 
-    vae, z = vaes[name], _video()
+    vae = vaes[name]
+    z = _video(channels=vae.config.z_dim)
     decoder = ClipDecoder(vae)
     first = decoder.needed_from(start)
     pieces = []

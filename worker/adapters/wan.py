@@ -20,7 +20,6 @@ from clipmesh.worker.adapters.wan_rope import WanGlobalRope, apply_rope, global_
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default text length
 DECODE_CHUNK = 4  # latent frames per streamed VAE chunk (16 video frames): bounds the float video held at once
-WAN21_LOOKBACK = 39  # Wan 2.1's decoder warm-up (wan_decode.py measures it): the bound used where it cannot
 
 
 def text_length(tokenizer) -> int:
@@ -230,15 +229,15 @@ class WanAdapter(ModelAdapter):
 
     @property
     def decode_lookback(self) -> int:
-        """The causal VAE's warm-up before a clip (wan_decode.py: tiny-wan 31, Wan 2.1 39); a VAE
-        the clip decoder does not take (Wan 2.2's) gets the same warm-up, decoded whole."""
-        return self.clip_decoder.warmup[0] if ClipDecoder.supports(self.pipe.vae) else WAN21_LOOKBACK
+        """The causal VAE's warm-up before a clip (wan_decode.py: tiny-wan 31, Wan 2.1 39, Wan 2.2's
+        residual VAE 39)."""
+        return self.clip_decoder.warmup[0]
 
     def decode_stream(self, first, start, tiled=False):
         """Every rank decodes its own clip exactly, from the warm-up before it (wan_decode.py).
-        Tiled (savers.tiled_decode), or a VAE the clip decoder does not take: diffusers' own
-        decode of what is fed (a new cache per feed: exact only for one feed from frame 0)."""
-        if tiled or not ClipDecoder.supports(self.pipe.vae):
+        Tiled (savers.tiled_decode): diffusers' own decode of what is fed (a new cache per feed:
+        exact only for one feed from frame 0)."""
+        if tiled:
             return WholeStream(self, first, start, tiled)
         return WanStream(self, self.clip_decoder.stream(first, start))
 

@@ -21,6 +21,12 @@ look back far; the expensive late ones (full resolution, 4 frames per latent fra
 a few frames. tiny-wan: K = 31, 29, 21, 11, 6, 4, 2 frames for its 7 stages; the warm-up
 costs about what 3 extra frames through the whole decoder would.
 
+Wan 2.2's VAE (TI2V-5B) is cut the same way: its residual up blocks add a shortcut
+(DupUp3D) that duplicates frames as the temporal upsampler makes them, so a stage that starts
+mid-video must make as many frames as one that has run since frame 0: its upsamplers' caches
+start as "Rep" (the past as zeros), not empty (which makes one frame less). Its patches are
+unpacked (unpatchify) after the head. Its R = 38 at Wan 2.2's layout, as Wan 2.1's.
+
 A cache hand-off (each conv's tail passed from rank r-1 to r) would be exact too, but it is a
 wavefront: rank r could start only once rank r-1 had decoded its whole clip, so the decode
 would stay serial.
@@ -31,7 +37,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanCausalConv3d, unpatchify
 
 
 def _conv(conv, x, feat_cache, feat_idx):
@@ -51,8 +57,6 @@ class ClipDecoder:
     looks back (latent frames) and how many frames before a clip it must process (`warmup`)."""
 
     def __init__(self, vae):
-        if not self.supports(vae):
-            raise NotImplementedError("clip decode needs a Wan 2.1 VAE")
         d = vae.decoder
         self.vae = vae
         head = lambda x, c, i, first: _conv(d.conv_out, d.nonlinearity(d.norm_out(x)), c, i)  # noqa: E731
@@ -68,28 +72,25 @@ class ClipDecoder:
                 rate *= 2
         self.rate = rate  # video frames per latent frame at the output (after the first)
         self.warmup = [math.ceil(sum(lookback[b:])) + 1 for b in range(len(modules))]
-        self.cache_start = self._cache_starts()
-
-    @staticmethod
-    def supports(vae) -> bool:
-        """Wan 2.1's decoder (Wan 2.2's patchified, residual one is cut differently)."""
-        return vae.config.patch_size is None and not getattr(vae.config, "is_residual", False)
+        self.cache_start, self.upsample_slots = self._cache_starts()
 
     @staticmethod
     def _up(block):
         return lambda x, c, i, first: block(x, feat_cache=c, feat_idx=i, first_chunk=first)
 
-    def _cache_starts(self) -> list[int]:
-        """Each stage's first cache index: one fresh first chunk through the stages, counting."""
+    def _cache_starts(self) -> tuple[list[int], list[list[int]]]:
+        """Each stage's first cache index, and its temporal upsamplers' cache slots: one fresh
+        first chunk through the stages, counting (an upsampler marks its slot "Rep")."""
         cache = [None] * self.vae._cached_conv_counts["decoder"]
-        index, starts = [0], []
+        index, starts, upsamplers = [0], [], []
         x = torch.zeros(1, self.vae.config.z_dim, 1, 1, 1, device=self.vae.device, dtype=self.vae.dtype)
         with torch.no_grad():
             x = self.vae.post_quant_conv(x)
             for stage in self.stages:
                 starts.append(index[0])
                 x = stage(x, cache, index, True)
-        return starts
+                upsamplers.append([i for i in range(starts[-1], index[0]) if isinstance(cache[i], str)])
+        return starts, upsamplers
 
     def stream(self, first: int, start: int) -> "ClipStream":
         """A decode of latent frames fed in order from `first` (>= needed_from(start)), whose frames
@@ -117,6 +118,7 @@ class ClipStream:
                              f"got latents from {first}")
         self.d, self.start, self.next = decoder, start, first
         self.cache = [None] * decoder.vae._cached_conv_counts["decoder"]
+        self.fresh = [True] * len(decoder.stages)  # a stage's first frame here meets empty caches
 
     @torch.no_grad()
     def feed(self, z: torch.Tensor, on_frames, chunk: int = 8) -> None:
@@ -132,11 +134,22 @@ class ClipStream:
             for b, stage in enumerate(d.stages):
                 if tau < self.start - d.warmup[b]:
                     break  # this frame's output of stage b reaches nothing at or after `start`
+                if self.fresh[b] and tau > 0:
+                    # a stage starting mid-video: its temporal upsamplers double this frame as they
+                    # do every frame after the first (their past taken as zeros, "Rep"), so every
+                    # stage after it sees the frame count of the whole decode (Wan 2.2's residual
+                    # up blocks add a shortcut of exactly that count)
+                    for slot in d.upsample_slots[b]:
+                        self.cache[slot] = "Rep"
                 h = stage(h, self.cache, [d.cache_start[b]], tau == 0)
+                self.fresh[b] = False
             else:
                 if tau >= self.start:
                     out.append(h)
             if len(out) == chunk or (out and tau == first + n - 1):
-                on_frames(out_start, torch.clamp(torch.cat(out, dim=2), min=-1.0, max=1.0))
+                video = torch.cat(out, dim=2)
+                if d.vae.config.patch_size is not None:  # Wan 2.2's VAE decodes 2x2 patches as channels
+                    video = unpatchify(video, d.vae.config.patch_size)
+                on_frames(out_start, torch.clamp(video, min=-1.0, max=1.0))
                 out_start, out = tau + 1, []
         self.next = first + n
