@@ -260,6 +260,19 @@ PRESETS["tiny-wan-i2v"] = {
     "image_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           image_size=32, patch_size=8, projection_dim=32),
     "limits": {**PRESETS["tiny-wan"]["limits"], "modes": ["i2v"]}}
+# Wan 2.2 TI2V-5B's layout at a tiny size: its VAE (z_dim 48, residual blocks, 2x2 patches as
+# channels: x16 in space), a 48-channel transformer, and per-token timesteps (expand_timesteps):
+# text-to-video, and image-to-video from the same folder (the first latent frame held at the image's).
+PRESETS["tiny-wan-ti2v"] = {
+    **PRESETS["tiny-wan"],
+    "transformer": {**PRESETS["tiny-wan"]["transformer"], "in_channels": 48, "out_channels": 48},
+    "vae": dict(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[False, True, True], dropout=0.0, is_residual=True, in_channels=12,
+                out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+    "expand_timesteps": True,
+    "limits": {**PRESETS["tiny-wan"]["limits"], "spatial_multiple": 32, "native_latent_frames": 31,
+               "modes": ["t2v", "i2v"]}}
 PRESETS["tiny-wan22-i2v"] = {**PRESETS["tiny-wan"], "transformer": _I2V_TRANSFORMER, "boundary_ratio": 0.9,
                              "limits": {**PRESETS["tiny-wan"]["limits"], "experts": 2, "modes": ["i2v"]}}
 
@@ -369,6 +382,8 @@ def _build(name: str, out: pathlib.Path) -> None:
         transformer_2=WanTransformer3DModel(**cfg["transformer"]).eval() if cfg["limits"]["experts"] == 2 else None,
         boundary_ratio=cfg.get("boundary_ratio"),
     )
+    if cfg.get("expand_timesteps"):  # TI2V: a WanPipeline folder that also takes an image
+        return WanPipeline(**parts, expand_timesteps=True).save_pretrained(out)
     if "i2v" not in cfg["limits"]["modes"]:
         return WanPipeline(**parts).save_pretrained(out)
     if "image_encoder" in cfg:  # Wan 2.1 I2V: CLIP ViT-H/14 and its processor, here tiny
@@ -458,8 +473,11 @@ def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "", pipel
         return _with_shape(_animatediff_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
     if _is_unet3d(denoiser_cfg):
         return _with_shape(_unet3d_limits(vae_cfg, name), denoiser_cfg)
-    return _with_shape({**_wan_limits(denoiser_cfg, vae_cfg), "experts": experts(pipeline_cfg or {}),
-                        "modes": modes(pipeline_cfg or {})}, denoiser_cfg)
+    limits = {**_wan_limits(denoiser_cfg, vae_cfg), "experts": experts(pipeline_cfg or {}),
+              "modes": modes(pipeline_cfg or {})}
+    if (pipeline_cfg or {}).get("expand_timesteps"):
+        limits["native_latent_frames"] = 31  # TI2V-5B trains on 121 frames
+    return _with_shape(limits, denoiser_cfg)
 
 
 def experts(pipeline_cfg: dict) -> int:
@@ -470,8 +488,11 @@ def experts(pipeline_cfg: dict) -> int:
 
 
 def modes(pipeline_cfg: dict) -> list[str]:
-    """What a Wan pipeline makes (model_index.json's class): WanImageToVideoPipeline (Wan 2.1 I2V,
-    Wan 2.2 I2V-A14B) needs a first-frame image; WanPipeline takes a prompt alone."""
+    """What a Wan pipeline makes (model_index.json): WanImageToVideoPipeline (Wan 2.1 I2V, Wan 2.2
+    I2V-A14B) needs a first-frame image; a TI2V folder (expand_timesteps: Wan 2.2 TI2V-5B) takes a
+    prompt with or without one; WanPipeline otherwise a prompt alone."""
+    if pipeline_cfg.get("expand_timesteps"):
+        return ["t2v", "i2v"]
     return ["i2v"] if pipeline_cfg.get("_class_name") == "WanImageToVideoPipeline" else ["t2v"]
 
 

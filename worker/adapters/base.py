@@ -80,10 +80,20 @@ class AttentionOps:
 class ImagePart:
     """Image-to-video conditioning of some latent frames, as the denoiser takes it: `channels`
     [1, C, n, h, w] go beside the noisy latents (Wan I2V: first-frame mask and the encoded
-    [image, zeros...]); `embeds` the image's encoder states (None: the model reads none)."""
+    [image, zeros...]); `embeds` the image's encoder states (None: the model reads none);
+    `first_frame` [1, C, 1, h, w] (Wan 2.2 TI2V, where these frames start the video): latent
+    frame 0 is held at the image's latents, in and out of the denoiser."""
 
-    channels: torch.Tensor
+    channels: torch.Tensor | None = None
     embeds: torch.Tensor | None = None
+    first_frame: torch.Tensor | None = None
+
+    def hold(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents with the first frame held at the image's (the pipelines' `(1 - mask) *
+        condition + mask * latents`, exact for a 0/1 mask)."""
+        if self.first_frame is None:
+            return latents
+        return torch.cat([self.first_frame.to(latents), latents[:, :, 1:]], dim=2)
 
 
 @dataclass(frozen=True)

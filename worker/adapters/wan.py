@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
 from clipmesh.plan import num_output_frames
-from clipmesh.worker.adapters.base import (ATTENTION, PER_TOKEN, POSITIONS, AttentionOps, FrameMixer, ModelAdapter,
-                                           SliceGroup, tiling)
+from clipmesh.worker.adapters.base import (ATTENTION, PER_TOKEN, POSITIONS, AttentionOps, FrameMixer, ImagePart,
+                                           ModelAdapter, SliceGroup, tiling)
 from clipmesh.worker.adapters.wan_decode import ClipDecoder
 from clipmesh.worker.adapters.wan_rope import WanGlobalRope, apply_rope, global_positions_hook, rope_rows
 
@@ -84,17 +84,22 @@ class WanStages:
     def embed(self, latents: torch.Tensor, image=None) -> torch.Tensor:
         """Patch embedding of latents [1, C, F, h, w] (image-to-video: with the ImagePart of the same frames)."""
         if image is not None:
-            latents = torch.cat([latents, image.channels], dim=1)
+            latents = image.hold(latents)
+            if image.channels is not None:
+                latents = torch.cat([latents, image.channels], dim=1)
         x = self.t.patch_embedding(latents.to(self.t.dtype))
         return x.flatten(2).transpose(1, 2).contiguous()
 
     def condition(self, timestep: torch.Tensor, text: torch.Tensor, image_embeds: torch.Tensor | None = None):
-        """(temb, timestep_proj [B, 6, dim], projected text) for timesteps [B] and text [B, L, D];
-        image embeddings [B, L', D'] go before the text, as the transformer's forward puts them."""
-        temb, proj, text, image = self.t.condition_embedder(timestep, text, image_embeds, timestep_seq_len=None)
+        """(temb, timestep_proj [B, 6, dim], projected text) for timesteps [B] (TI2V: [B, tokens],
+        then temb [B, tokens, dim] and timestep_proj [B, tokens, 6, dim]) and text [B, L, D]; image
+        embeddings [B, L', D'] go before the text, as the transformer's forward puts them."""
+        per_token = timestep.shape[1] if timestep.ndim == 2 else None
+        temb, proj, text, image = self.t.condition_embedder(timestep.flatten(), text, image_embeds,
+                                                            timestep_seq_len=per_token)
         if image is not None:
             text = torch.concat([image, text], dim=1)
-        return temb, proj.unflatten(1, (6, -1)), text
+        return temb, proj.unflatten(proj.ndim - 1, (6, -1)), text
 
     def blocks(self, hidden, start: int, end: int, text, timestep_proj, rotary_emb) -> torch.Tensor:
         for block in self.t.blocks[start:end]:
@@ -106,7 +111,11 @@ class WanStages:
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
         """Output norm, projection and unpatchify: [B, tokens, dim] -> [B, C, frames, height, width]."""
-        shift, scale = (self.t.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        if temb.ndim == 3:  # per token (TI2V)
+            shift, scale = (self.t.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.t.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden = (self.t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         hidden = self.t.proj_out(hidden)
         h, w = height // self.p_h, width // self.p_w
@@ -186,10 +195,11 @@ class WanAdapter(ModelAdapter):
         (WanImageToVideoPipeline's body): the image's channels beside the latents, its embedding
         beside the text."""
         transformer = self.denoisers[self.expert(t)]
-        x, timestep = latents, t.expand(latents.shape[0])
-        embeds = None
+        x, embeds, timestep = latents, None, self.timestep(t, latents.shape[0], *latents.shape[2:], image)
         if image is not None:
-            x, embeds = torch.cat([latents, image.channels], dim=1), image.embeds
+            x, embeds = image.hold(latents), image.embeds
+            if image.channels is not None:
+                x = torch.cat([x, image.channels], dim=1)
         x = x.to(transformer.dtype)
         with self.cache_context("cond", transformer):
             pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
@@ -200,6 +210,36 @@ class WanAdapter(ModelAdapter):
                                      encoder_hidden_states_image=embeds, return_dict=False)[0]
             pred = pred_u + guidance_scale * (pred - pred_u)
         return pred
+
+    @property
+    def expands_timesteps(self) -> bool:
+        """Wan 2.2 TI2V: a timestep per token, 0 on the tokens of a first frame held at the image."""
+        return bool(self.pipe.config.get("expand_timesteps", False))
+
+    def timestep(self, t, batch: int, frames: int, height: int, width: int, image=None) -> torch.Tensor:
+        """The transformer's timestep for latents [batch, C, frames, height, width]: t per sample,
+        or (TI2V) per token, as WanPipeline / WanImageToVideoPipeline make it for these frames."""
+        if not self.expands_timesteps:
+            return t.expand(batch)
+        _, p_h, p_w = self.pipe.transformer.config.patch_size
+        mask = torch.ones(frames, height // p_h, width // p_w, device=t.device)
+        if image is not None and image.first_frame is not None:
+            mask[0] = 0
+        return (mask * t).flatten().unsqueeze(0).expand(batch, -1)
+
+    @torch.no_grad()
+    def image_condition(self, image, height: int, width: int, latent_frames: int = 0):
+        """TI2V (expand_timesteps): the first latent frame is the image's, encoded alone, as
+        WanImageToVideoPipeline prepares it for such a folder; a T2V-only Wan refuses."""
+        if not self.expands_timesteps:
+            return super().image_condition(image, height, width, latent_frames)
+        vae = self.pipe.vae
+        pixels = self.pipe.video_processor.preprocess(image, height=height, width=width).to(vae.device, vae.dtype)
+        latents = vae.encode(pixels.unsqueeze(2)).latent_dist.mode().to(self.device, torch.float32)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+        return FirstFrame((latents - mean) * inv_std)
 
     def cache_context(self, name: str, transformer=None):
         """diffusers' `cache_context(name)` while a cache is enabled on the transformer (a step cache,
@@ -253,6 +293,18 @@ class WanAdapter(ModelAdapter):
     def to_uint8(self, video: torch.Tensor) -> np.ndarray:
         frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
         return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
+class FirstFrame:
+    """A TI2V job's image: the part of frames that start the video holds latent frame 0 at it."""
+
+    embeds = None
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+    def part(self, start: int, end: int) -> ImagePart:
+        return ImagePart(first_frame=self.latents if start == 0 else None)
 
 
 class WanStream:

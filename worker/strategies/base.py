@@ -75,7 +75,8 @@ class StepSchedule(Schedule):
         """The clip, once every step is done (its decode warm-up comes from the other ranks)."""
         if self.i < self.total or self.latents is None:
             return []
-        clip, self.latents = FinishedLatents(self.start, self.end, self.latents), None
+        latents = self.image.hold(self.latents) if self.image is not None else self.latents  # TI2V: the image's frame
+        clip, self.latents = FinishedLatents(self.start, self.end, latents), None
         return [clip]
 
     def checkpoint(self, every: int) -> checkpoint.Part | None:

@@ -116,16 +116,26 @@ class _Stage(Schedule):
     def _stage(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's layers on one item: hidden [B, tokens, dim] -> the same."""
         self.cache.item = item
-        if item.step not in self.conditioning:
-            t = self.d.timesteps[item.step].expand(self.text.shape[0])
-            self.conditioning[item.step] = self.stages(item.step).condition(t, self.text, self.image_embeds)
-        _, proj, text = self.conditioning[item.step]
+        key = self._conditioning_key(item)
+        if key not in self.conditioning:
+            model, frames = self.job.model, item.context + item.own
+            image = self.d.image_part(0, 1) if item.block == 0 else None  # block 0 starts the video
+            t = model.timestep(self.d.timesteps[item.step], self.text.shape[0], frames, self.cache.h, self.cache.w, image)
+            self.conditioning[key] = self.stages(item.step).condition(t, self.text, self.image_embeds)
+        _, proj, text = self.conditioning[key]
         rope = self.cache.rope(item.context + item.own)
         return self.stages(item.step).blocks(hidden, *self.layers, text, proj, rope)
 
+    def _conditioning_key(self, item: Item):
+        """A step's conditioning is the same for every block, unless timesteps are per token (TI2V):
+        then it depends on the item's frames and on whether it holds the video's first frame."""
+        if self.job.model.expands_timesteps:
+            return item.step, item.context + item.own, item.block == 0
+        return item.step
+
     def _head(self, item: Item, hidden: torch.Tensor) -> torch.Tensor:
         """Last rank: output head, CFG, context dropped -> the block's prediction [1, C, own, h, w]."""
-        temb = self.conditioning[item.step][0]
+        temb = self.conditioning[self._conditioning_key(item)][0]
         out = self.stages(item.step).head(hidden, temb, item.context + item.own, self.cache.h, self.cache.w)
         pred = out[:1]
         if out.shape[0] == 2:  # WanPipeline's CFG: uncond + g * (cond - uncond)
@@ -269,6 +279,9 @@ class BlockQueue(_Stage):
         block.step += 1
         if block.step == self.total:  # final: it leaves the queue
             del self.queue[item.block]
+            image = self.d.image_part(block.start, block.end)
+            if image is not None:  # TI2V: the first frame is the image's
+                block.latents = image.hold(block.latents)
             self.finished_tail = block.latents[:, :, block.latents.shape[2] - self.context_frames:]
             piece = FinishedLatents(block.start, block.end, block.latents)
             self._remember(piece)
