@@ -20,6 +20,7 @@ import pathlib
 import shutil
 import tempfile
 
+from clipmesh.families import FAMILIES, variant_of
 from clipmesh.plan import num_output_frames
 from clipmesh.specs import strategies_for
 
@@ -467,33 +468,16 @@ def _init_like_trained(unet, scale: float) -> None:
 
 def limits_from_configs(denoiser_cfg: dict, vae_cfg: dict, name: str = "", pipeline_cfg: dict | None = None) -> dict:
     """Limits of a model folder from its config json files: the denoiser's (transformer/ for
-    Wan, unet/ for UNet3D and AnimateDiff), the VAE's and the pipeline's (model_index.json:
-    a second expert). `name`: the folder's name or path (a hint only)."""
+    Wan, unet/ for UNet3D and AnimateDiff), the VAE's and the pipeline's (model_index.json: its
+    variant, families.variant_of, says what it makes, its experts and native length). `name`:
+    the folder's name or path (a hint only)."""
     if _is_animatediff(denoiser_cfg):
         return _with_shape(_animatediff_limits(denoiser_cfg, vae_cfg), denoiser_cfg)
     if _is_unet3d(denoiser_cfg):
         return _with_shape(_unet3d_limits(vae_cfg, name), denoiser_cfg)
-    limits = {**_wan_limits(denoiser_cfg, vae_cfg), "experts": experts(pipeline_cfg or {}),
-              "modes": modes(pipeline_cfg or {})}
-    if (pipeline_cfg or {}).get("expand_timesteps"):
-        limits["native_latent_frames"] = 31  # TI2V-5B trains on 121 frames
-    return _with_shape(limits, denoiser_cfg)
-
-
-def experts(pipeline_cfg: dict) -> int:
-    """Denoisers a pipeline switches between along the schedule (model_index.json): Wan 2.2 A14B
-    saves `transformer_2` and `boundary_ratio` (a one-expert folder may save transformer_2 as null)."""
-    second = pipeline_cfg.get("transformer_2")
-    return 2 if isinstance(second, (list, tuple)) and second and second[0] is not None else 1
-
-
-def modes(pipeline_cfg: dict) -> list[str]:
-    """What a Wan pipeline makes (model_index.json): WanImageToVideoPipeline (Wan 2.1 I2V, Wan 2.2
-    I2V-A14B) needs a first-frame image; a TI2V folder (expand_timesteps: Wan 2.2 TI2V-5B) takes a
-    prompt with or without one; WanPipeline otherwise a prompt alone."""
-    if pipeline_cfg.get("expand_timesteps"):
-        return ["t2v", "i2v"]
-    return ["i2v"] if pipeline_cfg.get("_class_name") == "WanImageToVideoPipeline" else ["t2v"]
+    variant = variant_of(pipeline_cfg or {"_class_name": "WanPipeline"})
+    return _with_shape({**_wan_limits(denoiser_cfg, vae_cfg), "experts": variant.experts, "modes": list(variant.modes),
+                        "native_latent_frames": variant.native}, denoiser_cfg)
 
 
 def _is_animatediff(denoiser_cfg: dict) -> bool:
@@ -517,7 +501,6 @@ def _wan_limits(transformer_cfg: dict, vae_cfg: dict) -> dict:
         # the RoPE table has rope_max_seq_len rows: latent frames (global positions) must fit
         max_frames=num_output_frames(rope // p_t, temporal),
         max_side=min(rope * spatial * p_h, 1280),  # 1280: Wan's largest trained side (720p)
-        native_latent_frames=21,  # Wan 2.1/2.2 train on 81 frames = 21 latent frames
     )
 
 
@@ -528,7 +511,7 @@ def _unet3d_limits(vae_cfg: dict, name: str) -> dict:
     spatial = _kl_scale(vae_cfg)
     # Trained lengths: zeroscope_v2 24 frames; ModelScope and VideoCrafter2 16. The configs do not
     # tell zeroscope from ModelScope (same architecture), so the folder name decides.
-    native = 24 if "zeroscope" in name.lower() else 16
+    native = 24 if "zeroscope" in name.lower() else FAMILIES["unet3d"].native_latent_frames
     return dict(family="unet3d", spatial_multiple=spatial, temporal_stride=1, max_frames=1024, max_side=1024,
                 native_latent_frames=native)
 
@@ -539,7 +522,7 @@ def _animatediff_limits(unet_cfg: dict, vae_cfg: dict) -> dict:
     motion_max_seq_length rows, so a video has at most that many frames. Trained on 16 frames."""
     return dict(family="animatediff", spatial_multiple=_kl_scale(vae_cfg), temporal_stride=1,
                 max_frames=unet_cfg.get("motion_max_seq_length", MOTION_MAX_SEQ_LENGTH), max_side=1024,
-                native_latent_frames=16)
+                native_latent_frames=FAMILIES["animatediff"].native_latent_frames)
 
 
 def _kl_scale(vae_cfg: dict) -> int:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clipmesh.families import FAMILIES
 from clipmesh.specs import SpecError, check_range
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 MAX_SLICE_CHUNKS = 64
 AUTO = -1  # slice_chunks: the family's default
-# Chunks per sliced operator when the request says "auto": enough to cut the peak activation
-# well below a third at the sizes that matter, few enough that each chunk still fills the cores.
-AUTO_SLICE_CHUNKS = {"wan": 4, "unet3d": 4, "animatediff": 4}
 MAX_CACHE_INTERVAL = 50
 MAX_REHASH = 3  # auto: at most this many rehash steps in a row
 
@@ -35,19 +33,21 @@ class StepCache:
         return self.kind if self.kind == "off" else f"{self.kind}:{self.value:g}"
 
 
-# kind -> (families, (low, high) of its value, default value, what it means)
-STEP_CACHES = {
-    "every": (("unet3d", "animatediff"), (2, MAX_CACHE_INTERVAL), 3,
+# kind -> (families, (low, high) of its value, default value, what it means); which families run
+# a kind is theirs to say (families.py: Family.step_caches)
+STEP_CACHES = {kind: (tuple(name for name, family in FAMILIES.items() if kind in family.step_caches), *rest)
+               for kind, rest in {
+    "every": ((2, MAX_CACHE_INTERVAL), 3,
               "step rehash: a full pass at steps 0, K, 2K, ..., the deep features reused between"),
-    "auto": (("unet3d", "animatediff"), (0.0, 1.0), 0.1,
+    "auto": ((0.0, 1.0), 0.1,
              "step rehash while the reused deep features' estimated drift (relative L2, over the whole video) "
              f"stays below X, at most {MAX_REHASH} steps in a row"),
-    "fbc": (("wan",), (0.0, 1.0), 0.05, "FirstBlockCache: skip the other blocks while the first block's "
-                                        "residual changes by less than X (over the whole video)"),
-    "taylorseer": (("wan",), (2, MAX_CACHE_INTERVAL), 3,
+    "fbc": ((0.0, 1.0), 0.05, "FirstBlockCache: skip the other blocks while the first block's "
+                              "residual changes by less than X (over the whole video)"),
+    "taylorseer": ((2, MAX_CACHE_INTERVAL), 3,
                    "TaylorSeer: full passes at steps 0, 1, then 3, 3+K, 3+2K, ..., the blocks' attention and FFN "
                    "outputs forecast between"),
-}
+}.items()}
 # strategy -> why no step cache runs under it (refused at submit, and at install on the worker)
 NO_STEP_CACHE = {"block_pipeline": "each of its units advances another video block at another noise level, so a "
                                    "cache would be needed per block; use exact or clip_parallel"}
@@ -94,6 +94,8 @@ def resolve_savers(req: pb.SubmitJobRequest, family: str) -> pb.SaverOptions:
     canonically ("every:3")."""
     chunks = req.savers.slice_chunks if req.savers.HasField("slice_chunks") else 0
     if chunks == AUTO:
-        chunks = AUTO_SLICE_CHUNKS.get(family, 4)
+        # the family's (families.py): enough to cut the peak activation well below a third at the
+        # sizes that matter, few enough that each chunk still fills the cores
+        chunks = FAMILIES[family].slice_chunks if family in FAMILIES else 4
     return pb.SaverOptions(slice_chunks=chunks, step_cache=str(parse_step_cache(req.savers.step_cache, family)),
                            tiled_decode=req.savers.tiled_decode)

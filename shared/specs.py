@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from clipmesh.families import BLOCK_STACK, FAMILIES, RELATIVE_TIME, SPLIT_FRAMES, SPLIT_HEADS, WHY_MISSING
 from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 
@@ -58,7 +59,7 @@ class OptionSpec:
         """The default for a model family (an unknown family gets the first family's); a callable
         default is a function of the model's native latent frames (0: the family's own)."""
         if callable(self.default):
-            return self.default(native_latent_frames or FAMILY_NATIVE_FRAMES.get(family, 21))
+            return self.default(native_latent_frames or FAMILIES.get(family, FAMILIES["wan"]).native_latent_frames)
         if isinstance(self.default, Mapping):
             return self.default.get(family, next(iter(self.default.values())))
         return self.default
@@ -83,7 +84,7 @@ class OptionSpec:
 class StrategySpec:
     name: str
     partition: str                        # FRAMES or LAYERS
-    families: tuple[str, ...]             # model families (ModelInfo.family) it runs on
+    needs: frozenset[str]                 # the capabilities (clipmesh.families) a model must have
     summary: str                          # one line for the CLI
     streams: bool = False                 # can run unbounded (num_frames 0) and past the model's max_frames
     for_long_videos: bool = False         # the planner's choice beyond the model's native length
@@ -91,14 +92,24 @@ class StrategySpec:
     options: tuple[OptionSpec, ...] = ()
     min_clip_option: str | None = None    # the option no clip may be shorter than (as frames allow)
     splits_heads: bool = False            # ranks split attention heads: workers divide ModelInfo.attention_heads
-    refused: tuple[tuple[str, str], ...] = ()  # (family, why it cannot run there): said when asked for
 
     def option(self, name: str) -> OptionSpec:
         return next(o for o in self.options if o.name == name)
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families (ModelInfo.family) it runs on: those with every capability it needs."""
+        return tuple(name for name, family in FAMILIES.items() if self.needs <= family.capabilities)
+
+    @property
+    def refused(self) -> tuple[tuple[str, str], ...]:
+        """(family, why it cannot run there), for the families whose missing capability has a reason."""
+        return tuple((family, why) for family in FAMILIES if (why := self.refusal(family)))
+
     def refusal(self, family: str) -> str | None:
         """Why this strategy is refused for a model family (None: not refused, it may just not run there)."""
-        return dict(self.refused).get(family)
+        missing = self.needs - FAMILIES[family].capabilities if family in FAMILIES else set()
+        return next((WHY_MISSING[c] for c in sorted(missing) if c in WHY_MISSING), None)
 
     @property
     def model_defaults_field(self) -> str | None:
@@ -121,20 +132,14 @@ class StrategySpec:
 #   "query":  f, the query's own time (like a temporal attention without positions).
 GLOBAL_ROPE_POLICIES = ("true", "native", "clamp", "query")
 
-# Latent frames a family's models attend over in training, where a model's ModelInfo does not say.
-FAMILY_NATIVE_FRAMES = {"wan": 21, "unet3d": 16, "animatediff": 16}
-
 # Fixed order: the first is the default; choices, help and model strategy lists follow it.
 STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec(
-        name="exact", partition=FRAMES, families=("wan", "unet3d", "animatediff"),
+        name="exact", partition=FRAMES, needs=frozenset({SPLIT_FRAMES}),
         summary="every frame attends to every frame, as on one device"),
     StrategySpec(
-        name="clip_parallel", partition=FRAMES, families=("wan", "unet3d"), for_long_videos=True,
+        name="clip_parallel", partition=FRAMES, needs=frozenset({SPLIT_FRAMES, RELATIVE_TIME}), for_long_videos=True,
         summary="dual-scope attention", options_field="clip_parallel", min_clip_option="local_halo",
-        refused=(("animatediff", "AnimateDiff's motion modules add sinusoidal positions by frame index, and "
-                                 "Video-Infinity's authors state that dual-scope attention fails with temporal "
-                                 "position embeddings"),),
         # docs/algorithms.md section 1; every default measured on the toy world (docs/quality.md).
         # The window follows the model's native latent frames N: P = N // 2, so a window of 2P+1
         # holds the native length (Wan2.1: 81 frames = 21 latent frames, P = 10; VideoCrafter2:
@@ -163,7 +168,7 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
                        choices=GLOBAL_ROPE_POLICIES),
         )),
     StrategySpec(
-        name="block_pipeline", partition=LAYERS, families=("wan",), streams=True,
+        name="block_pipeline", partition=LAYERS, needs=frozenset({BLOCK_STACK}), streams=True,
         summary="DualParal block queue", options_field="block_pipeline",
         # docs/algorithms.md section 2: blocks of 8 latent frames (29 video frames for the first)
         # with 4 frames of context each way.
@@ -174,7 +179,7 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
                        0, "block_frames"),
         )),
     StrategySpec(
-        name="ulysses", partition=FRAMES, families=("wan",), splits_heads=True,
+        name="ulysses", partition=FRAMES, needs=frozenset({SPLIT_FRAMES, SPLIT_HEADS}), splits_heads=True,
         summary="exact attention by sequence<->head all-to-all (heads divide by workers)"),
 )}
 DEFAULT_STRATEGY = next(iter(STRATEGY_SPECS))

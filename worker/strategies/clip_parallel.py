@@ -14,7 +14,7 @@ unsynchronised, a flaw clipmesh fixes).
 
 from __future__ import annotations
 
-from clipmesh.specs import FAMILY_NATIVE_FRAMES
+from clipmesh.families import FAMILIES
 from clipmesh.worker.job import Denoising
 from clipmesh.worker.strategies.base import FrameAttention, FrameStrategy
 from clipmesh.worker.strategies.dual_scope import DualScope
@@ -26,7 +26,7 @@ def native_frames(model, plan) -> int:
         frames = model.model_info(plan.request.model).native_latent_frames
     except Exception:  # a model whose info cannot be derived: the family default is the best we know
         frames = 0
-    return frames or FAMILY_NATIVE_FRAMES[model.family]
+    return frames or FAMILIES[model.family].native_latent_frames
 
 
 class DualScopeAttention(FrameAttention):
