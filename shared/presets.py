@@ -249,6 +249,8 @@ PRESETS: dict[str, dict] = {
 # (each built with its own random weights).
 PRESETS["tiny-wan22"] = {**PRESETS["tiny-wan"], "boundary_ratio": 0.875,  # Wan2.2-T2V-A14B's model_index.json
                          "limits": {**PRESETS["tiny-wan"]["limits"], "experts": 2}}
+PRESETS["bench-wan22"] = {**PRESETS["bench-wan"], "boundary_ratio": 0.875,  # the memory of two experts per stage
+                          "limits": {**PRESETS["bench-wan"]["limits"], "experts": 2}}
 
 # Image-to-video at tiny-wan's size (WanImageToVideoPipeline folders): the transformer takes 36
 # channels (16 noisy latents, 4 of first-frame mask, 16 of the encoded [image, zeros...]).
