@@ -90,7 +90,7 @@ class _Stage(Schedule):
         self.job, self.mesh, self.d, self.experts, self.cache = job, job.mesh, denoising, stages, cache
         self.layers = job.layers
         self.text = denoising.cond if denoising.uncond is None else torch.cat([denoising.cond, denoising.uncond])
-        embeds = getattr(denoising.image, "embeds", None)  # image-to-video: beside the text, per CFG row
+        embeds = denoising.image.embeds if denoising.image is not None else None  # I2V: beside the text, per CFG row
         self.image_embeds = None if embeds is None else embeds.expand(self.text.shape[0], -1, -1)
         self.total = len(denoising.timesteps)
         self.last = job.rank == job.mesh.world_size - 1  # the last stage runs the head
