@@ -127,7 +127,8 @@ def _expected_wan_limits(transformer: dict, vae: dict) -> dict:
     temperal_downsample halves time; a patch covers patch_size pixels of latent; RoPE has one row
     per latent frame (after temporal patching); 1280 is Wan's largest trained side (720p);
     21 latent frames = Wan's 81 trained frames; the strategies: those of the strategy table
-    (clipmesh.specs) for the Wan family; one expert (model_index.json names no transformer_2)."""
+    (clipmesh.specs) for the Wan family; one expert (model_index.json names no transformer_2);
+    text-to-video only (a WanPipeline without expand_timesteps)."""
     from clipmesh.specs import STRATEGY_SPECS
     p_t, p_h, p_w = transformer["patch_size"]
     assert p_h == p_w
@@ -137,7 +138,7 @@ def _expected_wan_limits(transformer: dict, vae: dict) -> dict:
     want = {"family": "wan", "spatial_multiple": spatial * p_h, "temporal_stride": temporal,
             "max_frames": (rope // p_t - 1) * temporal + 1, "max_side": min(rope * spatial * p_h, 1280),
             "strategies": [name for name, spec in STRATEGY_SPECS.items() if "wan" in spec.families],
-            "native_latent_frames": 21, "num_layers": transformer["num_layers"], "experts": 1}
+            "native_latent_frames": 21, "num_layers": transformer["num_layers"], "experts": 1, "modes": ["t2v"]}
     assert {"exact", "clip_parallel", "block_pipeline"} <= set(want["strategies"])
     return want
 
