@@ -79,6 +79,14 @@ class Daemons:
                 proc.wait()
 
 
+def planned(req: pb.SubmitJobRequest, world_size: int, job_id: str) -> pb.RenderPlan:
+    """The real planner's plan of `req` on `world_size` workers of equal speed."""
+    from clipmesh.coordinator.planner import make_plan
+
+    return make_plan(pb.Job(id=job_id, request=req), [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)],
+                     pb.ModelInfo(**presets.model_limits(req.model)), 60)
+
+
 def wait_until(ready, timeout: float, what: str, daemons: Daemons | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:

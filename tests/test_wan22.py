@@ -20,7 +20,7 @@ from clipmesh import presets
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from conftest import wait_until
+from conftest import planned, wait_until
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 MODEL = "tiny-wan22"
@@ -154,13 +154,9 @@ def _blocks(mesh, folder, plan_bytes):
 def _block_plan(world_size: int) -> pb.RenderPlan:
     """block_pipeline on 25 frames (7 latent frames: blocks of 2, 2, 2, 1; 1 frame of context)
     from the real planner."""
-    from clipmesh.coordinator.planner import make_plan
-
     req = _request(world_size, "block_pipeline", frames=25)
     req.block_pipeline.CopyFrom(pb.BlockPipelineOptions(block_frames=2, context_frames=1))
-    return make_plan(pb.Job(id=f"bp22-{world_size}", request=req),
-                     [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)],
-                     pb.ModelInfo(**presets.model_limits(MODEL)), 60)
+    return planned(req, world_size, f"bp22-{world_size}")
 
 
 def _video(blocks) -> torch.Tensor:

@@ -25,7 +25,7 @@ from clipmesh.images import decode_image
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
-from conftest import wait_until
+from conftest import planned, wait_until
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 # the SDK warns that OpenAI's own video service is to shut down: this is clipmesh's
@@ -55,15 +55,10 @@ def _request(model: str, world_size: int, strategy: str, frames: int, image: byt
 
 
 def _plan(model: str, world_size: int, strategy: str, frames: int = 17) -> pb.RenderPlan:
-    """A plan from the real planner."""
-    from clipmesh.coordinator.planner import make_plan
-
     req = _request(model, world_size, strategy, frames)
     if strategy == "block_pipeline":
         req.block_pipeline.CopyFrom(pb.BlockPipelineOptions(block_frames=2, context_frames=1))
-    return make_plan(pb.Job(id=f"i2v-{model}-{strategy}-{world_size}-{frames}", request=req),
-                     [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)],
-                     pb.ModelInfo(**presets.model_limits(model)), 60)
+    return planned(req, world_size, f"i2v-{model}-{strategy}-{world_size}-{frames}")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from clipmesh.images import decode_image
 from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from conftest import planned
 from ranks import run_ranks, single_thread_model, solo_mesh
 from test_wan_i2v import IMAGE, png
 
@@ -26,16 +27,12 @@ TOL = 1e-5
 
 
 def _plan(world_size: int, strategy: str, image: bytes, frames: int = 17) -> pb.RenderPlan:
-    from clipmesh.coordinator.planner import make_plan
-
     req = pb.SubmitJobRequest(prompt=PROMPT, negative_prompt="blurry", num_frames=frames, height=SIDE, width=SIDE,
                               num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, model=NAME,
                               strategy=strategy, num_workers=world_size, fps=8, image=image)
     if strategy == "block_pipeline":
         req.block_pipeline.CopyFrom(pb.BlockPipelineOptions(block_frames=2, context_frames=1))
-    return make_plan(pb.Job(id=f"ti2v-{strategy}-{world_size}", request=req),
-                     [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)],
-                     pb.ModelInfo(**presets.model_limits(NAME)), 60)
+    return planned(req, world_size, f"ti2v-{strategy}-{world_size}")
 
 
 @pytest.fixture(scope="module")
