@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from clipmesh import faults
+from clipmesh import specs
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from . import access
@@ -233,7 +233,7 @@ class CoordinatorCore:
             async for chunk in chunks:
                 yield chunk.data
 
-        complete = await self.checkpoints.receive(header, data(), faults.checkpoint_frames(active.plan))
+        complete = await self.checkpoints.receive(header, data(), specs.checkpoint_frames(active.plan))
         if complete:
             job = self.jobs.get(header.job_id)
             job.checkpoint_step = header.step

@@ -13,7 +13,8 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
-from clipmesh.plan import DECODE_RUN, decoding_rank, latent_of_frame
+from clipmesh.plan import latent_of_frame
+from clipmesh.specs import DECODE_RUN, decoding_rank
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -80,7 +81,7 @@ class FrameIntake:
         return header.num_frames
 
     def _check_own_frames(self, active: ActiveJob, header: pb.FrameHeader) -> None:
-        """Every frame of the part is one the member's rank decodes (plan.decoding_rank)."""
+        """Every frame of the part is one the member's rank decodes (specs.decoding_rank)."""
         rank, plan = active.members.index(header.worker_id), active.plan
         stride = self.jobs.workers.model_info(plan.request.model).temporal_stride
         for frame in range(header.first_frame, header.first_frame + header.num_frames):

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipmesh import faults
+from clipmesh import faults, specs
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from .checkpoints import Checkpoints
@@ -170,7 +170,7 @@ class Jobs:
         active = self.active.get(job.id)
         if active is None:
             return 0.0
-        if active.plan.layers:
+        if specs.work_of(active.plan) == specs.QUEUE:  # its blocks finish in order, each at its own step
             frames = active.video.frames_written if active.video else 0
             return min(frames / job.request.num_frames, 1.0) if job.request.num_frames else 0.0
         steps = self.step_fraction.get(job.id, {})
@@ -277,9 +277,9 @@ class Jobs:
         video open (kept from the attempt before, if any), resuming from its last checkpoint."""
         video = self.kept_videos.pop(job.id, None) or (
             await self._video_on_disk(job) if job.attempt else VideoWriter(self._video_file(job.id), job.request.fps))
-        checkpoint = self.checkpoints.latest(job.id, faults.checkpoint_frames(plan)) if plan.checkpoint_every else None
+        checkpoint = self.checkpoints.latest(job.id, specs.checkpoint_frames(plan)) if plan.checkpoint_every else None
         if checkpoint is not None:
-            if not plan.layers:  # block_pipeline's queue holds each block's own step
+            if specs.work_of(plan) == specs.CLIPS:  # a queue holds each block's own step
                 plan.start_step = checkpoint.step
             plan.resume.CopyFrom(checkpoint)
         plan.frames_in_video = video.frames_written
@@ -370,7 +370,7 @@ class Jobs:
         self.kept_videos[job_id] = active.video
         backoff = RETRY_BACKOFF_S * 2 ** (active.attempt - 1)
         self.not_before[job_id] = time.monotonic() + backoff
-        checkpoint = self.checkpoints.latest(job_id, faults.checkpoint_frames(active.plan))
+        checkpoint = self.checkpoints.latest(job_id, specs.checkpoint_frames(active.plan))
         where = f"step {checkpoint.step}" if checkpoint else "step 0"
         self._queue_again(job, f"attempt {active.attempt} of {limit} failed: {error}; attempt {active.attempt + 1} "
                                f"resumes from {where} in {backoff:g}s")

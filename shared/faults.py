@@ -20,12 +20,5 @@ def checkpoint_every(req) -> int:
     return req.checkpoint_every if req.HasField("checkpoint_every") else DEFAULT_CHECKPOINT_EVERY
 
 
-def checkpoint_frames(plan) -> int:
-    """The latent frames a complete checkpoint of `plan` covers: a frames partition's parts
-    cover the video; a layers partition's (block_pipeline) is one part [0, 1) from rank 0,
-    which holds the whole queue."""
-    return 1 if plan.layers else plan.num_latent_frames
-
-
 def max_attempts(req) -> int:
     return req.max_attempts if req.HasField("max_attempts") else DEFAULT_MAX_ATTEMPTS

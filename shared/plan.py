@@ -1,7 +1,6 @@
 """Plan math both sides agree on: frames <-> latent frames, clip ranges, noise seeds.
 
-Pure Python (no torch) so the coordinator can plan without loading a model (and check who
-uploads what: decoding_rank).
+Pure Python (no torch) so the coordinator can plan without loading a model.
 """
 
 from __future__ import annotations
@@ -101,19 +100,6 @@ def block_ranges(num_latent: int, block_frames: int) -> Iterator[tuple[int, int]
         yield start, min(start + block_frames, num_latent) if num_latent else start + block_frames
 
 
-# block_pipeline: blocks decoded in a row by one rank: the warm-up of a run (~0.8 of a block's
-# decode on bench-wan) is paid once per run; longer runs wait longer for a rank's turn.
-DECODE_RUN = 4
-
-
 def latent_of_frame(frame: int, temporal_stride: int) -> int:
     """The latent frame an output frame decodes from (the first latent frame is one frame alone)."""
     return 0 if frame == 0 else (frame - 1) // temporal_stride + 1
-
-
-def decoding_rank(plan, latent: int) -> int:
-    """The rank that decodes (and uploads) latent frame `latent` of a RenderPlan: the owner of
-    its clip; under block_pipeline, run k of DECODE_RUN blocks is rank k mod N's. -1: none."""
-    if plan.layers:
-        return latent // plan.block_pipeline.block_frames // DECODE_RUN % plan.world_size
-    return next((rank for rank, clip in enumerate(plan.clips) if clip.start <= latent < clip.end), -1)

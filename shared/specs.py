@@ -22,6 +22,15 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 
 FRAMES = "frames"  # ranks split the latent frames: plan.clips tile [0, num_latent_frames)
 LAYERS = "layers"  # ranks split the transformer's blocks: plan.layers tile [0, ModelInfo.num_layers)
+# How the rest of the system handles a strategy's work (StrategySpec.work), without torch:
+CLIPS = "clips"  # every rank steps its own clip, all at one step: progress is steps; a checkpoint is every
+#                  rank's clip at that step (resume at start_step); a clip's rank decodes and uploads it
+QUEUE = "queue"  # a queue of blocks through the ranks (DualParal): progress is frames written (blocks finish in
+#                  order, each at its own step); a checkpoint is rank 0's queue, one part, every block at its
+#                  own step; runs of DECODE_RUN blocks decode on the ranks in turn, beside the stages
+# QUEUE: blocks a rank decodes (and uploads) in a row, in turn: the warm-up of a run (~0.8 of a
+# block's decode on bench-wan) is paid once per run; longer runs wait longer for a rank's turn.
+DECODE_RUN = 4
 MAX_STREAM_FRAMES = 100_001  # a streaming strategy's memory is flat in length: the cap is the disk's
 
 
@@ -92,6 +101,7 @@ class StrategySpec:
     options: tuple[OptionSpec, ...] = ()
     min_clip_option: str | None = None    # the option no clip may be shorter than (as frames allow)
     splits_heads: bool = False            # ranks split attention heads: workers divide ModelInfo.attention_heads
+    work: str = CLIPS                     # CLIPS or QUEUE: progress, checkpoints, who decodes and uploads
 
     def option(self, name: str) -> OptionSpec:
         return next(o for o in self.options if o.name == name)
@@ -168,7 +178,7 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
                        choices=GLOBAL_ROPE_POLICIES),
         )),
     StrategySpec(
-        name="block_pipeline", partition=LAYERS, needs=frozenset({BLOCK_STACK}), streams=True,
+        name="block_pipeline", partition=LAYERS, needs=frozenset({BLOCK_STACK}), streams=True, work=QUEUE,
         summary="DualParal block queue", options_field="block_pipeline",
         # docs/algorithms.md section 2: blocks of 8 latent frames (29 video frames for the first)
         # with 4 frames of context each way.
@@ -191,6 +201,25 @@ def spec_named(name: str) -> StrategySpec:
         return STRATEGY_SPECS[name or DEFAULT_STRATEGY]
     except KeyError:
         raise SpecError("strategy", f"unknown strategy {name!r}; known: {', '.join(STRATEGY_SPECS)}") from None
+
+
+def work_of(plan: pb.RenderPlan) -> str:
+    """CLIPS or QUEUE: how the plan's strategy works (StrategySpec.work)."""
+    return spec_named(plan.strategy).work
+
+
+def checkpoint_frames(plan: pb.RenderPlan) -> int:
+    """The latent frames a complete checkpoint of `plan` covers: CLIPS, the parts cover the video;
+    QUEUE, one part [0, 1) from rank 0, which holds the whole queue."""
+    return 1 if work_of(plan) == QUEUE else plan.num_latent_frames
+
+
+def decoding_rank(plan: pb.RenderPlan, latent: int) -> int:
+    """The rank that decodes (and uploads) latent frame `latent`: CLIPS, the owner of its clip;
+    QUEUE, run k of DECODE_RUN blocks is rank k mod N's. -1: none."""
+    if work_of(plan) == QUEUE:
+        return latent // plan.block_pipeline.block_frames // DECODE_RUN % plan.world_size
+    return next((rank for rank, clip in enumerate(plan.clips) if clip.start <= latent < clip.end), -1)
 
 
 def strategies_for(family: str) -> list[str]:

@@ -66,7 +66,7 @@ def _run(mesh, folder, plan_bytes):
 def _pipeline(folder, plan, by_rank=None) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """The finished blocks of every rank (`by_rank`: of a run already made), in video order: runs
     of DECODE_RUN blocks are handed to the ranks in turn to decode."""
-    from clipmesh.plan import DECODE_RUN
+    from clipmesh.specs import DECODE_RUN
 
     by_rank = by_rank or run_ranks(_run, plan.world_size, folder, plan.SerializeToString(),
                                    group=f"bp-{plan.world_size}-{plan.request.num_frames}")

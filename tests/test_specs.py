@@ -334,3 +334,32 @@ def test_cli_has_a_flag_per_option_and_fills_the_messages():
             == option.choices[0]
         with pytest.raises(SystemExit):
             parser.parse_args(["submit", "x", option.flag, "warp-drive"])
+
+
+def test_every_spec_has_its_worker_module_and_every_module_its_spec():
+    """The worker finds a strategy by its spec's name (worker/strategies/<name>.py defines
+    STRATEGY); read as text, so this stays a torch-free unit test."""
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(specs.__file__).resolve().parent.parent / "worker" / "strategies"
+    modules = {path.stem for path in folder.glob("*.py")
+               if any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "STRATEGY" for t in node.targets)
+                      for node in ast.parse(path.read_text()).body)}
+    assert modules == set(STRATEGY_SPECS)
+
+
+def test_what_the_system_asks_of_a_strategy_is_in_its_spec():
+    """Progress, checkpoints and who decodes follow StrategySpec.work, not the plan's shape."""
+    for spec in STRATEGY_SPECS.values():
+        assert spec.work in (specs.CLIPS, specs.QUEUE)
+        assert (spec.work == specs.QUEUE) == (spec.partition == LAYERS)  # today's one queue strategy splits layers
+    clips = pb.RenderPlan(strategy="exact", world_size=2, num_latent_frames=9,
+                          clips=[pb.ClipRange(start=0, end=5), pb.ClipRange(start=5, end=9)])
+    assert specs.checkpoint_frames(clips) == 9
+    assert [specs.decoding_rank(clips, f) for f in (0, 4, 5, 8, 9)] == [0, 0, 1, 1, -1]
+    queue = pb.RenderPlan(strategy="block_pipeline", world_size=2, num_latent_frames=40,
+                          block_pipeline=pb.BlockPipelineOptions(block_frames=2))
+    assert specs.checkpoint_frames(queue) == 1
+    run = 2 * specs.DECODE_RUN  # latent frames per run of blocks
+    assert [specs.decoding_rank(queue, f) for f in (0, run - 1, run, 2 * run)] == [0, 0, 1, 0]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from clipmesh import specs
 from clipmesh.auth import SESSION_HEADER, TLS, channel, metadata
 from clipmesh.worker import metrics
 from clipmesh.v1 import clipmesh_pb2 as pb
@@ -241,7 +242,8 @@ class WorkerDaemon:
         from clipmesh.worker.job import Cancelled
 
         a, plan = ctx.assignment, ctx.assignment.plan
-        part = (f"layers [{plan.layers[a.rank].start}, {plan.layers[a.rank].end})" if plan.layers else
+        part = (f"layers [{plan.layers[a.rank].start}, {plan.layers[a.rank].end})"
+                if specs.spec_named(plan.strategy).partition == specs.LAYERS else
                 f"latent frames [{plan.clips[a.rank].start}, {plan.clips[a.rank].end})")
         log.info("job %s attempt %d: rank %d/%d, %s, %s%s", a.job_id, a.attempt, a.rank, plan.world_size, part,
                  plan.strategy, f", from step {plan.start_step}" if plan.start_step else "")
@@ -391,7 +393,7 @@ class WorkerDaemon:
         """The parts of the plan's checkpoint that hold this rank's latent frames (block_pipeline:
         rank 0's queue, the one part)."""
         plan = a.plan
-        if plan.layers:
+        if specs.work_of(plan) == specs.QUEUE:
             parts = plan.resume.parts if a.rank == 0 else []
         else:
             clip = plan.clips[a.rank]

@@ -23,7 +23,7 @@ import torch
 from clipmesh.images import decode_image
 from clipmesh.plan import num_output_frames
 from clipmesh.specs import check_plan as check_against_spec
-from clipmesh.specs import clip_lengths
+from clipmesh.specs import QUEUE, clip_lengths, work_of
 from clipmesh.worker import checkpoint
 from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, RenderedFrames, StepReport  # noqa: F401
 from clipmesh.worker.peak_memory import PeakMemory
@@ -190,7 +190,7 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
     denoises only. `resume`, `on_checkpoint`: as for run()."""
     job = Job(model, plan, rank, mesh)
     # block_pipeline's blocks decode beside the pipeline: inline, a rank's decode stalls every stage
-    decoder = Decoder(job, on_frames or (lambda rendered: None), background=bool(plan.layers)) if decode else None
+    decoder = Decoder(job, on_frames or (lambda rendered: None), background=work_of(plan) == QUEUE) if decode else None
 
     def finished(piece: FinishedLatents) -> None:
         if on_latents:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from clipmesh.plan import DECODE_RUN, block_ranges, decoding_rank, num_output_frames
+from clipmesh.plan import block_ranges, num_output_frames
+from clipmesh.specs import DECODE_RUN, decoding_rank
 from clipmesh.worker import checkpoint
 from clipmesh.worker.job import Cancelled, FinishedLatents, Work
 from clipmesh.worker.memory import release_free_memory
