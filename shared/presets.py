@@ -247,10 +247,8 @@ PRESETS: dict[str, dict] = {
 # Wan 2.2 A14B's layout (T2V-A14B-Diffusers) at tiny-wan's size: two experts, the high-noise
 # `transformer` for timesteps >= boundary_ratio * 1000 and the low-noise `transformer_2` below
 # (each built with its own random weights).
-PRESETS["tiny-wan22"] = {**PRESETS["tiny-wan"], "boundary_ratio": 0.875,  # Wan2.2-T2V-A14B's model_index.json
-                         "limits": {**PRESETS["tiny-wan"]["limits"], "experts": 2}}
-PRESETS["bench-wan22"] = {**PRESETS["bench-wan"], "boundary_ratio": 0.875,  # the memory of two experts per stage
-                          "limits": {**PRESETS["bench-wan"]["limits"], "experts": 2}}
+PRESETS["tiny-wan22"] = {**PRESETS["tiny-wan"], "boundary_ratio": 0.875}  # Wan2.2-T2V-A14B's model_index.json
+PRESETS["bench-wan22"] = {**PRESETS["bench-wan"], "boundary_ratio": 0.875}  # the memory of two experts per stage
 
 # Image-to-video at tiny-wan's size (WanImageToVideoPipeline folders): the transformer takes 36
 # channels (16 noisy latents, 4 of first-frame mask, 16 of the encoded [image, zeros...]).
@@ -259,10 +257,10 @@ PRESETS["bench-wan22"] = {**PRESETS["bench-wan"], "boundary_ratio": 0.875,  # th
 # image encoder and two experts (boundary 0.9, its model_index.json).
 _I2V_TRANSFORMER = {**PRESETS["tiny-wan"]["transformer"], "in_channels": 36, "out_channels": 16}
 PRESETS["tiny-wan-i2v"] = {
-    **PRESETS["tiny-wan"], "transformer": {**_I2V_TRANSFORMER, "image_dim": 32, "added_kv_proj_dim": 24},
+    **PRESETS["tiny-wan"], "pipeline": "WanImageToVideoPipeline",
+    "transformer": {**_I2V_TRANSFORMER, "image_dim": 32, "added_kv_proj_dim": 24},
     "image_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=32, patch_size=8, projection_dim=32),
-    "limits": {**PRESETS["tiny-wan"]["limits"], "modes": ["i2v"]}}
+                          image_size=32, patch_size=8, projection_dim=32)}
 # Wan 2.2 TI2V-5B's layout at a tiny size: its VAE (z_dim 48, residual blocks, 2x2 patches as
 # channels: x16 in space), a 48-channel transformer, and per-token timesteps (expand_timesteps):
 # text-to-video, and image-to-video from the same folder (the first latent frame held at the image's).
@@ -274,12 +272,24 @@ PRESETS["tiny-wan-ti2v"] = {
                 out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
                 latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
     "expand_timesteps": True,
-    "limits": {**PRESETS["tiny-wan"]["limits"], "spatial_multiple": 32, "native_latent_frames": 31,
-               "modes": ["t2v", "i2v"]}}
-PRESETS["tiny-wan22-i2v"] = {**PRESETS["tiny-wan"], "transformer": _I2V_TRANSFORMER, "boundary_ratio": 0.9,
-                             "limits": {**PRESETS["tiny-wan"]["limits"], "experts": 2, "modes": ["i2v"]}}
+    "limits": {**PRESETS["tiny-wan"]["limits"], "spatial_multiple": 32, "native_latent_frames": 31}}
+PRESETS["tiny-wan22-i2v"] = {**PRESETS["tiny-wan"], "pipeline": "WanImageToVideoPipeline",
+                             "transformer": _I2V_TRANSFORMER, "boundary_ratio": 0.9}
 
-for _preset in PRESETS.values():  # as a folder of these configs reports them: strategies, layers, heads
+
+def _wan_index(preset: dict) -> dict:
+    """What a Wan preset's folder says in its model_index.json, of what picks its variant
+    (families.variant_of): the pipeline class, a second expert, an image encoder, per-token timesteps."""
+    return {"_class_name": preset.get("pipeline", "WanPipeline"),
+            "transformer_2": ["diffusers", "WanTransformer3DModel"] if "boundary_ratio" in preset else [None, None],
+            "image_encoder": ["transformers", "CLIPVisionModel"] if "image_encoder" in preset else [None, None],
+            "expand_timesteps": bool(preset.get("expand_timesteps"))}
+
+
+for _preset in PRESETS.values():  # as a folder of these configs reports them: modes, experts, strategies, layers, heads
+    if _preset["limits"]["family"] == "wan":
+        _variant = variant_of(_wan_index(_preset))
+        _preset["limits"] = {"experts": _variant.experts, "modes": list(_variant.modes), **_preset["limits"]}
     _preset["limits"] = _with_shape(_preset["limits"], _denoiser_config(_preset))
 
 _VERSION = "v2"  # bump when a preset's config changes, so stale cached folders are not reused
@@ -387,7 +397,7 @@ def _build(name: str, out: pathlib.Path) -> None:
     )
     if cfg.get("expand_timesteps"):  # TI2V: a WanPipeline folder that also takes an image
         return WanPipeline(**parts, expand_timesteps=True).save_pretrained(out)
-    if "i2v" not in cfg["limits"]["modes"]:
+    if cfg.get("pipeline") != "WanImageToVideoPipeline":
         return WanPipeline(**parts).save_pretrained(out)
     if "image_encoder" in cfg:  # Wan 2.1 I2V: CLIP ViT-H/14 and its processor, here tiny
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
