@@ -81,8 +81,12 @@ class CoordinatorCore:
         return job
 
     def list_jobs(self, limit: int, who: access.Caller = access.OPEN) -> list[pb.Job]:
-        """The newest `limit` jobs the caller may see (a client: its own)."""
-        return self.jobs.list(limit, None if who.sees_all else who.name)
+        """The newest `limit` jobs the caller may see (a client: its own), without their requests'
+        images (up to 3 MiB each, a listing would outgrow a message; GetJob has a job's)."""
+        jobs = self.jobs.list(limit, None if who.sees_all else who.name)
+        for job in jobs:
+            job.request.ClearField("image")
+        return jobs
 
     def progress(self, job: pb.Job) -> float:
         """0..1 from the job's real events (Jobs.progress)."""

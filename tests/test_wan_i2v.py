@@ -271,6 +271,7 @@ def test_image_to_video_through_real_daemons_cli_and_openai_sdk(daemons, tmp_pat
     done = client.get(video.id)
     assert done.state == pb.SUCCEEDED, done.error
     assert done.request.image == IMAGE and len(done.worker_ids) == 2
+    assert [j.request.image for j in client.jobs()] == [b""]  # a listing leaves the image out
     assert iio.imread(sdk.videos.download_content(video.id).read(), extension=".mp4").shape == (17, 64, 64, 3)
 
 
