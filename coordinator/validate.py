@@ -7,7 +7,8 @@ strategy allows (its options' ranges, streaming, worker caps) is read from the s
 from __future__ import annotations
 
 from clipmesh import faults, specs
-from clipmesh.images import ImageError, check_image
+from clipmesh.families import FAMILIES
+from clipmesh.images import MODES, ImageError, check_image
 from clipmesh.plan import num_latent_frames
 from clipmesh.savers import check_savers
 from clipmesh.v1 import clipmesh_pb2 as pb
@@ -108,9 +109,10 @@ def check_model_claim(model: pb.ModelInfo) -> None:
     try:
         if not 1 <= len(model.name) <= MAX_MODEL_NAME:
             raise InvalidArgument("register.model.name", f"must be 1 to {MAX_MODEL_NAME} characters")
-        families = {family for spec in specs.STRATEGY_SPECS.values() for family in spec.families}
-        if model.family not in families:
-            raise InvalidArgument("register.model.family", f"must be one of {', '.join(sorted(families))}")
+        if model.family not in FAMILIES:
+            raise InvalidArgument("register.model.family", f"must be one of {', '.join(sorted(FAMILIES))}")
+        if set(model.modes) - set(MODES) or len(model.modes) > len(MODES):
+            raise InvalidArgument("register.model.modes", f"must be among {', '.join(MODES)}, each once")
         for field, (low, high) in CLAIM_BOUNDS.items():
             specs.check_range(f"register.model.{field}", getattr(model, field), low, high)
         if model.max_side < model.spatial_multiple:

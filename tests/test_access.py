@@ -201,6 +201,9 @@ def test_model_limits_are_the_coordinators_not_a_workers_claim(secured):
     assert attach_status(secured.address, claim(spatial_multiple=0)) == grpc.StatusCode.INVALID_ARGUMENT
     assert attach_status(secured.address, claim(max_side=99_999)) == grpc.StatusCode.INVALID_ARGUMENT
     assert attach_status(secured.address, claim(max_side=1024)) == grpc.StatusCode.FAILED_PRECONDITION  # not the preset's
+    unknown_mode = claim()
+    unknown_mode.modes[:] = ["v2v"]
+    assert attach_status(secured.address, unknown_mode) == grpc.StatusCode.INVALID_ARGUMENT
     with Client(secured.address, "tok-alice") as alice:
         with pytest.raises(grpc.RpcError) as err:
             alice.submit("huge", num_frames=17, height=99_984, width=99_984)
