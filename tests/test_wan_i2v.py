@@ -11,7 +11,11 @@ video (wan_encode.py). block_pipeline: N stages equal 1 stage.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -273,6 +277,24 @@ def test_image_to_video_through_real_daemons_cli_and_openai_sdk(daemons, tmp_pat
     assert done.request.image == IMAGE and len(done.worker_ids) == 2
     assert [j.request.image for j in client.jobs()] == [b""]  # a listing leaves the image out
     assert iio.imread(sdk.videos.download_content(video.id).read(), extension=".mp4").shape == (17, 64, 64, 3)
+
+    # JSON callers send the image as a base64 data: URL; a URL to fetch is refused, naming the field
+    def post(reference: str) -> tuple[int, dict]:
+        body = json.dumps({"prompt": "a cat", "model": "tiny-wan-i2v", "size": "64x64", "num_frames": 5, "steps": 1,
+                           "input_reference": reference}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port_file.read_text()}/v1/videos", data=body, headers={
+            "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    status, created = post("data:image/png;base64," + base64.b64encode(IMAGE).decode())
+    assert status == 200 and client.get(created["id"]).request.image == IMAGE
+    for reference in ("https://example.com/first.png", "data:image/png;base64,@@@"):
+        status, error = post(reference)
+        assert status == 400 and error["error"]["param"] == "input_reference", reference
 
 
 def test_generate_with_an_image(tmp_path):
