@@ -16,17 +16,20 @@ job's video, written in threads across awaits (ActiveJob.video_lock).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import PIL.Image
 
 from clipmesh import specs
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 from . import access
 from .checkpoints import Checkpoints, stream_part
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .intake import FrameIntake
 from .jobs import Jobs, shielded
 from .limits import Limits
@@ -79,6 +82,21 @@ class CoordinatorCore:
         job = self.jobs.get(job_id)
         access.check_visible(who, job)
         return job
+
+    def preview(self, job_id: str, who: access.Caller = access.OPEN) -> pb.Preview:
+        """The newest frame a running job has received, as a PNG; NotFound before the first and
+        after the end (its video is then the thing to fetch)."""
+        job = self.get_job(job_id, who)
+        if job.state in FINAL_STATES:
+            raise NotFound(f"job {job_id} has ended: fetch its video")
+        active = self.jobs.active.get(job_id)
+        if active is None or active.latest_frame is None:
+            raise NotFound(f"job {job_id} has no frame yet")
+        frame, rgb = active.latest_frame
+        image = PIL.Image.frombytes("RGB", (job.request.width, job.request.height), rgb)
+        out = io.BytesIO()
+        image.save(out, "PNG")
+        return pb.Preview(frame=frame, frames_written=active.video.frames_written, png=out.getvalue())
 
     def list_jobs(self, limit: int, who: access.Caller = access.OPEN) -> list[pb.Job]:
         """The newest `limit` jobs the caller may see (a client: its own), without their requests'

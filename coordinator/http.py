@@ -6,6 +6,7 @@
     DELETE /v1/videos/{id}             cancel if running (its workers stop within a step), then delete
     GET    /v1/videos/{id}/content     the MP4 (range requests: a browser seeks)
     GET    /v1/videos/{id}/events      the job's events as Server-Sent Events: replay, then live
+    GET    /v1/videos/{id}/preview     the newest frame received, a PNG, while the job runs (404 otherwise)
     POST   /v1/videos/{id}/cancel      cancel, keeping the job and the frames finished (clipmesh's own)
     GET    /api/workers                the workers, as ListWorkers (clipmesh's own)
     GET    /                           the dashboard (dashboard.html), live through the SSE stream
@@ -239,6 +240,13 @@ class Gateway:
         who, job = self.visible(request)
         return web.FileResponse(self.core.video_path(job.id, who), headers={"Content-Type": "video/mp4"})
 
+    async def preview(self, request: web.Request) -> web.Response:
+        """The newest frame of a running job as a PNG (404 before the first, and after the end)."""
+        who = self.caller(request)
+        preview = self.core.preview(request.match_info["video_id"], who)
+        return web.Response(body=preview.png, content_type="image/png",
+                            headers={"X-Clipmesh-Frame": str(preview.frame), "Cache-Control": "no-store"})
+
     async def events(self, request: web.Request) -> web.StreamResponse:
         who, job = self.visible(request)
         events = self.core.watch(job.id, who)
@@ -273,7 +281,8 @@ def make_app(core: CoordinatorCore, credentials: access.Credentials) -> web.Appl
                     web.get("/v1/videos/{video_id}", gateway.retrieve),
                     web.delete("/v1/videos/{video_id}", gateway.delete),
                     web.get("/v1/videos/{video_id}/content", gateway.content),
-                    web.get("/v1/videos/{video_id}/events", gateway.events)])
+                    web.get("/v1/videos/{video_id}/events", gateway.events),
+                    web.get("/v1/videos/{video_id}/preview", gateway.preview)])
     return app
 
 

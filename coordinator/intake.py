@@ -25,6 +25,12 @@ from .stitcher import FramePart, VideoClosed
 from .store import FINAL_STATES
 
 
+def _last_frame(path, frame_bytes: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-frame_bytes, 2)
+        return f.read()
+
+
 class FrameIntake:
     def __init__(self, jobs: Jobs, limits: Limits = Limits()):
         self.jobs, self.limits = jobs, limits
@@ -66,6 +72,7 @@ class FrameIntake:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"frames-{header.first_frame:06d}-{next(self._upload_ids)}.rgb"
         await spool(chunks, path, expected, "RGB24")
+        last = (end - 1, _last_frame(path, header.height * header.width * 3))  # before the writer takes the part
         try:
             part = FramePart(header.first_frame, header.num_frames, header.height, header.width, path)
             await self._add_part(header.job_id, active, part)
@@ -76,6 +83,8 @@ class FrameIntake:
         except RuntimeError as exc:  # ffmpeg died: no video can come of this job
             await self.jobs.fail(header.job_id, f"video encoding failed: {exc}")
             raise FailedPrecondition(f"job {header.job_id} failed: video encoding failed") from None
+        if active.latest_frame is None or last[0] > active.latest_frame[0]:
+            active.latest_frame = last  # the preview (GetPreview)
         await self.jobs.emit(header.job_id, frames=pb.FramesReceived(
             worker_id=header.worker_id, first_frame=header.first_frame, num_frames=header.num_frames))
         return header.num_frames

@@ -73,6 +73,7 @@ class ActiveJob:
     adopted: set[str] = field(default_factory=set)
     adopt_by: float | None = None
     delete_when_over: bool = False              # DeleteJob came while members were still stopping
+    latest_frame: tuple[int, bytes] | None = None  # (index, RGB24 bytes) of the newest frame received
 
     @property
     def attempt(self) -> int:

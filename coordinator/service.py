@@ -78,6 +78,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return self.core.get_job(request.job_id, access.caller())
 
     @grpc_errors
+    async def GetPreview(self, request, context):
+        return self.core.preview(request.job_id, access.caller())
+
+    @grpc_errors
     async def ListJobs(self, request, context):
         return pb.ListJobsResponse(jobs=self.core.list_jobs(request.limit, access.caller()))
 

@@ -47,6 +47,10 @@ class Client:
     def get(self, job_id: str) -> pb.Job:
         return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
 
+    def preview(self, job_id: str) -> pb.Preview:
+        """The newest frame a running job has received (Preview.png); NOT_FOUND before and after."""
+        return self._call(self._stub.GetPreview, pb.GetPreviewRequest(job_id=job_id))
+
     def jobs(self, limit: int = 0) -> list[pb.Job]:
         return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(limit=limit)).jobs)
 

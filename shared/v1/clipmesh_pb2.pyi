@@ -173,6 +173,22 @@ class GetJobRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class GetPreviewRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Preview(_message.Message):
+    __slots__ = ("frame", "frames_written", "png")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    frame: int
+    frames_written: int
+    png: bytes
+    def __init__(self, frame: _Optional[int] = ..., frames_written: _Optional[int] = ..., png: _Optional[bytes] = ...) -> None: ...
+
 class ListJobsRequest(_message.Message):
     __slots__ = ("limit",)
     LIMIT_FIELD_NUMBER: _ClassVar[int]

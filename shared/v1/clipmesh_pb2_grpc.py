@@ -73,6 +73,11 @@ class CoordinatorStub:
                 request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.FetchVideoRequest.SerializeToString,
                 response_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.VideoChunk.FromString,
                 _registered_method=True)
+        self.GetPreview = channel.unary_unary(
+                '/clipmesh.v1.Coordinator/GetPreview',
+                request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.GetPreviewRequest.SerializeToString,
+                response_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.Preview.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/clipmesh.v1.Coordinator/ListWorkers',
                 request_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.ListWorkersRequest.SerializeToString,
@@ -134,6 +139,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPreview(self, request, context):
+        """The latest frame a running job's video has received, as a PNG: a long render seen as it
+        grows. NOT_FOUND before its first frame arrives and after it ends (then FetchVideo).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -177,6 +190,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchVideo,
                     request_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.FetchVideoRequest.FromString,
                     response_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.VideoChunk.SerializeToString,
+            ),
+            'GetPreview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPreview,
+                    request_deserializer=clipmesh_dot_v1_dot_clipmesh__pb2.GetPreviewRequest.FromString,
+                    response_serializer=clipmesh_dot_v1_dot_clipmesh__pb2.Preview.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
@@ -377,6 +395,33 @@ class Coordinator:
             '/clipmesh.v1.Coordinator/FetchVideo',
             clipmesh_dot_v1_dot_clipmesh__pb2.FetchVideoRequest.SerializeToString,
             clipmesh_dot_v1_dot_clipmesh__pb2.VideoChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPreview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipmesh.v1.Coordinator/GetPreview',
+            clipmesh_dot_v1_dot_clipmesh__pb2.GetPreviewRequest.SerializeToString,
+            clipmesh_dot_v1_dot_clipmesh__pb2.Preview.FromString,
             options,
             channel_credentials,
             insecure,
