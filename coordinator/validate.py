@@ -7,8 +7,8 @@ strategy allows (its options' ranges, streaming, worker caps) is read from the s
 from __future__ import annotations
 
 from clipmesh import faults, specs
-from clipmesh.families import FAMILIES
-from clipmesh.images import MODES, ImageError, check_image
+from clipmesh.families import FAMILIES, MODES
+from clipmesh.images import ImageError, check_image
 from clipmesh.plan import num_latent_frames
 from clipmesh.savers import check_savers
 from clipmesh.v1 import clipmesh_pb2 as pb

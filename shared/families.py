@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MODES = ("t2v", "i2v")  # what a request may ask of a model (ModelInfo.modes): text-to-video, image-to-video
+
 # Capabilities a strategy may need (StrategySpec.needs).
 SPLIT_FRAMES = "split_frames"        # every frame-mixing module has an exact split over clips of frames
 RELATIVE_TIME = "relative_time"      # no positions by absolute frame index (dual-scope windows re-index frames)

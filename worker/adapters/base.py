@@ -95,6 +95,11 @@ class ImagePart:
             return latents
         return torch.cat([self.first_frame.to(latents), latents[:, :, 1:]], dim=2)
 
+    def denoiser_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the denoiser takes for these latents: held, with the image's channels beside them."""
+        latents = self.hold(latents)
+        return latents if self.channels is None else torch.cat([latents, self.channels], dim=1)
+
 
 @dataclass(frozen=True)
 class DeepPath:

@@ -84,9 +84,7 @@ class WanStages:
     def embed(self, latents: torch.Tensor, image=None) -> torch.Tensor:
         """Patch embedding of latents [1, C, F, h, w] (image-to-video: with the ImagePart of the same frames)."""
         if image is not None:
-            latents = image.hold(latents)
-            if image.channels is not None:
-                latents = torch.cat([latents, image.channels], dim=1)
+            latents = image.denoiser_input(latents)
         x = self.t.patch_embedding(latents.to(self.t.dtype))
         return x.flatten(2).transpose(1, 2).contiguous()
 
@@ -197,9 +195,7 @@ class WanAdapter(ModelAdapter):
         transformer = self.denoisers[self.expert(t)]
         x, embeds, timestep = latents, None, self.timestep(t, latents.shape[0], *latents.shape[2:], image)
         if image is not None:
-            x, embeds = image.hold(latents), image.embeds
-            if image.channels is not None:
-                x = torch.cat([x, image.channels], dim=1)
+            x, embeds = image.denoiser_input(latents), image.embeds
         x = x.to(transformer.dtype)
         with self.cache_context("cond", transformer):
             pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
@@ -236,10 +232,7 @@ class WanAdapter(ModelAdapter):
         vae = self.pipe.vae
         pixels = self.pipe.video_processor.preprocess(image, height=height, width=width).to(vae.device, vae.dtype)
         latents = vae.encode(pixels.unsqueeze(2)).latent_dist.mode().to(self.device, torch.float32)
-        z = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-        return FirstFrame((latents - mean) * inv_std)
+        return FirstFrame(self.normalize(latents))
 
     def cache_context(self, name: str, transformer=None):
         """diffusers' `cache_context(name)` while a cache is enabled on the transformer (a step cache,
@@ -281,13 +274,22 @@ class WanAdapter(ModelAdapter):
             return WholeStream(self, first, start, tiled)
         return WanStream(self, self.clip_decoder.stream(first, start))
 
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel latents_mean and 1 / latents_std, on `like`'s device and dtype."""
+        vae = self.pipe.vae
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(like)
+        return mean, 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(like)
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents -> the denoiser's (the pipelines' step after vae.encode: an image's condition)."""
+        mean, inv_std = self._latent_stats(latents)
+        return (latents - mean) * inv_std
+
     def unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoiser latents -> the VAE's latent space (WanPipeline's step before vae.decode)."""
-        vae = self.pipe.vae
-        latents = latents.to(vae.device, vae.dtype)
-        z = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents.to(self.pipe.vae.device, self.pipe.vae.dtype)
+        mean, inv_std = self._latent_stats(latents)
         return latents / inv_std + mean
 
     def to_uint8(self, video: torch.Tensor) -> np.ndarray:

@@ -46,16 +46,13 @@ class WanI2VAdapter(WanAdapter):
         unbounded): the image resized and normalised by its video processor, encoded with zeros
         after it (wan_encode.py: only the head of the video), the CLIP embedding where the
         transformer reads one."""
-        pipe, vae = self.pipe, self.pipe.vae
+        pipe = self.pipe
         embeds = None
         if pipe.transformer.config.image_dim is not None:
             embeds = pipe.encode_image(image, self.device).to(pipe.transformer.dtype)
         pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
         head = self.condition_encoder.encode_head(pixels, latent_frames).to(self.device, torch.float32)
-        z = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(head)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(head)
-        return WanImageCondition(self, (head - mean) * inv_std, embeds)
+        return WanImageCondition(self, self.normalize(head), embeds)
 
 
 class WanImageCondition:
