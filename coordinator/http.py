@@ -15,7 +15,7 @@
 OpenAI's fields map onto a SubmitJobRequest: `size` "WxH" is width x height, `seconds` becomes
 frames at the job's fps (the nearest the model allows, stride*k+1); clipmesh's own fields
 (num_frames, steps, seed, strategy, workers, guidance, guidance_scale_2, negative_prompt, fps,
-height, width) come as extra fields and win. `input_reference` (image-to-video models) is the first
+height, width, cfg_parallel, shard_weights) come as extra fields and win. `input_reference` (image-to-video models) is the first
 frame: a file as the SDK uploads it, or a base64 data: URL in JSON. Errors are OpenAI's error JSON with the gRPC side's field-and-limit
 text; the credentials are the gRPC side's (`Authorization: Bearer`, the SDK's api_key; a client
 certificate where the coordinator has a CA), and HTTPS where it has a certificate. gRPC stays the
@@ -52,13 +52,25 @@ STATUS = {pb.QUEUED: "queued", pb.RUNNING: "in_progress", pb.SUCCEEDED: "complet
           pb.CANCELLED: "cancelled"}
 _HTTP = {InvalidArgument: 400, PermissionDenied: 403, NotFound: 404, FailedPrecondition: 409, AlreadyExists: 409,
          ResourceExhausted: 429}
+def boolean(value) -> bool:
+    """A JSON true/false, or a multipart form's "true"/"false" (bool("false") would be True)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1"):
+        return True
+    if str(value).lower() in ("false", "0"):
+        return False
+    raise ValueError(value)
+
+
 # extra body fields: name -> (SubmitJobRequest field, type)
 EXTRAS = {"num_frames": ("num_frames", int), "frames": ("num_frames", int), "steps": ("num_inference_steps", int),
           "num_inference_steps": ("num_inference_steps", int), "seed": ("seed", int), "strategy": ("strategy", str),
           "workers": ("num_workers", int), "num_workers": ("num_workers", int), "guidance": ("guidance_scale", float),
           "guidance_scale": ("guidance_scale", float), "guidance_scale_2": ("guidance_scale_2", float),
           "negative_prompt": ("negative_prompt", str),
-          "fps": ("fps", float), "height": ("height", int), "width": ("width", int)}
+          "fps": ("fps", float), "height": ("height", int), "width": ("width", int),
+          "cfg_parallel": ("cfg_parallel", boolean), "shard_weights": ("shard_weights", boolean)}
 
 
 def error_body(message: str, param: str | None = None, code: str | None = None) -> dict:

@@ -291,7 +291,8 @@ class Jobs:
         job.worker_ids[:] = members
         resumed = f", resuming at step {plan.resume.step}" if plan.HasField("resume") else ""
         kept = f", {video.frames_written} frames kept" if video.frames_written else ""
-        await self.set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy}), "
+        mesh = f"; {plan.parallel.why}" if plan.parallel.why else ""
+        await self.set_state(job, pb.RUNNING, detail=f"placed on {', '.join(members)} ({plan.strategy}{mesh}), "
                                                      f"attempt {plan.attempt}{resumed}{kept}")
 
     def member_of(self, session, job_id: str, worker_id: str, attempt: int) -> ActiveJob:

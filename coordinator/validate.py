@@ -91,7 +91,8 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
     check_savers(req.savers, model.family, spec.name)  # per family what it allows; no step cache under block_pipeline
 
     # Every worker must own at least one latent frame (one transformer block where ranks split layers).
-    specs.check_divides(spec, "num_workers", req.num_workers, model)
+    specs.check_parallel(spec, req)
+    specs.check_divides(spec, "num_workers", req.num_workers // (2 if req.cfg_parallel else 1), model)
     specs.check_range("num_workers", req.num_workers, 0, min(specs.worker_limit(spec, req, model), MAX_WORKERS))
     return num_latent_frames(req.num_frames, stride) if req.num_frames else 0
 

@@ -134,7 +134,8 @@ class WorkerRegistry:
         self._check_claim(reg)
         running = reg.running if reg.HasField("running") else None
         info = pb.WorkerInfo(id=reg.worker_id, state=pb.BUSY if running else pb.IDLE, host=reg.host,
-                             device=reg.device, memory_bytes=reg.memory_bytes, threads=reg.threads, model=reg.model,
+                             device=reg.device, memory_bytes=reg.memory_bytes, denoiser_bytes=reg.denoiser_bytes,
+                             threads=reg.threads, model=reg.model,
                              speed=reg.speed, last_heartbeat=now_ts(), current_job_id=running.job_id if running else "")
         session = WorkerSession(info=info, attempt=running.attempt if running else 0)
         self.sessions[reg.worker_id] = session

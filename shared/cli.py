@@ -63,6 +63,13 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
                    help=_strategy_help())
     p.add_argument(workers_flag, dest="workers", type=int, default=2 if workers_flag == "--workers" else 0)
     p.add_argument("--fps", type=float, default=d["fps"])
+    g = p.add_argument_group("mesh (beside the strategy's split; unset: the planner decides and says why)")
+    g.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="the two guidance branches on different workers: cfg 2 x N/2 (an even worker count; "
+                        "exact, ulysses, clip_parallel)")
+    g.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="every transformer block's weights sharded over the workers of a branch (FSDP2), "
+                        "gathered for its forward (unset: sharded where they crowd a worker's memory)")
     _add_option_args(p)
     g = p.add_argument_group("savers (Streamlined Inference; slicing with any strategy, step caches with all but "
                              "block_pipeline)")
@@ -102,6 +109,7 @@ def _request_fields(args) -> dict:
                 **{k: v for k, v in (("checkpoint_every", args.checkpoint_every),
                                      ("max_attempts", args.max_attempts),
                                      ("guidance_scale_2", args.guidance_2),
+                                     ("cfg_parallel", args.cfg_parallel), ("shard_weights", args.shard_weights),
                                      ("image", _read_image(args.image))) if v is not None})
 
 

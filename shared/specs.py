@@ -31,6 +31,9 @@ QUEUE = "queue"  # a queue of blocks through the ranks (DualParal): progress is 
 # QUEUE: blocks a rank decodes (and uploads) in a row, in turn: the warm-up of a run (~0.8 of a
 # block's decode on bench-wan) is paid once per run; longer runs wait longer for a rank's turn.
 DECODE_RUN = 4
+# Mesh dimensions a strategy composes with beyond its own split (StrategySpec.composes; RenderPlan.parallel):
+CFG = "cfg_parallel"     # the two branches of classifier-free guidance on different ranks
+SHARD = "shard_weights"  # every transformer block's weights sharded over the job's ranks (FSDP2)
 MAX_STREAM_FRAMES = 100_001  # a streaming strategy's memory is flat in length: the cap is the disk's
 
 
@@ -102,6 +105,8 @@ class StrategySpec:
     min_clip_option: str | None = None    # the option no clip may be shorter than (as frames allow)
     splits_heads: bool = False            # ranks split attention heads: workers divide ModelInfo.attention_heads
     work: str = CLIPS                     # CLIPS or QUEUE: progress, checkpoints, who decodes and uploads
+    composes: frozenset[str] = frozenset({CFG, SHARD})  # the mesh dimensions it runs beside (CFG, SHARD)
+    refuses: str = ""                     # why it composes with none of them
 
     def option(self, name: str) -> OptionSpec:
         return next(o for o in self.options if o.name == name)
@@ -179,6 +184,8 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
         )),
     StrategySpec(
         name="block_pipeline", partition=LAYERS, needs=frozenset({BLOCK_STACK}), streams=True, work=QUEUE,
+        composes=frozenset(), refuses="its stages already hold only their own layers' activations and run both "
+                                      "guidance branches as one batch",
         summary="DualParal block queue", options_field="block_pipeline",
         # docs/algorithms.md section 2: blocks of 8 latent frames (29 video frames for the first)
         # with 4 frames of context each way.
@@ -219,6 +226,7 @@ def decoding_rank(plan: pb.RenderPlan, latent: int) -> int:
     QUEUE, run k of DECODE_RUN blocks is rank k mod N's. -1: none."""
     if work_of(plan) == QUEUE:
         return latent // plan.block_pipeline.block_frames // DECODE_RUN % plan.world_size
+    # the conditional branch's ranks (0..F-1) own the clips' uploads
     return next((rank for rank, clip in enumerate(plan.clips) if clip.start <= latent < clip.end), -1)
 
 
@@ -286,14 +294,19 @@ def check_options(spec: StrategySpec, options, resolved, require_all: bool) -> N
         option.check(field, getattr(options, option.name), resolved)
 
 
-def worker_limit(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo) -> int:
-    """How many workers a job can use: one per latent frame (frames partition) or per transformer
-    block (layers partition); a heads split gives each at least one attention head."""
+def split_limit(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo) -> int:
+    """How many ranks can split one branch's work: one per latent frame (frames partition) or per
+    transformer block (layers partition); a heads split gives each at least one attention head."""
     if spec.partition == LAYERS:
         limit = model.num_layers
     else:
         limit = num_latent_frames(req.num_frames, model.temporal_stride)
     return min(limit, model.attention_heads) if spec.splits_heads else limit
+
+
+def worker_limit(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo) -> int:
+    """How many workers a job can use: split_limit for each guidance branch it runs apart."""
+    return split_limit(spec, req, model) * (2 if req.cfg_parallel else 1)
 
 
 def check_divides(spec: StrategySpec, field: str, workers: int, model: pb.ModelInfo) -> None:
@@ -308,10 +321,25 @@ def check_divides(spec: StrategySpec, field: str, workers: int, model: pb.ModelI
                                f"({spec.name} splits heads), got {workers}")
 
 
+def check_parallel(spec: StrategySpec, req: pb.SubmitJobRequest) -> None:
+    """SpecError naming the field of a mesh the request asks for that its strategy cannot run:
+    cfg_parallel needs guidance and an even worker count; each dimension the spec composes with."""
+    for dim in (CFG, SHARD):
+        if getattr(req, dim) and dim not in spec.composes:
+            raise SpecError(dim, f"{spec.name} does not run with {dim}: {spec.refuses}")
+    if req.cfg_parallel:
+        if req.guidance_scale <= 1.0:
+            raise SpecError(CFG, f"needs classifier-free guidance (guidance_scale > 1), got {req.guidance_scale:g}")
+        if req.num_workers % 2:
+            raise SpecError("num_workers", f"must be even with cfg_parallel (2 branches x N/2 ranks), "
+                                           f"got {req.num_workers}")
+
+
 def usable_workers(spec: StrategySpec, req: pb.SubmitJobRequest, model: pb.ModelInfo, available: int) -> int:
-    """The most workers out of `available` a job can use (0: none fits)."""
+    """The most workers out of `available` a job can use (0: none fits); cfg_parallel: an even count."""
+    branches = 2 if req.cfg_parallel else 1
     for count in range(min(available, worker_limit(spec, req, model)), 0, -1):
-        if not spec.splits_heads or model.attention_heads % count == 0:
+        if count % branches == 0 and (not spec.splits_heads or model.attention_heads % (count // branches) == 0):
             return count
     return 0
 
@@ -324,8 +352,30 @@ def min_clip_length(spec: StrategySpec, options, num_latent: int, world_size: in
 
 
 def clip_lengths(plan: pb.RenderPlan) -> list[int]:
-    """Latent frames of each rank's clip, in rank order."""
+    """Latent frames of each frames rank's clip, in rank order (one per rank of a branch)."""
     return [c.end - c.start for c in plan.clips]
+
+
+# A plan's mesh (RenderPlan.parallel): world_size = branches x split ranks, rank r is branch
+# r // F and split rank r % F, where the F ranks of a branch split the work as the strategy says.
+def branches(plan: pb.RenderPlan) -> int:
+    """Ranks' groups that each hold one guidance branch: 2 under cfg_parallel, else 1."""
+    return max(plan.parallel.cfg, 1)
+
+
+def split_ranks(plan: pb.RenderPlan) -> int:
+    """F: the ranks of one branch, which split the frames (clips) or the layers."""
+    return plan.world_size // branches(plan)
+
+
+def split_rank(plan: pb.RenderPlan, rank: int) -> int:
+    """Rank `rank`'s place among its branch's ranks: its index into plan.clips / plan.layers."""
+    return rank % split_ranks(plan)
+
+
+def branch_of(plan: pb.RenderPlan, rank: int) -> int:
+    """0: the conditional branch (its ranks decode, upload and checkpoint), 1: the unconditional."""
+    return rank // split_ranks(plan)
 
 
 def check_tiling(field: str, ranges, world_size: int, total: int) -> None:
@@ -373,12 +423,20 @@ def check_plan(plan: pb.RenderPlan, model: pb.ModelInfo) -> StrategySpec:
     if plan.num_latent_frames != latent:
         raise SpecError("num_latent_frames",
                         f"must be {latent} for {req.num_frames} frames, got {plan.num_latent_frames}")
-    check_divides(spec, "world_size", plan.world_size, model)
-    check_range("world_size", plan.world_size, 1, worker_limit(spec, req, model))
+    check_range("parallel.cfg", branches(plan), 1, 2 if CFG in spec.composes else 1)
+    if plan.parallel.shard_weights and SHARD not in spec.composes:
+        raise SpecError("parallel.shard_weights", f"{spec.name} does not run with {SHARD}: {spec.refuses}")
+    if plan.world_size % branches(plan):
+        raise SpecError("world_size", f"must divide into {branches(plan)} guidance branches, got {plan.world_size}")
+    if branches(plan) > 1 and req.guidance_scale <= 1.0:
+        raise SpecError("parallel.cfg", f"2 needs classifier-free guidance, got guidance_scale {req.guidance_scale:g}")
+    ranks = split_ranks(plan)
+    check_divides(spec, "world_size", ranks, model)
+    check_range("world_size", ranks, 1, split_limit(spec, req, model))
     if spec.partition == LAYERS:
-        check_tiling("layers", plan.layers, plan.world_size, model.num_layers)
+        check_tiling("layers", plan.layers, ranks, model.num_layers)
     else:
-        check_tiling("clips", plan.clips, plan.world_size, latent)
+        check_tiling("clips", plan.clips, ranks, latent)
     options = getattr(plan, spec.options_field) if spec.options_field else None
     if options is not None:
         check_options(spec, options, options, require_all=True)

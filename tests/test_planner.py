@@ -92,3 +92,49 @@ def test_block_pipeline_default_context_shrinks_to_a_small_block():
     assert (small.block_frames, small.context_frames) == (2, 2)
     none = specs.resolve_options(BLOCK_PIPELINE, request(block_pipeline=pb.BlockPipelineOptions(context_frames=0)))
     assert (none.block_frames, none.context_frames) == (BLOCK_PIPELINE_DEFAULTS["block_frames"], 0)
+
+
+# -- a job's mesh (RenderPlan.parallel, issue 22) ------------------------------------------------
+
+def _members(n: int, memory: int = 0, weights: int = 0, speeds=None) -> list[pb.WorkerInfo]:
+    return [pb.WorkerInfo(id=f"w{r}", speed=(speeds or [1.0] * n)[r], memory_bytes=memory, denoiser_bytes=weights)
+            for r in range(n)]
+
+
+def test_cfg_parallel_makes_two_branches_of_split_ranks():
+    req = request(num_frames=33, guidance_scale=5.0, cfg_parallel=True, num_workers=4)  # 9 latent frames
+    plan = make_plan(pb.Job(id="j", request=req), _members(4, speeds=[1.0, 1.0, 3.0, 1.0]), WAN, 60)
+    assert (plan.parallel.cfg, specs.split_ranks(plan)) == (2, 2)
+    assert [specs.branch_of(plan, r) for r in range(4)] == [0, 0, 1, 1]
+    assert [specs.split_rank(plan, r) for r in range(4)] == [0, 1, 0, 1]
+    assert [(c.start, c.end) for c in plan.clips] == [(0, 5), (5, 9)]  # one clip per split rank, slowest branch's speed
+    assert "cfg 2 x 2: asked" in plan.parallel.why
+    assert specs.check_plan(plan, WAN).name == "exact"
+    # the conditional branch's ranks (0, 1) upload the clips
+    assert [specs.decoding_rank(plan, f) for f in (0, 4, 5, 8)] == [0, 0, 1, 1]
+
+
+def test_weights_are_sharded_where_they_crowd_a_worker_unless_the_request_says():
+    req = request(num_frames=17)
+    big = make_plan(pb.Job(id="j", request=req), _members(2, memory=24 << 30, weights=28 << 30), WAN, 60)
+    assert big.parallel.shard_weights and "28.0 GiB exceed 50% of a worker's 24.0 GiB" in big.parallel.why
+    small = make_plan(pb.Job(id="j", request=req), _members(2, memory=24 << 30, weights=2 << 30), WAN, 60)
+    assert not small.parallel.shard_weights and "are within" in small.parallel.why
+    unknown = make_plan(pb.Job(id="j", request=req), _members(2), WAN, 60)
+    assert not unknown.parallel.shard_weights and "unknown" in unknown.parallel.why
+    asked = request(num_frames=17, shard_weights=False)
+    assert not make_plan(pb.Job(id="j", request=asked), _members(2, 24 << 30, 28 << 30), WAN, 60).parallel.shard_weights
+    alone = make_plan(pb.Job(id="j", request=req), _members(1, 24 << 30, 28 << 30), WAN, 60)
+    assert not alone.parallel.shard_weights  # one rank has nobody to share with
+
+
+def test_plan_checks_refuse_a_mesh_the_strategy_or_request_cannot_run():
+    req = request(num_frames=17, guidance_scale=5.0, cfg_parallel=True, num_workers=2)
+    plan = make_plan(pb.Job(id="j", request=req), _members(2), WAN, 60)
+    odd = pb.RenderPlan(); odd.CopyFrom(plan); odd.world_size = 3
+    with pytest.raises(specs.SpecError, match="world_size"):
+        specs.check_plan(odd, WAN)
+    unguided = pb.RenderPlan(); unguided.CopyFrom(plan); unguided.request.guidance_scale = 1.0
+    with pytest.raises(specs.SpecError, match="parallel.cfg"):
+        specs.check_plan(unguided, WAN)
+    assert [specs.usable_workers(specs.STRATEGY_SPECS["exact"], req, WAN, n) for n in range(1, 6)] == [0, 2, 2, 4, 4]

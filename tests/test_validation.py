@@ -36,6 +36,12 @@ BAD_FIELDS = [
     ("num_workers", dict(num_workers=3, strategy="ulysses")),  # tiny-wan has 2 attention heads to split
     ("num_workers", dict(num_workers=-1)),
     ("num_workers", dict(num_workers=6)),         # 17 frames = 5 latent frames: at most 5 workers
+    # a job's mesh (issue 22): each refusal names the combination
+    ("cfg_parallel", dict(cfg_parallel=True, guidance_scale=1.0)),   # no guidance: nothing to split
+    ("num_workers", dict(cfg_parallel=True, num_workers=3)),         # 2 branches x N/2
+    ("num_workers", dict(cfg_parallel=True, num_workers=12)),        # 2 x 5 latent frames at most
+    ("cfg_parallel", dict(cfg_parallel=True, strategy="block_pipeline")),
+    ("shard_weights", dict(shard_weights=True, strategy="block_pipeline")),
 ]
 
 

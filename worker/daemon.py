@@ -110,6 +110,7 @@ class WorkerDaemon:
         t0 = time.perf_counter()
         self.model = load_adapter(folder, self.device, torch.float32)
         self.model_info = self.model.model_info(self.model_name)
+        self.denoiser_bytes = self.model.denoiser_bytes  # whole: a sharded job swaps in its copy for a while
         self.speed = self.speed or self.model.measure_speed()
         log.info("%s loaded %s on %s in %.1fs (%.0f latent px/s)", self.worker_id, self.model_name, self.device,
                  time.perf_counter() - t0, self.speed)
@@ -125,6 +126,7 @@ class WorkerDaemon:
                         for c in self.jobs.values()), None)
         return pb.WorkerMessage(register=pb.Register(
             worker_id=self.worker_id, host=self.advertise_host, device=self.device, memory_bytes=memory,
+            denoiser_bytes=self.denoiser_bytes,
             threads=torch.get_num_threads(), model=self.model_info, speed=self.speed, running=running,
             incarnation=self.incarnation))
 
@@ -242,9 +244,12 @@ class WorkerDaemon:
         from clipmesh.worker.job import Cancelled
 
         a, plan = ctx.assignment, ctx.assignment.plan
-        part = (f"layers [{plan.layers[a.rank].start}, {plan.layers[a.rank].end})"
+        mine = specs.split_rank(plan, a.rank)
+        part = (f"layers [{plan.layers[mine].start}, {plan.layers[mine].end})"
                 if specs.spec_named(plan.strategy).partition == specs.LAYERS else
-                f"latent frames [{plan.clips[a.rank].start}, {plan.clips[a.rank].end})")
+                f"latent frames [{plan.clips[mine].start}, {plan.clips[mine].end})")
+        if specs.branches(plan) > 1:
+            part += f", guidance branch {specs.branch_of(plan, a.rank)}"
         log.info("job %s attempt %d: rank %d/%d, %s, %s%s", a.job_id, a.attempt, a.rank, plan.world_size, part,
                  plan.strategy, f", from step {plan.start_step}" if plan.start_step else "")
         store = None
@@ -396,7 +401,7 @@ class WorkerDaemon:
         if specs.work_of(plan) == specs.QUEUE:
             parts = plan.resume.parts if a.rank == 0 else []
         else:
-            clip = plan.clips[a.rank]
+            clip = plan.clips[specs.split_rank(plan, a.rank)]  # both guidance branches resume the same latents
             parts = [p for p in plan.resume.parts if p.latent_start < clip.end and clip.start < p.latent_end]
         wanted = [pb.FetchCheckpointRequest(job_id=a.job_id, step=plan.resume.step, latent_start=part.latent_start,
                                             latent_end=part.latent_end) for part in parts]

@@ -68,12 +68,16 @@ class Work:
 
 @dataclass
 class Job:
-    """One rank's part of a job: the loaded model, the plan, this rank, its process group."""
+    """One rank's part of a job: the loaded model, the plan, this rank's place in the work split
+    and the process group of that split; under cfg_parallel, its guidance branch and the group
+    of this split rank across the branches (specs.branches)."""
 
     model: object              # a ModelAdapter
     plan: object               # pb.RenderPlan (checked against its strategy's spec)
-    rank: int
-    mesh: object               # a Mesh
+    rank: int                  # among the ranks that split the work (plan.clips / plan.layers index)
+    mesh: object               # a Mesh over those ranks
+    branch: int = 0            # 0: the conditional branch (or both, without cfg_parallel); 1: unconditional
+    cfg: object = None         # cfg_parallel: a Mesh of 2, this rank and its peer in the other branch
 
     @property
     def request(self):
@@ -126,6 +130,18 @@ class Denoising:
         if self.job.model.expert(t) == 1 and req.HasField("guidance_scale_2"):
             return req.guidance_scale_2
         return req.guidance_scale
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, scheduler, image=None) -> torch.Tensor:
+        """The guided prediction for `latents` at t: both branches here (the adapter's predict), or
+        under cfg_parallel this rank's branch, the other from its peer (one all-gather of the
+        prediction), combined as the pipelines do: uncond + g * (cond - uncond)."""
+        model, guidance, cfg = self.job.model, self.guidance_at(t), self.job.cfg
+        if cfg is None:
+            return model.predict(latents, t, scheduler, self.cond, self.uncond, guidance, image)
+        text = self.cond if self.job.branch == 0 else self.uncond
+        mine = model.predict(latents, t, scheduler, text, None, guidance, image)
+        pred_c, pred_u = cfg.all_gather_uneven(mine, [mine.shape[0]] * 2, dim=0).chunk(2)
+        return pred_u + guidance * (pred_c - pred_u)
 
     def new_scheduler(self):
         """A fresh scheduler (multistep schedulers keep state), its timesteps set, at plan.start_step."""

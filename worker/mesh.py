@@ -103,22 +103,40 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class Mesh:
     """A job's process group: rank, world size, device, and the few collectives clipmesh needs."""
 
-    def __init__(self, group, rank: int, world_size: int, device: torch.device, store):
+    def __init__(self, group, rank: int, world_size: int, device: torch.device, store, parent: "Mesh | None" = None):
         self.group, self.rank, self.world_size, self.device = group, rank, world_size, device
         self._store = store  # rank 0's master store must outlive the group
-        self._open = True
-        self._aborted = threading.Event()
+        self._open = parent is None  # a sub-mesh's group goes with its parent's
+        self._root = parent._root if parent is not None else self  # one abort flag and one count per job
+        self._aborted = self._root._aborted if parent is not None else threading.Event()
+        self._groups = [group]  # the root's: its group and every sub-mesh's (NCCL aborts each)
         self.stats = CommStats()
+
+    def split(self, groups: list[list[int]]) -> "Mesh":
+        """This rank's sub-mesh among `groups` (lists of this mesh's ranks that partition it): a
+        dimension of the job's mesh (specs.branches). Every rank passes the same groups in the
+        same order (dist.new_group is collective). It shares this mesh's abort flag and traffic
+        count, and goes when this mesh closes."""
+        mine = None
+        for ranks in groups:
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                mine = Mesh(group, ranks.index(self.rank), len(ranks), self.device, None, parent=self)
+                self._root._groups.append(group)
+        if mine is None:
+            raise ValueError(f"rank {self.rank} is in none of {groups}")
+        return mine
 
     # -- leaving early ----------------------------------------------------------
     def abort(self) -> None:
         """Thread-safe: the rank's waits raise MeshAborted from now on (NCCL: the group is aborted)."""
         self._aborted.set()
         if self.device.type == "cuda":
-            try:
-                self.group.abort()
-            except Exception as exc:
-                log.warning("mesh abort (rank %d): %s", self.rank, exc)
+            for group in self._root._groups:
+                try:
+                    group.abort()
+                except Exception as exc:
+                    log.warning("mesh abort (rank %d): %s", self.rank, exc)
 
     @property
     def aborted(self) -> bool:
@@ -155,13 +173,15 @@ class Mesh:
 
     def take_stats(self) -> tuple[int, int, float]:
         """(bytes_sent, bytes_received, seconds) of every Mesh call since the last take_stats; resets."""
-        s, self.stats = self.stats, CommStats()
+        root = self._root
+        s, root.stats = root.stats, CommStats()
         return s.bytes_sent, s.bytes_received, s.seconds
 
     def _count(self, sent: int, received: int, began: float) -> None:
-        self.stats.bytes_sent += sent
-        self.stats.bytes_received += received
-        self.stats.seconds += time.perf_counter() - began
+        stats = self._root.stats
+        stats.bytes_sent += sent
+        stats.bytes_received += received
+        stats.seconds += time.perf_counter() - began
 
     @classmethod
     def open(cls, host: str, port: int, rank: int, world_size: int, group_name: str, backend: str = "",
@@ -318,7 +338,7 @@ class Mesh:
                 lo, hi = overlap(want, mine)
                 if hi > lo:
                     part = tensor.narrow(dim, lo - mine[0], hi - lo).contiguous()
-                    ops.append(dist.P2POp(dist.isend, part, peer, group=self.group))
+                    ops.append(dist.P2POp(dist.isend, part, group=self.group, group_peer=peer))
                     sent += _nbytes(part)
             for side, want in (("left", before), ("right", after)):  # what I need from `peer`
                 lo, hi = overlap(want, theirs)
@@ -326,7 +346,7 @@ class Mesh:
                     shape = list(tensor.shape)
                     shape[dim] = hi - lo
                     buf = tensor.new_empty(shape)
-                    ops.append(dist.P2POp(dist.irecv, buf, peer, group=self.group))
+                    ops.append(dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer))
                     incoming[side].append((lo, buf))
         if ops:
             for work in dist.batch_isend_irecv(ops):
@@ -342,14 +362,14 @@ class Mesh:
         """Start sending `tensor` (contiguous) to rank `dst`; returns what to wait() on. The
         tensor must stay untouched until then. Messages between a pair arrive in send order."""
         began = time.perf_counter()
-        work = dist.isend(tensor, dst, group=self.group)
+        work = dist.isend(tensor, group=self.group, group_dst=dst)
         self._count(_nbytes(tensor), 0, began)
         return Sending(self, work)
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Receive the next message from rank `src` into `tensor` (its exact size); returns it."""
         began = time.perf_counter()
-        self._wait(dist.irecv(tensor, src, group=self.group))
+        self._wait(dist.irecv(tensor, group=self.group, group_src=src))
         self._count(0, _nbytes(tensor), began)
         return tensor
 

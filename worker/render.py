@@ -23,12 +23,13 @@ import torch
 from clipmesh.images import decode_image
 from clipmesh.plan import num_output_frames
 from clipmesh.specs import check_plan as check_against_spec
-from clipmesh.specs import QUEUE, clip_lengths, work_of
+from clipmesh.specs import QUEUE, branch_of, branches, clip_lengths, split_rank, split_ranks, work_of
 from clipmesh.worker import checkpoint
 from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, RenderedFrames, StepReport  # noqa: F401
 from clipmesh.worker.peak_memory import PeakMemory
 from clipmesh.worker.patches import Patches
 from clipmesh.worker.savers import install_savers
+from clipmesh.worker.sharding import sharded_weights
 from clipmesh.worker.strategies import get_strategy
 
 
@@ -37,6 +38,20 @@ def check_plan(model, plan, rank: int, mesh) -> None:
     if mesh.world_size != plan.world_size or mesh.rank != rank:
         raise ValueError(f"mesh is rank {mesh.rank}/{mesh.world_size}, plan says {rank}/{plan.world_size}")
     check_against_spec(plan, model.model_info(plan.request.model))
+
+
+def job_for(model, plan, rank: int, mesh) -> Job:
+    """Rank `rank` of the job's mesh as a Job, once the plan is checked: the ranks of its
+    guidance branch split the work over one sub-mesh; under cfg_parallel a second sub-mesh pairs
+    each split rank with its peer of the other branch (specs.branches; every rank makes both,
+    in the same order)."""
+    check_plan(model, plan, rank, mesh)
+    if branches(plan) == 1:
+        return Job(model, plan, rank, mesh)
+    f = split_ranks(plan)
+    split = mesh.split([list(range(b * f, (b + 1) * f)) for b in range(branches(plan))])
+    pair = mesh.split([list(range(r, plan.world_size, f)) for r in range(f)])
+    return Job(model, plan, split_rank(plan, rank), split, branch=branch_of(plan, rank), cfg=pair)
 
 
 @torch.no_grad()
@@ -50,13 +65,12 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
     when: block_pipeline counts iterations of its queue) this rank's part of a checkpoint goes
     to `on_checkpoint`."""
     model, req, mesh = job.model, job.request, job.mesh
-    check_plan(model, job.plan, job.rank, mesh)
     cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
     image = model.image_condition(decode_image(req.image), req.height, req.width,
                                   job.plan.num_latent_frames) if req.image else None
     denoising = Denoising(job, cond, uncond, image)
     strategy, memory = get_strategy(job.plan.strategy), PeakMemory(model.device)
-    with Patches() as patches:
+    with sharded_weights(job), Patches() as patches:
         strategy.install(job, patches)
         install_savers(job, patches)  # after the strategy: savers wrap whatever it installed
         schedule = strategy.schedule(job, denoising, resume)
@@ -101,16 +115,21 @@ def _deliver(schedule, on_finished) -> None:
 def denoise_clip(model, plan, rank: int, mesh, on_step=None, should_stop=None, resume=None,
                  on_checkpoint=None) -> torch.Tensor:
     """This rank's clip of final latents [1, C, clip frames, h, w] (frames partitions)."""
+    return _denoise_clip(job_for(model, plan, rank, mesh), on_step, should_stop, resume, on_checkpoint)
+
+
+def _denoise_clip(job: Job, on_step, should_stop, resume, on_checkpoint) -> torch.Tensor:
     pieces: list[FinishedLatents] = []
-    run(Job(model, plan, rank, mesh), on_step, should_stop, pieces.append, resume, on_checkpoint)
+    run(job, on_step, should_stop, pieces.append, resume, on_checkpoint)
     return torch.cat([p.latents for p in pieces], dim=2)
 
 
 def denoise(model, plan, rank: int, mesh, on_step=None, should_stop=None, resume=None,
             on_checkpoint=None) -> torch.Tensor:
     """denoise_clip, then the whole video's latents [1, C, num_latent_frames, h, w] on every rank."""
-    local = denoise_clip(model, plan, rank, mesh, on_step, should_stop, resume, on_checkpoint)
-    return mesh.all_gather_uneven(local, clip_lengths(plan), dim=2)
+    job = job_for(model, plan, rank, mesh)
+    local = _denoise_clip(job, on_step, should_stop, resume, on_checkpoint)
+    return job.mesh.all_gather_uneven(local, clip_lengths(plan), dim=2)
 
 
 class Decoder:
@@ -187,8 +206,12 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
            resume: list[bytes] | None = None, on_checkpoint: Callable[[checkpoint.Part], None] | None = None) -> None:
     """Run this rank's part of the plan; hand every decoded piece of the video to `on_frames` as
     soon as it is decoded (and, first, its final latents to `on_latents`). `decode=False`
-    denoises only. `resume`, `on_checkpoint`: as for run()."""
-    job = Job(model, plan, rank, mesh)
+    denoises only. `resume`, `on_checkpoint`: as for run(). Under cfg_parallel the unconditional
+    branch's ranks hold the same latents as their peers: only the conditional branch decodes and
+    checkpoints."""
+    job = job_for(model, plan, rank, mesh)
+    if job.branch:
+        decode, on_checkpoint = False, None
     # block_pipeline's blocks decode beside the pipeline: inline, a rank's decode stalls every stage
     decoder = Decoder(job, on_frames or (lambda rendered: None), background=work_of(plan) == QUEUE) if decode else None
 

@@ -54,7 +54,7 @@ JOB_OUTCOME_ABORTED: JobOutcome
 JOB_OUTCOME_REFUSED: JobOutcome
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts", "guidance_scale_2", "image")
+    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts", "guidance_scale_2", "image", "cfg_parallel", "shard_weights")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class SubmitJobRequest(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CFG_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    SHARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_frames: int
@@ -93,7 +95,9 @@ class SubmitJobRequest(_message.Message):
     max_attempts: int
     guidance_scale_2: float
     image: bytes
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., checkpoint_every: _Optional[int] = ..., max_attempts: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ...) -> None: ...
+    cfg_parallel: bool
+    shard_weights: bool
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., checkpoint_every: _Optional[int] = ..., max_attempts: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ..., cfg_parallel: _Optional[bool] = ..., shard_weights: _Optional[bool] = ...) -> None: ...
 
 class SaverOptions(_message.Message):
     __slots__ = ("slice_chunks", "step_cache", "tiled_decode")
@@ -336,7 +340,7 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "state", "host", "device", "memory_bytes", "threads", "model", "speed", "current_job_id", "last_heartbeat")
+    __slots__ = ("id", "state", "host", "device", "memory_bytes", "threads", "model", "speed", "current_job_id", "last_heartbeat", "denoiser_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +351,7 @@ class WorkerInfo(_message.Message):
     SPEED_FIELD_NUMBER: _ClassVar[int]
     CURRENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    DENOISER_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: WorkerState
     host: str
@@ -357,7 +362,8 @@ class WorkerInfo(_message.Message):
     speed: float
     current_job_id: str
     last_heartbeat: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    denoiser_bytes: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denoiser_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers", "attention_heads", "block_pipeline_defaults", "experts", "modes")
@@ -452,7 +458,7 @@ class WorkerMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., store_ready: _Optional[_Union[StoreReady, _Mapping]] = ..., progress: _Optional[_Union[StepProgress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., log: _Optional[_Union[LogMessage, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "host", "device", "memory_bytes", "threads", "model", "speed", "running", "incarnation")
+    __slots__ = ("worker_id", "host", "device", "memory_bytes", "threads", "model", "speed", "running", "incarnation", "denoiser_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -462,6 +468,7 @@ class Register(_message.Message):
     SPEED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    DENOISER_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     device: str
@@ -471,7 +478,8 @@ class Register(_message.Message):
     speed: float
     running: RunningJob
     incarnation: int
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., running: _Optional[_Union[RunningJob, _Mapping]] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    denoiser_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., running: _Optional[_Union[RunningJob, _Mapping]] = ..., incarnation: _Optional[int] = ..., denoiser_bytes: _Optional[int] = ...) -> None: ...
 
 class RunningJob(_message.Message):
     __slots__ = ("job_id", "attempt", "rank")
@@ -542,7 +550,7 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[RenderPlan, _Mapping]] = ..., rank: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
-    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline", "savers", "attempt", "checkpoint_every", "resume", "frames_in_video")
+    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline", "savers", "attempt", "checkpoint_every", "resume", "frames_in_video", "parallel")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -560,6 +568,7 @@ class RenderPlan(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     FRAMES_IN_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
     request: SubmitJobRequest
     strategy: str
     world_size: int
@@ -577,7 +586,18 @@ class RenderPlan(_message.Message):
     checkpoint_every: int
     resume: CheckpointInfo
     frames_in_video: int
-    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., frames_in_video: _Optional[int] = ...) -> None: ...
+    parallel: ParallelPlan
+    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., frames_in_video: _Optional[int] = ..., parallel: _Optional[_Union[ParallelPlan, _Mapping]] = ...) -> None: ...
+
+class ParallelPlan(_message.Message):
+    __slots__ = ("cfg", "shard_weights", "why")
+    CFG_FIELD_NUMBER: _ClassVar[int]
+    SHARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    cfg: int
+    shard_weights: bool
+    why: str
+    def __init__(self, cfg: _Optional[int] = ..., shard_weights: _Optional[bool] = ..., why: _Optional[str] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
     __slots__ = ("step", "parts")

@@ -121,6 +121,8 @@ class ModelAdapter:
     # between full passes, as diffusers' TaylorSeerCacheConfig.cache_identifiers (re.fullmatch on names)
     taylorseer_modules: tuple[str, ...] = ()
 
+    denoiser_attrs: tuple[str, ...] = ("unet",)  # the pipeline's attributes that hold its denoisers
+
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)
 
@@ -133,6 +135,11 @@ class ModelAdapter:
             limits = limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name,
                                          {**self.pipe.config, "_class_name": type(self.pipe).__name__})
         return pb.ModelInfo(name=name, **limits)
+
+    @property
+    def denoiser_bytes(self) -> int:
+        """The weights of every expert, as loaded (Register.denoiser_bytes)."""
+        return sum(p.numel() * p.element_size() for d in self.denoisers for p in d.parameters())
 
     # -- what mixes frames (for strategies) ------------------------------------
     def frame_mixers(self) -> list[FrameMixer]:
@@ -163,6 +170,11 @@ class ModelAdapter:
     def denoisers(self) -> list[torch.nn.Module]:
         """Every expert, in the order of the schedule (one for most models)."""
         return [self.denoiser]
+
+    def shard_units(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The modules of a denoiser whose weights shard_weights gathers one at a time (its blocks;
+        worker/sharding.py): a UNet's down, mid and up blocks."""
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
 
     def expert(self, t) -> int:
         """The index in `denoisers` of the expert that denoises at timestep t."""

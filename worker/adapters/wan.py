@@ -127,6 +127,7 @@ class WanAdapter(ModelAdapter):
     # every block's attentions and FFN, as in the TaylorSeer paper (diffusers' default, "^blocks.*attn",
     # matches no Wan module: they are attn1 and attn2)
     taylorseer_modules = (r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn")
+    denoiser_attrs = ("transformer", "transformer_2")
 
     @classmethod
     def load(cls, folder, device, dtype) -> "WanAdapter":
@@ -148,6 +149,10 @@ class WanAdapter(ModelAdapter):
         `transformer_2` below (None: one expert)."""
         ratio = self.pipe.config.get("boundary_ratio") if len(self.denoisers) > 1 else None
         return None if ratio is None else ratio * self.pipe.scheduler.config.num_train_timesteps
+
+    def shard_units(self, denoiser):
+        """Every transformer block."""
+        return list(denoiser.blocks)
 
     def expert(self, t) -> int:
         """The expert that denoises at timestep t: a property of the step, the same on every rank."""

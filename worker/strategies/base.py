@@ -66,9 +66,8 @@ class StepSchedule(Schedule):
         return Work(self.i, self.d.timesteps[self.i], self.start, self.end)
 
     def run(self, work: Work) -> None:
-        model, d = self.job.model, self.d
-        pred = model.predict(self.latents, work.t, self.scheduler, d.cond, d.uncond, d.guidance_at(work.t), self.image)
-        self.latents = model.step(self.scheduler, pred, work.t, self.latents)
+        pred = self.d.predict(self.latents, work.t, self.scheduler, self.image)
+        self.latents = self.job.model.step(self.scheduler, pred, work.t, self.latents)
         self.i += 1
 
     def take_finished(self) -> list[FinishedLatents]:

@@ -1,0 +1,195 @@
+"""A job's mesh beyond its strategy's split (issue 22): cfg_parallel (the guidance branches on
+different ranks) and shard_weights (FSDP2: every transformer block's weights sharded over the
+ranks of a branch), with every frames strategy, on real gloo ranks.
+
+The oracle: tiny-wan at 17 frames (5 latent frames, within its native length, where
+clip_parallel is exact) against the stock WanPipeline from the same noise, within 1e-5, for
+every mesh: cfg 2 x frames 1 and 2, sharded over 2 and 3 ranks (uneven clips and uneven
+shards), and both at once on 4 ranks. Sharding must really hold a share: each rank's local
+parameters during the job are measured against the whole model's, and after the job the
+worker's model is whole again and untouched. Two experts (tiny-wan22) shard both experts;
+UNet3D (a batched [uncond; cond] call on one rank) splits its branches and shards its down,
+mid and up blocks, and equals its one-process run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipmesh import presets, specs
+from clipmesh.plan import num_latent_frames
+from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.worker.noise import initial_noise
+from conftest import planned
+from ranks import run_ranks, single_thread_model, solo_mesh
+
+FRAMES, SIDE, STEPS, GUIDANCE, SEED = 17, 64, 3, 5.0, 77
+TOL = 1e-5
+
+
+def _request(model: str, strategy: str, workers: int, cfg: bool | None, shard: bool | None,
+             frames: int = FRAMES, **extra) -> pb.SubmitJobRequest:
+    req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=frames,
+                              height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                              seed=SEED, model=model, strategy=strategy, num_workers=workers, **extra)
+    if cfg is not None:
+        req.cfg_parallel = cfg
+    if shard is not None:
+        req.shard_weights = shard
+    return req
+
+
+def _rank_main(mesh, folder, plan_bytes):
+    """One rank: denoise under the plan; report its latents, its branch and, during the first
+    step, the bytes of the denoisers' parameters it holds (sharded: its shards)."""
+    from clipmesh.worker.adapters import load_adapter
+    from clipmesh.worker.render import denoise
+    from clipmesh.worker.sharding import local_parameter_bytes
+
+    plan = pb.RenderPlan.FromString(plan_bytes)
+    model = load_adapter(folder, "cpu", torch.float32)
+    whole = [local_parameter_bytes(d) for d in model.denoisers]
+    before = [d for d in model.denoisers]
+    during = []
+
+    def on_step(report):
+        if not during:
+            during.extend(local_parameter_bytes(d) for d in model.denoisers)
+
+    latents = denoise(model, plan, mesh.rank, mesh, on_step=on_step)
+    restored = all(a is b for a, b in zip(before, model.denoisers))
+    return latents.numpy(), whole, during, restored, specs.branch_of(plan, mesh.rank)
+
+
+def _run(folder, req: pb.SubmitJobRequest, name: str):
+    plan = planned(req, req.num_workers, name)
+    return plan, run_ranks(_rank_main, plan.world_size, str(folder), plan.SerializeToString(), group=name)
+
+
+@pytest.fixture(scope="module")
+def wan_folder():
+    return presets.model_folder("tiny-wan")
+
+
+@pytest.fixture(scope="module")
+def wan_reference(wan_folder):
+    """The stock WanPipeline on the whole video from the same noise."""
+    for model in single_thread_model(wan_folder):
+        cond, uncond = model.encode_prompt("a lighthouse at dusk", "blurry", GUIDANCE)
+        noise = initial_noise(SEED, 0, num_latent_frames(FRAMES, 4), 16, SIDE // 8, SIDE // 8)
+        return model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE,
+                          width=SIDE, num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                          output_type="latent").frames
+
+
+@pytest.mark.parametrize("strategy,workers,cfg,shard", [
+    ("exact", 2, True, None),            # cfg 2 x frames 1
+    ("ulysses", 4, True, None),          # cfg 2 x frames 2 (heads split over 2)
+    ("clip_parallel", 2, True, None),
+    ("exact", 3, None, True),            # sharded over 3: uneven clips, uneven shards
+    ("ulysses", 2, None, True),
+    ("clip_parallel", 3, None, True),
+    ("exact", 4, True, True),            # both: cfg 2 x frames 2, each branch sharded over its 2
+])
+def test_mesh_equals_the_stock_pipeline(wan_folder, wan_reference, strategy, workers, cfg, shard):
+    plan, results = _run(wan_folder, _request("tiny-wan", strategy, workers, cfg, shard),
+                         f"dims-{strategy}-{workers}-{cfg}-{shard}")
+    branches, ranks = specs.branches(plan), specs.split_ranks(plan)
+    assert branches == (2 if cfg else 1) and plan.parallel.shard_weights == bool(shard)
+    assert sorted(r[4] for r in results.values()) == sorted(r // ranks for r in range(workers))
+    for rank, (latents, whole, during, restored, branch) in sorted(results.items()):
+        diff = (torch.from_numpy(latents) - wan_reference).abs().max().item()
+        print(f"{strategy} cfg {branches} x {ranks}{' sharded' if shard else ''} rank {rank}: max|diff| {diff:.2e}, "
+              f"parameters {during[0] / whole[0]:.3f} of the model's")
+        assert diff <= TOL, f"rank {rank}: {diff}"
+        assert restored, "the worker's model must be whole again after a sharded job"
+        if shard:  # a shard of every parameter (FSDP pads dim 0 to a multiple of the ranks)
+            assert during[0] <= whole[0] / ranks * 1.05 + 4096, (during, whole)
+        else:
+            assert during == whole
+
+
+def test_two_experts_are_both_sharded():
+    folder = presets.model_folder("tiny-wan22")
+    req = _request("tiny-wan22", "exact", 2, None, True, guidance_scale_2=2.0)
+    plan, results = _run(folder, req, "dims-wan22")
+    for model in single_thread_model(folder):
+        cond, uncond = model.encode_prompt("a lighthouse at dusk", "blurry", GUIDANCE)
+        noise = initial_noise(SEED, 0, num_latent_frames(FRAMES, 4), 16, SIDE // 8, SIDE // 8)
+        stock = model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=SIDE, width=SIDE,
+                           num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                           guidance_scale_2=2.0, output_type="latent").frames
+    for rank, (latents, whole, during, restored, _) in sorted(results.items()):
+        assert (torch.from_numpy(latents) - stock).abs().max().item() <= TOL
+        assert len(whole) == 2 and all(d <= w / 2 * 1.05 + 4096 for d, w in zip(during, whole)), (during, whole)
+        assert restored
+
+
+def test_unet3d_branches_and_shards_equal_one_process():
+    """UNet3D's one batched [uncond; cond] call, split over the branches and sharded, equals the
+    one-process run (which test_unet3d checks against TextToVideoSDPipeline)."""
+    from clipmesh.worker.render import denoise
+
+    folder = presets.model_folder("tiny-unet3d")
+    one = _request("tiny-unet3d", "exact", 1, None, None, frames=8)
+    for model in single_thread_model(folder):
+        with solo_mesh("dims-unet3d-solo") as mesh:
+            alone = denoise(model, planned(one, 1, "dims-unet3d-solo"), 0, mesh)
+    for cfg, shard, workers in ((True, None, 2), (None, True, 2), (True, True, 4)):
+        req = _request("tiny-unet3d", "exact", workers, cfg, shard, frames=8)
+        _, results = _run(folder, req, f"dims-unet3d-{cfg}-{shard}")
+        for rank, (latents, whole, during, restored, _) in sorted(results.items()):
+            diff = (torch.from_numpy(latents) - alone).abs().max().item()
+            assert diff <= TOL, f"cfg {cfg} shard {shard} rank {rank}: {diff}"
+            assert restored and (during[0] < whole[0] * 0.6 if shard else during == whole)
+
+
+def test_a_mesh_through_real_daemons_the_sdk_and_the_cli(daemons, tmp_path):
+    """A coordinator (with the Videos API) and 4 workers: the openai SDK asks cfg_parallel and
+    shard_weights as extra fields; the job runs on cfg 2 x 2 sharded ranks, says so in its
+    RUNNING event, every rank reports its steps, and its video equals the plain 2-worker job's
+    (the latents agree to 1e-5: a pixel may round the other way). A mesh the request cannot
+    run is refused at submit, naming the field; `clipmesh submit` takes the same flags."""
+    import imageio.v3 as iio
+    import openai
+
+    from conftest import TOKEN, wait_until
+    from test_generate import run_cli
+
+    port_file = tmp_path / "http.port"
+    daemons.coordinator("--http", "127.0.0.1:0", "--http-port-file", str(port_file))
+    names = {f"m{r}" for r in range(4)}
+    for name in sorted(names):
+        daemons.worker(name)
+    wait_until(port_file.exists, 30, "the HTTP port", daemons)
+    client = daemons.client()
+    daemons.wait_idle(client, names)
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port_file.read_text()}/v1", api_key=TOKEN, max_retries=0)
+    common = dict(num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=5, height=32, width=32)
+    plain = client.submit("a fox in the snow", num_workers=2, **common)
+    meshed = sdk.videos.create(prompt="a fox in the snow", model="tiny-wan", size="32x32", extra_body={
+        "num_frames": 9, "steps": 3, "guidance": 5.0, "seed": 5, "workers": 4,
+        "cfg_parallel": True, "shard_weights": "true"})
+    for job_id in (plain.id, meshed.id):
+        wait_until(lambda: client.get(job_id).state in (pb.SUCCEEDED, pb.FAILED), 180, f"job {job_id}", daemons)
+        assert client.get(job_id).state == pb.SUCCEEDED, client.get(job_id).error
+    events = list(client.watch(meshed.id))
+    running = next(e.state.detail for e in events if e.HasField("state") and e.state.state == pb.RUNNING)
+    assert "cfg 2 x 2: asked; weights sharded: asked" in running, running
+    assert {e.step.rank for e in events if e.HasField("step") and e.step.step == 3} == {0, 1, 2, 3}
+    videos = []
+    for job_id in (plain.id, meshed.id):
+        client.fetch(job_id, tmp_path / f"{job_id}.mp4")
+        videos.append(iio.imread(tmp_path / f"{job_id}.mp4").astype(int))
+    assert videos[0].shape == videos[1].shape == (9, 32, 32, 3)
+    assert abs(videos[0] - videos[1]).mean() < 0.5, abs(videos[0] - videos[1]).mean()
+
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.videos.create(prompt="a cat", model="tiny-wan", size="32x32",
+                          extra_body={"num_frames": 9, "workers": 3, "cfg_parallel": True})
+    assert err.value.body["param"] == "num_workers" and "even" in err.value.body["message"]
+    proc = run_cli(["submit", "a cat", "--address", daemons.address, "--token", TOKEN, "--frames", "9",
+                    "--guidance", "1", "--cfg-parallel"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cfg_parallel: needs classifier-free guidance" in proc.stderr, proc.stderr
