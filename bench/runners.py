@@ -59,9 +59,10 @@ def run_clipmesh(cfg: dict, rank: int, port_q) -> dict:
     import torch
     from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.render import denoise
+    from clipmesh.worker.sharding import local_parameter_bytes
 
     model = load_adapter(cfg["folder"], "cpu", torch.float32)
-    plan = plan_for(cfg, model.model_info(cfg["model"]), cfg["kind"])
+    plan = plan_for(cfg, model.model_info(cfg["model"]), cfg["kind"], **cfg.get("request", {}))
     began = time.perf_counter()
     model.encode_prompt(PROMPT, "", GUIDANCE)  # timed for the footnote (denoise encodes again, inside the clock)
     encode_s = time.perf_counter() - began
@@ -69,8 +70,11 @@ def run_clipmesh(cfg: dict, rank: int, port_q) -> dict:
     with open_mesh(rank, cfg["workers"], port_q, plan.group_name) as mesh:
         steps: list[dict] = []
         stamps: list[float] = []
+        held: list[int] = []  # the denoisers' parameter bytes this rank holds while the job runs (sharded: its shards)
 
         def on_step(report) -> None:
+            if not held:
+                held.extend(local_parameter_bytes(d) for d in model.denoisers)
             # A step's time is the interval between step ends: it includes the cancel vote (a
             # collective) at the step's start, which the report's counters leave out, so comm <= step.
             stamps.append(time.perf_counter())
@@ -84,6 +88,7 @@ def run_clipmesh(cfg: dict, rank: int, port_q) -> dict:
         latents = denoise(model, plan, rank, mesh, on_step=on_step)
         wall = time.perf_counter() - began
     return dict(wall=wall, steps=steps, comm=True, rss_loaded=rss_loaded, rss_peak=maxrss_mb(), encode_s=encode_s,
+                held_mb=sum(held) / 2**20, whole_mb=model.denoiser_bytes / 2**20,
                 clips=[(c.start, c.end) for c in plan.clips],
                 latents=latents.float().numpy() if rank == 0 and cfg["keep_latents"] else None)
 

@@ -1,0 +1,78 @@
+"""Benchmark a job's mesh (issue 22): cfg_parallel and shard_weights beside exact and clip_parallel.
+
+Why: with guidance every step runs the transformer twice. Over 2 workers the frames split makes
+each rank run both branches on half the frames, and every frame-mixing attention exchanges K/V
+(exact: all of it; clip_parallel: halos and global frames); cfg 2 x 1 makes each rank run one
+branch on every frame and exchange the prediction once per step. Sharding trades memory for
+traffic: each rank holds 1/N of the weights and all-gathers each block's before its forward.
+Rows: the same job on 2 workers each way, fresh spawned processes with 1 thread each, through
+the production planner and runner (`render.denoise`); every row's latents are compared with the
+first row of its strategy.
+
+    python -m bench.bench_mesh                                  # bench-wan, 256x256, 129 frames, 3 steps
+    python -m bench.bench_mesh --model tiny-wan --size 64 --frames 17 --steps 2 --output /tmp/m.md  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import numpy as np
+
+from bench.common import DOCS
+from bench.procs import run_ranks, stop_ranks_on_exit
+from bench.report import busy_warning, load, machine, write_section
+from bench.runners import run_rank
+
+MESHES = (("frames 2", {}), ("cfg 2 x frames 1", dict(cfg_parallel=True)),
+          ("frames 2, weights sharded", dict(shard_weights=True)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench-wan")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=129)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--output", default=str(DOCS / "bench-strategies.md"))
+    args = parser.parse_args()
+    stop_ranks_on_exit()
+    from clipmesh.presets import model_folder
+
+    folder, at_start, rows = str(model_folder(args.model)), load(), []
+    for strategy in ("exact", "clip_parallel"):
+        first = None
+        for label, request in MESHES:
+            cfg = dict(kind=strategy, folder=folder, model=args.model, size=args.size, frames=args.frames,
+                       steps=args.steps, keep_latents=True, request=request)
+            out = run_ranks(run_rank, cfg, 2, f"mesh-{strategy}-{len(rows)}")
+            if out.error:
+                raise SystemExit(f"{strategy}, {label}: {out.error}")
+            latents = out.ranks[0]["latents"]
+            first = latents if first is None else first
+            steps = [s for r in out.ranks for s in r["steps"]]
+            sent = np.mean([s["sent"] for s in steps]) / 2**20
+            comm = sum(s["comm_seconds"] for s in steps) / sum(s["seconds"] for s in steps)
+            rows.append(f"| `{strategy}` | {label} | {max(r['wall'] for r in out.ranks):.1f} | {sent:.1f} | "
+                        f"{comm:.0%} | {max(r['held_mb'] for r in out.ranks):.1f} of {out.ranks[0]['whole_mb']:.1f} | "
+                        f"{max(r['rss_peak'] for r in out.ranks):.0f} | {np.abs(latents - first).max():.1e} |")
+            print(rows[-1], flush=True)
+    text = "\n".join([
+        "## A job's mesh: cfg_parallel and shard_weights", "",
+        f"`python -m bench.bench_mesh` on {machine()}, {datetime.date.today()}. {args.model} at "
+        f"{args.size}x{args.size}, {args.frames} frames, {args.steps} steps, guidance on, 2 workers (fresh "
+        "spawned processes, 1 thread each), denoising only. Seconds: the slowest rank's; MB sent: per rank "
+        "and step; weights held: the denoiser's parameters a rank holds while the job runs (sharded: its "
+        "shards; on a CPU the worker's whole copy stays in memory beside them, so the peak RSS does not "
+        "show the saving a GPU's memory does); max |diff|: against the strategy's first row.",
+        busy_warning(at_start), "",
+        "| strategy | mesh | seconds | MB sent / step | comm share | weights held (MB) | peak RSS MB | max abs diff |",
+        "|---|---|---:|---:|---:|---|---:|---:|", *rows])
+    write_section(args.output, "mesh", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
