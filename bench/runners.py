@@ -59,7 +59,7 @@ def run_clipmesh(cfg: dict, rank: int, port_q) -> dict:
     import torch
     from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.render import denoise
-    from clipmesh.worker.sharding import local_parameter_bytes
+    from clipmesh.worker.weights import local_parameter_bytes
 
     model = load_adapter(cfg["folder"], "cpu", torch.float32)
     plan = plan_for(cfg, model.model_info(cfg["model"]), cfg["kind"], **cfg.get("request", {}))

@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
     p.add_argument("--model", default="tiny-wan")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--denoiser-on", choices=("device", "host"), default="device",
+                   help="where the loaded denoiser stays: host keeps it in host memory for a model the device "
+                        "cannot hold whole; each job copies to the device only what its rank runs (its shards "
+                        "with --shard-weights, its stage's layers under block_pipeline, else the whole)")
     p.add_argument("--advertise-host", default="127.0.0.1", help="address peers use to reach this worker")
     p.add_argument("--name", default="", help="worker id (default: host-device-pid)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")

@@ -40,16 +40,21 @@ def _request(model: str, strategy: str, workers: int, cfg: bool | None, shard: b
     return req
 
 
-def _rank_main(mesh, folder, plan_bytes):
+def _rank_main(mesh, folder, plan_bytes, denoiser_on="device"):
     """One rank: denoise under the plan; report its latents, its branch and, during the first
-    step, the bytes of the denoisers' parameters it holds (sharded: its shards)."""
+    step, the bytes of the denoisers' parameters it holds (sharded: its shards; a stage's copy
+    from a host-held denoiser: its layers' and what is not a layer), and the whole's."""
     from clipmesh.worker.adapters import load_adapter
-    from clipmesh.worker.render import denoise
-    from clipmesh.worker.sharding import local_parameter_bytes
+    from clipmesh.worker.render import denoise, render
+    from clipmesh.worker.weights import local_parameter_bytes
 
     plan = pb.RenderPlan.FromString(plan_bytes)
-    model = load_adapter(folder, "cpu", torch.float32)
+    model = load_adapter(folder, "cpu", torch.float32, denoiser_on)
     whole = [local_parameter_bytes(d) for d in model.denoisers]
+    if plan.layers:  # what a stage holds of each expert: all but the other stages' blocks
+        start, end = plan.layers[mesh.rank].start, plan.layers[mesh.rank].end
+        whole = [w - sum(local_parameter_bytes(b) for i, b in enumerate(d.blocks) if not start <= i < end)
+                 for w, d in zip(whole, model.denoisers)] if denoiser_on == "host" else whole
     before = [d for d in model.denoisers]
     during = []
 
@@ -57,14 +62,21 @@ def _rank_main(mesh, folder, plan_bytes):
         if not during:
             during.extend(local_parameter_bytes(d) for d in model.denoisers)
 
-    latents = denoise(model, plan, mesh.rank, mesh, on_step=on_step)
+    if plan.layers:  # block_pipeline: the finished blocks this rank hands on, (start, latents)
+        blocks = []
+        render(model, plan, mesh.rank, mesh, on_step=on_step, decode=False,
+               on_latents=lambda piece: blocks.append((piece.start, piece.latents.numpy().copy())))
+        latents = blocks
+    else:
+        latents = denoise(model, plan, mesh.rank, mesh, on_step=on_step).numpy()
     restored = all(a is b for a, b in zip(before, model.denoisers))
-    return latents.numpy(), whole, during, restored, specs.branch_of(plan, mesh.rank)
+    return latents, whole, during, restored, specs.branch_of(plan, mesh.rank)
 
 
-def _run(folder, req: pb.SubmitJobRequest, name: str):
+def _run(folder, req: pb.SubmitJobRequest, name: str, denoiser_on: str = "device"):
     plan = planned(req, req.num_workers, name)
-    return plan, run_ranks(_rank_main, plan.world_size, str(folder), plan.SerializeToString(), group=name)
+    return plan, run_ranks(_rank_main, plan.world_size, str(folder), plan.SerializeToString(), denoiser_on,
+                           group=name)
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +95,19 @@ def wan_reference(wan_folder):
                           output_type="latent").frames
 
 
-@pytest.mark.parametrize("strategy,workers,cfg,shard", [
-    ("exact", 2, True, None),            # cfg 2 x frames 1
-    ("ulysses", 4, True, None),          # cfg 2 x frames 2 (heads split over 2)
-    ("clip_parallel", 2, True, None),
-    ("exact", 3, None, True),            # sharded over 3: uneven clips, uneven shards
-    ("ulysses", 2, None, True),
-    ("clip_parallel", 3, None, True),
-    ("exact", 4, True, True),            # both: cfg 2 x frames 2, each branch sharded over its 2
+@pytest.mark.parametrize("strategy,workers,cfg,shard,denoiser_on", [
+    ("exact", 2, True, None, "device"),            # cfg 2 x frames 1
+    ("ulysses", 4, True, None, "device"),          # cfg 2 x frames 2 (heads split over 2)
+    ("clip_parallel", 2, True, None, "device"),
+    ("exact", 3, None, True, "device"),            # sharded over 3: uneven clips, uneven shards
+    ("ulysses", 2, None, True, "device"),
+    ("clip_parallel", 3, None, True, "host"),      # shards copied from a denoiser held on the host
+    ("exact", 4, True, True, "device"),            # both: cfg 2 x frames 2, each branch sharded over its 2
+    ("exact", 2, None, None, "host"),              # a whole copy for the job, from the host
 ])
-def test_mesh_equals_the_stock_pipeline(wan_folder, wan_reference, strategy, workers, cfg, shard):
+def test_mesh_equals_the_stock_pipeline(wan_folder, wan_reference, strategy, workers, cfg, shard, denoiser_on):
     plan, results = _run(wan_folder, _request("tiny-wan", strategy, workers, cfg, shard),
-                         f"dims-{strategy}-{workers}-{cfg}-{shard}")
+                         f"dims-{strategy}-{workers}-{cfg}-{shard}-{denoiser_on}", denoiser_on)
     branches, ranks = specs.branches(plan), specs.split_ranks(plan)
     assert branches == (2 if cfg else 1) and plan.parallel.shard_weights == bool(shard)
     assert sorted(r[4] for r in results.values()) == sorted(r // ranks for r in range(workers))
@@ -123,6 +136,27 @@ def test_two_experts_are_both_sharded():
     for rank, (latents, whole, during, restored, _) in sorted(results.items()):
         assert (torch.from_numpy(latents) - stock).abs().max().item() <= TOL
         assert len(whole) == 2 and all(d <= w / 2 * 1.05 + 4096 for d, w in zip(during, whole)), (during, whole)
+        assert restored
+
+
+def test_block_pipeline_stages_hold_only_their_layers_of_both_experts():
+    """A worker holding its denoiser on the host (`--denoiser-on host`): each block_pipeline
+    stage runs on a copy of its own layers of both experts (on a GPU, all the device holds; on
+    this CPU the host copy is whole beside it) and 2 stages equal 1 stage of the whole model."""
+    folder = presets.model_folder("tiny-wan22")
+    def video(results) -> torch.Tensor:
+        blocks = sorted((b for r in results.values() for b in r[0]), key=lambda b: b[0])
+        return torch.cat([torch.from_numpy(x) for _, x in blocks], dim=2)
+
+    req = _request("tiny-wan22", "block_pipeline", 1, None, None, guidance_scale_2=2.0, frames=25,
+                   block_pipeline=pb.BlockPipelineOptions(block_frames=2, context_frames=1))
+    _, one = _run(folder, req, "dims-bp-one")
+    req.num_workers = 2
+    plan, two = _run(folder, req, "dims-bp-two", "host")
+    assert [(r.start, r.end) for r in plan.layers] == [(0, 2), (2, 4)]
+    assert video(two).shape[2] == 7 and (video(two) - video(one)).abs().max().item() <= TOL
+    for rank, (_, held, during, restored, _) in sorted(two.items()):
+        assert during == held and all(h < w * 0.75 for h, w in zip(held, one[0][1])), (during, held, one[0][1])
         assert restored
 
 

@@ -77,8 +77,10 @@ class JobContext:
 
 class WorkerDaemon:
     def __init__(self, coordinator: str, model: str, device: str, advertise_host: str, name: str = "",
-                 threads: int = 0, token: str = "", speed: float = 0.0, tls: TLS | None = None):
+                 threads: int = 0, token: str = "", speed: float = 0.0, tls: TLS | None = None,
+                 denoiser_on: str = "device"):
         self.coordinator = coordinator
+        self.denoiser_on = denoiser_on
         self.model_name = model
         self.device = device
         self.advertise_host = advertise_host
@@ -108,10 +110,11 @@ class WorkerDaemon:
             torch.set_num_threads(self.threads)
         folder = presets.model_folder(self.model_name)
         t0 = time.perf_counter()
-        self.model = load_adapter(folder, self.device, torch.float32)
+        self.model = load_adapter(folder, self.device, torch.float32, self.denoiser_on)
         self.model_info = self.model.model_info(self.model_name)
         self.denoiser_bytes = self.model.denoiser_bytes  # whole: a sharded job swaps in its copy for a while
-        self.speed = self.speed or self.model.measure_speed()
+        # a denoiser held on the host is not measured on the device (it may not fit there whole)
+        self.speed = self.speed or (self.model.measure_speed() if self.denoiser_on == "device" else 1.0)
         log.info("%s loaded %s on %s in %.1fs (%.0f latent px/s)", self.worker_id, self.model_name, self.device,
                  time.perf_counter() - t0, self.speed)
 
@@ -442,6 +445,7 @@ def main(args) -> None:
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     daemon = WorkerDaemon(args.coordinator, args.model, args.device, args.advertise_host, args.name,
-                          args.threads, args.token, args.speed, TLS(args.tls_ca, args.tls_cert, args.tls_key))
+                          args.threads, args.token, args.speed, TLS(args.tls_ca, args.tls_cert, args.tls_key),
+                          args.denoiser_on)
 
     uvloop.run(daemon.run())

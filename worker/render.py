@@ -29,7 +29,7 @@ from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, Rend
 from clipmesh.worker.peak_memory import PeakMemory
 from clipmesh.worker.patches import Patches
 from clipmesh.worker.savers import install_savers
-from clipmesh.worker.sharding import sharded_weights
+from clipmesh.worker.weights import job_weights
 from clipmesh.worker.strategies import get_strategy
 
 
@@ -70,7 +70,7 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
                                   job.plan.num_latent_frames) if req.image else None
     denoising = Denoising(job, cond, uncond, image)
     strategy, memory = get_strategy(job.plan.strategy), PeakMemory(model.device)
-    with sharded_weights(job), Patches() as patches:
+    with job_weights(job), Patches() as patches:
         strategy.install(job, patches)
         install_savers(job, patches)  # after the strategy: savers wrap whatever it installed
         schedule = strategy.schedule(job, denoising, resume)

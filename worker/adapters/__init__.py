@@ -21,7 +21,18 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     for name in (cls.pipeline_class, *getattr(cls, "pipeline_aliases", ()))}
 
 
-def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelAdapter:
+def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                 denoiser_on: str = "device") -> ModelAdapter:
+    """The folder's adapter with its pipeline on `device`; `denoiser_on` "host": but for its
+    denoisers, which stay in host memory (a job copies what its rank needs: worker/weights.py)."""
     index = json.loads((Path(folder) / "model_index.json").read_text())
     variant_of(index)  # an unsupported pipeline raises here, naming the supported ones
-    return ADAPTERS[index["_class_name"]].load(folder, device, dtype)
+    cls = ADAPTERS[index["_class_name"]]
+    if denoiser_on == "device":
+        return cls.load(folder, device, dtype)
+    adapter = cls.load(folder, "cpu", dtype)  # everything on the host first: the device never holds it whole
+    adapter.device, adapter.denoiser_on = torch.device(device), denoiser_on
+    for name, component in adapter.pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in cls.denoiser_attrs:
+            component.to(device)
+    return adapter

@@ -122,6 +122,7 @@ class ModelAdapter:
     taylorseer_modules: tuple[str, ...] = ()
 
     denoiser_attrs: tuple[str, ...] = ("unet",)  # the pipeline's attributes that hold its denoisers
+    denoiser_on = "device"  # or "host": the denoisers stay in host memory, a job copies what it needs (weights.py)
 
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)
@@ -173,7 +174,7 @@ class ModelAdapter:
 
     def shard_units(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         """The modules of a denoiser whose weights shard_weights gathers one at a time (its blocks;
-        worker/sharding.py): a UNet's down, mid and up blocks."""
+        worker/weights.py): a UNet's down, mid and up blocks."""
         return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
 
     def expert(self, t) -> int:
