@@ -25,8 +25,9 @@ def describe(event: pb.JobEvent) -> str:
         comm = (f", comm {s.comm_seconds:.2f}s {(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB"
                 if s.bytes_sent or s.bytes_received else "")
         block = f"block {s.block} " if s.HasField("block") else ""
+        role = f", {s.role}" if s.role else ""
         return (f"[rank {s.rank} {s.worker_id}] {block}step {s.step}/{s.total_steps} "
-                f"latent [{s.latent_start},{s.latent_end}) {s.seconds:.2f}s{comm}{_memory(s)}")
+                f"latent [{s.latent_start},{s.latent_end}){role} {s.seconds:.2f}s{comm}{_memory(s)}")
     if kind == "frames":
         f = event.frames
         return f"frames {f.first_frame}..{f.first_frame + f.num_frames - 1} received from {f.worker_id}"
@@ -98,8 +99,9 @@ def _follow_rich(events: Iterable[pb.JobEvent], world_size: int, num_frames: int
                 s = event.step
                 if s.rank not in bars:
                     bars[s.rank] = progress.add_task("", total=s.total_steps)
+                role = f" {s.role}" if s.role else ""
                 progress.update(bars[s.rank], completed=s.step, description=f"rank {s.rank} {s.worker_id} "
-                                f"[{s.latent_start},{s.latent_end}){_memory(s)}")
+                                f"[{s.latent_start},{s.latent_end}){role}{_memory(s)}")
                 world = max(world_size, len(bars))
                 progress.update(overall, total=world * s.total_steps,
                                 completed=sum(progress.tasks[t].completed for t in bars.values()))

@@ -378,6 +378,14 @@ def branch_of(plan: pb.RenderPlan, rank: int) -> int:
     return rank // split_ranks(plan)
 
 
+def role(plan: pb.RenderPlan, rank: int) -> str:
+    """Rank `rank`'s place in the mesh beyond the split, for progress (StepProgress.role)."""
+    parts = [("cond", "uncond")[branch_of(plan, rank)]] if branches(plan) > 1 else []
+    if plan.parallel.shard_weights:
+        parts.append(f"shard {split_rank(plan, rank) + 1}/{split_ranks(plan)}")
+    return ", ".join(parts)
+
+
 def check_tiling(field: str, ranges, world_size: int, total: int) -> None:
     """SpecError(field) unless `ranges` (ClipRange / LayerRange, in rank order) tile [0, total), one per rank."""
     pairs, edge = [(r.start, r.end) for r in ranges], 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipmesh import presets, specs
+from clipmesh import presets, progress, specs
 from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
@@ -211,7 +211,10 @@ def test_a_mesh_through_real_daemons_the_sdk_and_the_cli(daemons, tmp_path):
     events = list(client.watch(meshed.id))
     running = next(e.state.detail for e in events if e.HasField("state") and e.state.state == pb.RUNNING)
     assert "cfg 2 x 2: asked; weights sharded: asked" in running, running
-    assert {e.step.rank for e in events if e.HasField("step") and e.step.step == 3} == {0, 1, 2, 3}
+    last = {e.step.rank: e.step.role for e in events if e.HasField("step") and e.step.step == 3}
+    assert last == {0: "cond, shard 1/2", 1: "cond, shard 2/2", 2: "uncond, shard 1/2", 3: "uncond, shard 2/2"}
+    # the CLI's lines name each worker's place in the mesh
+    assert "latent [0,2), uncond, shard 1/2" in "\n".join(progress.describe(e) for e in events)
     videos = []
     for job_id in (plain.id, meshed.id):
         client.fetch(job_id, tmp_path / f"{job_id}.mp4")

@@ -300,6 +300,7 @@ class WorkerDaemon:
 
         a, plan = ctx.assignment, ctx.assignment.plan
         loop_send = self._threadsafe_sender()
+        role = specs.role(plan, a.rank)
 
         def on_step(report) -> None:
             metrics.step(report, plan.strategy)
@@ -308,7 +309,7 @@ class WorkerDaemon:
                 latent_start=report.latent_start, latent_end=report.latent_end, seconds=report.seconds,
                 bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
                 comm_seconds=report.comm_seconds, block=report.block, peak_memory_bytes=report.peak_memory_bytes,
-                full_pass=report.full_pass, attempt=a.attempt))
+                full_pass=report.full_pass, attempt=a.attempt, role=role))
 
         def on_frames(rendered) -> None:
             skip = plan.frames_in_video - rendered.first_frame  # already in the video from an earlier attempt

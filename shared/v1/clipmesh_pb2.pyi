@@ -270,7 +270,7 @@ class StateChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StepProgress(_message.Message):
-    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds", "block", "peak_memory_bytes", "full_pass", "attempt")
+    __slots__ = ("worker_id", "rank", "step", "total_steps", "latent_start", "latent_end", "seconds", "bytes_sent", "bytes_received", "comm_seconds", "block", "peak_memory_bytes", "full_pass", "attempt", "role")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +285,7 @@ class StepProgress(_message.Message):
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     FULL_PASS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     step: int
@@ -299,7 +300,8 @@ class StepProgress(_message.Message):
     peak_memory_bytes: int
     full_pass: bool
     attempt: int
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ..., block: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., full_pass: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
+    role: str
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., latent_start: _Optional[int] = ..., latent_end: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., comm_seconds: _Optional[float] = ..., block: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., full_pass: _Optional[bool] = ..., attempt: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class FramesReceived(_message.Message):
     __slots__ = ("worker_id", "first_frame", "num_frames")
