@@ -145,6 +145,25 @@ def test_killed_worker_job_resumes_and_makes_the_same_video(whole_farm, strategy
         assert (job.video_sha256, job.video_frames) == (want.video_sha256, want.video_frames)
 
 
+def test_killed_worker_of_a_cfg_parallel_mesh_resumes_and_makes_the_same_video(whole_farm):
+    """A kill inside a mesh: cfg 2 x 1, the unconditional branch's worker killed; the job resumes
+    from the conditional branch's checkpoint on a new pair and makes the unfaulted video."""
+    farm = whole_farm
+    mesh = dict(JOB, cfg_parallel=True, guidance_scale=5.0)
+    with farm.client() as client:
+        want = run_to_end(client, client.submit("a paper boat on a pond", num_workers=2, **mesh).id)
+        assert want.state == pb.SUCCEEDED, want.error
+        job = wait_for_step(client, client.submit("a paper boat on a pond", num_workers=2, **mesh).id, 7)
+        victim = job.worker_ids[1]  # rank 1: branch 1 of cfg 2 x 1
+        farm.workers[victim].kill()
+        job = run_to_end(client, job.id)
+        assert job.state == pb.SUCCEEDED, job.error
+        assert job.attempt == 2 and victim not in job.worker_ids
+        placed = [d for d in states(client, job.id) if d.startswith("placed")]
+        assert "cfg 2 x 1: asked" in placed[1] and "resuming at step" in placed[1], placed
+        assert (job.video_sha256, job.video_frames) == (want.video_sha256, want.video_frames)
+
+
 def test_killed_worker_job_resumes_re_split_over_fewer_workers(whole_farm, tmp_path):
     farm = whole_farm
     want = reference(farm, "exact", 3)

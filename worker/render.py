@@ -74,7 +74,8 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
         strategy.install(job, patches)
         install_savers(job, patches)  # after the strategy: savers wrap whatever it installed
         schedule = strategy.schedule(job, denoising, resume)
-        every = job.plan.checkpoint_every if on_checkpoint else 0
+        # both guidance branches hold the same latents: the conditional one writes the checkpoints
+        every = job.plan.checkpoint_every if on_checkpoint and job.branch == 0 else 0
         done = 0
         while True:
             if schedule.agree_stop(bool(should_stop and should_stop())):
@@ -207,11 +208,9 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
     """Run this rank's part of the plan; hand every decoded piece of the video to `on_frames` as
     soon as it is decoded (and, first, its final latents to `on_latents`). `decode=False`
     denoises only. `resume`, `on_checkpoint`: as for run(). Under cfg_parallel the unconditional
-    branch's ranks hold the same latents as their peers: only the conditional branch decodes and
-    checkpoints."""
+    branch's ranks hold the same latents as their peers: only the conditional branch decodes."""
     job = job_for(model, plan, rank, mesh)
-    if job.branch:
-        decode, on_checkpoint = False, None
+    decode = decode and job.branch == 0
     # block_pipeline's blocks decode beside the pipeline: inline, a rank's decode stalls every stage
     decoder = Decoder(job, on_frames or (lambda rendered: None), background=work_of(plan) == QUEUE) if decode else None
 
