@@ -29,7 +29,7 @@ from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, Rend
 from clipmesh.worker.peak_memory import PeakMemory
 from clipmesh.worker.patches import Patches
 from clipmesh.worker.savers import install_savers
-from clipmesh.worker.weights import job_weights
+from clipmesh.worker.weights import borrowed, job_weights
 from clipmesh.worker.strategies import get_strategy
 
 
@@ -65,7 +65,8 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
     when: block_pipeline counts iterations of its queue) this rank's part of a checkpoint goes
     to `on_checkpoint`."""
     model, req, mesh = job.model, job.request, job.mesh
-    cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
+    with borrowed(model, "text_encoder"):
+        cond, uncond = model.encode_prompt(req.prompt, req.negative_prompt, req.guidance_scale)
     image = model.image_condition(decode_image(req.image), req.height, req.width,
                                   job.plan.num_latent_frames) if req.image else None
     denoising = Denoising(job, cond, uncond, image)

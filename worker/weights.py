@@ -6,6 +6,8 @@ A worker serves many jobs, so the denoiser it loaded stays whole. Where it loade
 - `host`: in host memory, for a model the device cannot hold whole; a job then runs on a copy on
   the device of only what its rank needs: the whole denoiser (frames strategies), its stage's
   blocks (`block_pipeline`: the other blocks are left as empty meta tensors), or its shards.
+  The text encoder stays on the host too and is lent to the device while it encodes the prompt
+  (`borrowed`), before the job's copy is made: the device never holds both.
 
 `shard_weights`: each rank keeps 1/F of every parameter of every expert, with FSDP2
 (`torch.distributed.fsdp.fully_shard`); a transformer block's whole weights are all-gathered just
@@ -124,6 +126,21 @@ def job_weights(job):
     finally:
         for name, whole in wholes.items():
             object.__setattr__(model.pipe, name, whole)
+
+
+@contextlib.contextmanager
+def borrowed(model, name: str):
+    """A component a host-holding worker keeps on the host (adapters.HOST_HELD) on the device
+    while it runs, back on the host after; otherwise nothing moves."""
+    component = getattr(model.pipe, name, None)
+    if model.denoiser_on != "host" or component is None:
+        yield
+        return
+    component.to(model.device)
+    try:
+        yield
+    finally:
+        component.to("cpu")
 
 
 def local_parameter_bytes(module: torch.nn.Module) -> int:

@@ -21,10 +21,16 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     for name in (cls.pipeline_class, *getattr(cls, "pipeline_aliases", ()))}
 
 
+# What a host-holding worker also keeps on the host: the text encoder runs once a job (Wan's UMT5-XXL
+# is 11.4 GB in bf16, more than a 24 GB card can spare beside a shard); weights.borrowed lends it.
+HOST_HELD = ("text_encoder",)
+
+
 def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = torch.float32,
                  denoiser_on: str = "device") -> ModelAdapter:
     """The folder's adapter with its pipeline on `device`; `denoiser_on` "host": but for its
-    denoisers, which stay in host memory (a job copies what its rank needs: worker/weights.py)."""
+    denoisers and text encoder, which stay in host memory (a job copies what its rank needs and
+    borrows the text encoder while it encodes the prompt: worker/weights.py)."""
     index = json.loads((Path(folder) / "model_index.json").read_text())
     variant_of(index)  # an unsupported pipeline raises here, naming the supported ones
     cls = ADAPTERS[index["_class_name"]]
@@ -33,6 +39,6 @@ def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = 
     adapter = cls.load(folder, "cpu", dtype)  # everything on the host first: the device never holds it whole
     adapter.device, adapter.denoiser_on = torch.device(device), denoiser_on
     for name, component in adapter.pipe.components.items():
-        if isinstance(component, torch.nn.Module) and name not in cls.denoiser_attrs:
+        if isinstance(component, torch.nn.Module) and name not in (*cls.denoiser_attrs, *HOST_HELD):
             component.to(device)
     return adapter
