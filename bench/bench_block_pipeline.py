@@ -37,7 +37,8 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
 
     model = load_adapter(cfg["folder"], "cpu", torch.float32)
     options = pb.BlockPipelineOptions(block_frames=cfg["block"], context_frames=cfg["context"])
-    plan = plan_for(cfg, model.model_info(cfg["model"]), "block_pipeline", block_pipeline=options)
+    plan = plan_for(cfg, model.model_info(cfg["model"]), "block_pipeline", block_pipeline=options,
+                    **cfg.get("request", {}))
     with open_mesh(rank, cfg["workers"], port_q, plan.group_name) as mesh:
         rss_loaded = maxrss_mb()
         frames, comm, decode_s = [], [0.0], [0.0]

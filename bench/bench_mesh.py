@@ -24,6 +24,7 @@ import numpy as np
 from bench.common import DOCS
 from bench.procs import run_ranks, stop_ranks_on_exit
 from bench.report import busy_warning, load, machine, write_section
+from bench.bench_block_pipeline import _rank as block_pipeline_rank
 from bench.runners import run_rank
 
 # (label, workers, request fields): the first row of a strategy is the baseline its diff is taken against
@@ -64,6 +65,18 @@ def main() -> int:
                         f"{gathered:.1f} | {comm:.0%} | {held:.1f} of {whole:.1f} | "
                         f"{max(r['rss_peak'] for r in out.ranks):.0f} | {np.abs(latents - first).max():.1e} |")
             print(rows[-1], flush=True)
+    # block_pipeline: both branches batched through one pipeline of 2 stages, or one pipeline per branch
+    blocks = []
+    for label, request in (("2 stages, branches batched", {}), ("cfg 2 x 1 stage", dict(cfg_parallel=True))):
+        cfg = dict(folder=folder, model=args.model, size=args.size, frames=args.frames, steps=args.steps,
+                   block=8, context=4, decode=False, request=request)
+        out = run_ranks(block_pipeline_rank, cfg, 2, f"mesh-block-{len(blocks)}")
+        if out.error:
+            raise SystemExit(f"block_pipeline, {label}: {out.error}")
+        blocks.append(f"| `block_pipeline` | {label} | {max(r['wall'] for r in out.ranks):.1f} | "
+                      f"{max(r['comm'] for r in out.ranks) / max(r['wall'] for r in out.ranks):.0%} | "
+                      f"{max(r['rss_peak'] for r in out.ranks):.0f} |")
+        print(blocks[-1], flush=True)
     text = "\n".join([
         "## A job's mesh: cfg_parallel and shard_weights", "",
         f"`python -m bench.bench_mesh` on {machine()}, {datetime.date.today()}. {args.model} at "
@@ -77,7 +90,11 @@ def main() -> int:
         busy_warning(at_start), "",
         "| strategy | mesh | seconds | MB sent / step | MB gathered / step | comm share | weights held (MB) | "
         "peak RSS MB | max abs diff |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|", *rows])
+        "|---|---|---:|---:|---:|---:|---|---:|---:|", *rows, "",
+        "block_pipeline on the same 2 workers (blocks of 8 latent frames, 4 of context, denoising only): both "
+        "guidance branches as one batch through 2 stages, or one pipeline per branch (cfg 2 x 1 stage, the "
+        "two heads pairing their predictions):", "",
+        "| strategy | mesh | seconds | comm share | peak RSS MB |", "|---|---|---:|---:|---:|", *blocks])
     write_section(args.output, "mesh", text)
     print(text)
     return 0

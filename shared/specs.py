@@ -184,8 +184,10 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
         )),
     StrategySpec(
         name="block_pipeline", partition=LAYERS, needs=frozenset({BLOCK_STACK}), streams=True, work=QUEUE,
-        composes=frozenset(), refuses="its stages already hold only their own layers' activations and run both "
-                                      "guidance branches as one batch",
+        # cfg_parallel: one pipeline per guidance branch, the last stages pairing their predictions;
+        # its stages hold their own layers already (a host-holding worker copies only those)
+        composes=frozenset({CFG}), refuses="a stage runs only its own layers (with `clipmesh worker --denoiser-on "
+                                           "host` its device holds only those): there is nothing to shard",
         summary="DualParal block queue", options_field="block_pipeline",
         # docs/algorithms.md section 2: blocks of 8 latent frames (29 video frames for the first)
         # with 4 frames of context each way.
@@ -224,8 +226,8 @@ def checkpoint_frames(plan: pb.RenderPlan) -> int:
 def decoding_rank(plan: pb.RenderPlan, latent: int) -> int:
     """The rank that decodes (and uploads) latent frame `latent`: CLIPS, the owner of its clip;
     QUEUE, run k of DECODE_RUN blocks is rank k mod N's. -1: none."""
-    if work_of(plan) == QUEUE:
-        return latent // plan.block_pipeline.block_frames // DECODE_RUN % plan.world_size
+    if work_of(plan) == QUEUE:  # among the conditional branch's stages (split ranks 0..F-1)
+        return latent // plan.block_pipeline.block_frames // DECODE_RUN % split_ranks(plan)
     # the conditional branch's ranks (0..F-1) own the clips' uploads
     return next((rank for rank, clip in enumerate(plan.clips) if clip.start <= latent < clip.end), -1)
 

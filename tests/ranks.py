@@ -66,7 +66,8 @@ class _Pool:
                     errors[rank] = error
         except queue.Empty:
             self.kill()
-            pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported")
+            pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} never reported" + "".join(
+                f"\nrank {rank} failed:\n{error}" for rank, error in sorted(errors.items())))
         if errors:
             self.kill()
             pytest.fail("\n".join(f"rank {rank} failed:\n{error}" for rank, error in sorted(errors.items())))

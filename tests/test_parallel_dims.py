@@ -52,7 +52,8 @@ def _rank_main(mesh, folder, plan_bytes, denoiser_on="device"):
     model = load_adapter(folder, "cpu", torch.float32, denoiser_on)
     whole = [local_parameter_bytes(d) for d in model.denoisers]
     if plan.layers:  # what a stage holds of each expert: all but the other stages' blocks
-        start, end = plan.layers[mesh.rank].start, plan.layers[mesh.rank].end
+        mine = plan.layers[specs.split_rank(plan, mesh.rank)]
+        start, end = mine.start, mine.end
         whole = [w - sum(local_parameter_bytes(b) for i, b in enumerate(d.blocks) if not start <= i < end)
                  for w, d in zip(whole, model.denoisers)] if denoiser_on == "host" else whole
     before = [d for d in model.denoisers]
@@ -176,25 +177,35 @@ def test_two_experts_are_both_sharded():
         assert restored
 
 
-def test_block_pipeline_stages_hold_only_their_layers_of_both_experts():
+def test_block_pipeline_stages_hold_only_their_layers_of_both_experts_and_split_the_branches():
     """A worker holding its denoiser on the host (`--denoiser-on host`): each block_pipeline
     stage runs on a copy of its own layers of both experts (on a GPU, all the device holds; on
-    this CPU the host copy is whole beside it) and 2 stages equal 1 stage of the whole model."""
+    this CPU the host copy is whole beside it) and 2 stages equal 1 stage of the whole model;
+    so does cfg 2 x 2 stages (one pipeline per guidance branch)."""
     folder = presets.model_folder("tiny-wan22")
-    def video(results) -> torch.Tensor:
-        blocks = sorted((b for r in results.values() for b in r[0]), key=lambda b: b[0])
+    def video(results, branch: int = 0) -> torch.Tensor:
+        blocks = sorted((b for r in results.values() if r[4] == branch for b in r[0]), key=lambda b: b[0])
         return torch.cat([torch.from_numpy(x) for _, x in blocks], dim=2)
 
-    req = _request("tiny-wan22", "block_pipeline", 1, None, None, guidance_scale_2=2.0, frames=25,
-                   block_pipeline=pb.BlockPipelineOptions(block_frames=2, context_frames=1))
+    req = _request("tiny-wan22", "block_pipeline", 1, None, None, guidance_scale_2=2.0, frames=33,
+                   block_pipeline=pb.BlockPipelineOptions(block_frames=1, context_frames=1))
     _, one = _run(folder, req, "dims-bp-one")
     req.num_workers = 2
     plan, two = _run(folder, req, "dims-bp-two", "host")
     assert [(r.start, r.end) for r in plan.layers] == [(0, 2), (2, 4)]
-    assert video(two).shape[2] == 7 and (video(two) - video(one)).abs().max().item() <= TOL
+    assert video(two).shape[2] == 9 and (video(two) - video(one)).abs().max().item() <= TOL
     for rank, (_, held, during, restored, _) in sorted(two.items()):
         assert during == held and all(h < w * 0.75 for h, w in zip(held, one[0][1])), (during, held, one[0][1])
         assert restored
+
+    # one pipeline per guidance branch: 2 stages each, their last stages pairing the predictions
+    req.num_workers, req.cfg_parallel = 4, True
+    plan, meshed = _run(folder, req, "dims-bp-cfg")
+    assert specs.branches(plan) == 2 and [(r.start, r.end) for r in plan.layers] == [(0, 2), (2, 4)]
+    assert (video(meshed) - video(one)).abs().max().item() <= TOL
+    assert torch.equal(video(meshed, 1), video(meshed))  # both branches hold the same latents
+    # runs of DECODE_RUN blocks go to the conditional branch's stages in turn (9 blocks: 3 runs)
+    assert [specs.decoding_rank(plan, latent) for latent in range(9)] == [0] * 4 + [1] * 4 + [0]
 
 
 def test_unet3d_branches_and_shards_equal_one_process():

@@ -90,7 +90,10 @@ class _Stage(Schedule):
     def __init__(self, job, denoising, stages, cache):
         self.job, self.mesh, self.d, self.experts, self.cache = job, job.mesh, denoising, stages, cache
         self.layers = job.layers
-        self.text = denoising.cond if denoising.uncond is None else torch.cat([denoising.cond, denoising.uncond])
+        if job.cfg is not None:  # cfg_parallel: this branch's pipeline runs its own text; the heads pair up
+            self.text = (denoising.cond, denoising.uncond)[job.branch]
+        else:
+            self.text = denoising.cond if denoising.uncond is None else torch.cat([denoising.cond, denoising.uncond])
         embeds = denoising.image.embeds if denoising.image is not None else None  # I2V: beside the text, per CFG row
         self.image_embeds = None if embeds is None else embeds.expand(self.text.shape[0], -1, -1)
         self.total = len(denoising.timesteps)
@@ -138,9 +141,14 @@ class _Stage(Schedule):
         """Last rank: output head, CFG, context dropped -> the block's prediction [1, C, own, h, w]."""
         temb = self.conditioning[self._conditioning_key(item)][0]
         out = self.stages(item.step).head(hidden, temb, item.context + item.own, self.cache.h, self.cache.w)
-        pred = out[:1]
-        if out.shape[0] == 2:  # WanPipeline's CFG: uncond + g * (cond - uncond)
-            pred = out[1:] + self.d.guidance_at(self.d.timesteps[item.step]) * (pred - out[1:])
+        guidance = self.d.guidance_at(self.d.timesteps[item.step])
+        if self.job.cfg is not None:  # the other branch's last stage has the other half, for the same item
+            pred, uncond = self.job.cfg.all_gather_uneven(out, [1, 1], dim=0).chunk(2)
+            pred = uncond + guidance * (pred - uncond)
+        elif out.shape[0] == 2:  # WanPipeline's CFG: uncond + g * (cond - uncond)
+            pred = out[1:] + guidance * (out[:1] - out[1:])
+        else:
+            pred = out
         return pred[:, :, item.context:].contiguous()
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
