@@ -478,3 +478,15 @@ def test_without_the_log_sum_exp_kernel_the_result_is_the_same(blend):
             with mock.patch.object(dual_scope, "_has_lse_attention", lambda q: with_lse):
                 runs.append(core.attend(q, k, v, rekey=synthetic_rekey if rekey else None))
         assert (runs[0] - runs[1]).abs().max() <= TOL, (halo, g, t, entropy, chunk, rekey, blend)
+
+
+def test_the_log_sum_exp_kernel_follows_device_and_dtype():
+    """CPU flash attention for fp32/fp64; bf16 on a CPU has none (attend concatenates), and the
+    path then equals the kernel's (test above). The CUDA kernels: tests/test_gpu.py."""
+    from clipmesh.worker.strategies import dual_scope
+
+    q = torch.zeros(1, 2, 4, 8)
+    assert dual_scope._lse_kernel(q) == "cpu" and dual_scope._lse_kernel(q.double()) == "cpu"
+    assert dual_scope._lse_kernel(q.bfloat16()) is None and not dual_scope._has_lse_attention(q.bfloat16())
+    out, lse = dual_scope._attention(q.normal_(), q.clone().normal_(), q.clone().normal_(), 0.5)
+    assert out.shape == (1, 2, 4, 8) and lse.shape == (1, 2, 4)

@@ -1,6 +1,7 @@
 """The CUDA paths, where CUDA is present (bench/device_check.sh runs these on a GPU machine):
-an NCCL group of world size 1, the Wan adapter on CUDA against the same render on CPU, and the
-peak memory a step reports. Skipped here, saying why: CI and this machine have no GPU."""
+an NCCL group of world size 1, the Wan adapter on CUDA against the same render on CPU, the
+peak memory a step reports, and the dual-scope core on CUDA's log-sum-exp kernels against its
+concatenating path. Skipped here, saying why: CI and this machine have no GPU."""
 
 from __future__ import annotations
 
@@ -52,3 +53,27 @@ def test_the_cuda_adapter_renders_what_the_cpu_renders_and_reports_peak_memory()
     assert on_cuda.shape == on_cpu.shape == (9, 32, 32, 3)
     assert np.abs(on_cuda.astype(int) - on_cpu.astype(int)).max() <= 2  # fp32 kernels differ in rounding only
     assert all(r.peak_memory_bytes > 0 for r in cuda_reports)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_dual_scope_on_cudas_log_sum_exp_kernels_equals_its_concat_path(dtype, tol):
+    """fp32 takes the memory-efficient kernel, bf16 flash attention; the path without a
+    log-sum-exp (one call over both key sets, the bias a mask) is the reference."""
+    from unittest import mock
+
+    from clipmesh.worker.strategies import dual_scope
+    from test_clip_parallel_wan import CONFIGS, CORE_TIMESTEPS, F_CORE, NATIVE, _OneRank, core_inputs, make_plan
+
+    q, k, v = (x.to("cuda:0", dtype) for x in core_inputs())
+    assert dual_scope._lse_kernel(q) == ("efficient" if dtype == torch.float32 else "flash")
+    for halo, g, t, entropy, chunk, rekey, _ in CONFIGS:
+        if rekey:
+            continue
+        runs = []
+        for with_lse in (True, False):
+            core = dual_scope.DualScope(_OneRank(), make_plan([(0, F_CORE)], halo, g, entropy=entropy), 0, NATIVE,
+                                        CORE_TIMESTEPS, chunk_frames=chunk)
+            core.begin_step(t)
+            with mock.patch.object(dual_scope, "_has_lse_attention", lambda q: with_lse):
+                runs.append(core.attend(q, k, v).float())
+        assert (runs[0] - runs[1]).abs().max() <= tol, (halo, g, t, entropy, chunk)

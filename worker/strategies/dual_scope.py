@@ -40,9 +40,10 @@ exp(lse + its phase bias); no mask is ever needed. Only a rekey (per-query globa
 keys) makes [B, chunk, G, S, H, Dk] at a time, chunk_bytes bounding it; without one, the globals
 are a single call for all query frames. A query frame's result is a function of its query,
 window and globals only, so it does not depend on the chunk size or the worker split (beyond
-float rounding where frames share a call). Where the CPU flash kernel (the one that
-returns the log-sum-exp) is not available, a query frame's two key sets are concatenated and
-the phase bias is a per-column mask instead.
+float rounding where frames share a call). The kernels that return the log-sum-exp are CPU
+flash attention and, on CUDA, flash attention (fp16/bf16) or memory-efficient attention (fp32
+too) (`_lse_kernel`); where none fits, a query frame's two key sets are concatenated and the
+phase bias is a per-column mask instead (tested equal).
 """
 
 from __future__ import annotations
@@ -261,16 +262,43 @@ def _runs(items: list) -> list[tuple[int, int, object]]:
     return runs
 
 
+# Kernels that return attention together with each query's log-sum-exp (what lets attend weigh two
+# key sets without concatenating them): [B, H, L, D] in, (out, lse [B, H, L]) out.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_EFFICIENT_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+
+
+def _lse_kernel(q: torch.Tensor) -> str | None:
+    """The kernel _attention uses for q here: "cpu" (CPU flash attention, fp32/fp64), "flash"
+    (CUDA flash attention: fp16/bf16, head dim a multiple of 8 up to 256), "efficient" (CUDA
+    memory-efficient attention, fp32 too); None where none fits (attend then concatenates)."""
+    if q.device.type == "cpu":
+        return "cpu" if _FLASH_CPU is not None and q.dtype in (torch.float32, torch.float64) else None
+    if q.device.type != "cuda":
+        return None
+    if _FLASH_CUDA is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 \
+            and q.shape[-1] % 8 == 0:
+        return "flash"
+    if _EFFICIENT_CUDA is not None and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return "efficient"
+    return None
 
 
 def _has_lse_attention(q: torch.Tensor) -> bool:
-    """Whether _attention can run here (CPU flash attention returns the log-sum-exp); elsewhere
-    attend concatenates each query frame's two key sets instead (a copy per query frame)."""
-    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+    """Whether _attention can run here; elsewhere attend concatenates each query frame's two key
+    sets instead (a copy per query frame, the biases as a mask)."""
+    return _lse_kernel(q) is not None
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T scale) v and each query's log-sum-exp of its scaled logits: [B, H, L, Dv], [B, H, L]."""
-    out, lse = _FLASH_CPU(q, k, v, 0.0, False, scale=scale)
+    kernel = _lse_kernel(q)
+    if kernel == "cpu":
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, scale=scale)[:2]
+    elif kernel == "flash":
+        out, lse = _FLASH_CUDA(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:  # the memory-efficient kernel pads its log-sum-exp to a multiple of 32 queries
+        out, lse = _EFFICIENT_CUDA(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+        lse = lse[..., :q.shape[2]]
     return out, lse
