@@ -35,7 +35,9 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
     from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.render import render
 
-    model = load_adapter(cfg["folder"], "cpu", torch.float32)
+    from clipmesh.worker.weights import local_parameter_bytes
+
+    model = load_adapter(cfg["folder"], "cpu", torch.float32, cfg.get("denoiser_on", "device"))
     options = pb.BlockPipelineOptions(block_frames=cfg["block"], context_frames=cfg["context"])
     plan = plan_for(cfg, model.model_info(cfg["model"]), "block_pipeline", block_pipeline=options,
                     **cfg.get("request", {}))
@@ -59,8 +61,12 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
         def on_frames(rendered):
             frames.append((time.perf_counter() - began, len(rendered.frames)))
 
+        held: list[int] = []  # the denoisers' parameter bytes the job runs on (a host-held one: the stage's copy)
+
         def on_step(report):
             comm[0] += report.comm_seconds
+            if not held:
+                held.append(sum(local_parameter_bytes(d) for d in model.denoisers))
 
         mesh.any(False)  # everyone loaded: start the clock together
         mesh.take_stats()
@@ -72,7 +78,8 @@ def _rank(cfg: dict, rank: int, port_q) -> dict:
                    on_latents=lambda piece: frames.append((time.perf_counter() - began, 0)))
         wall = time.perf_counter() - began
     return dict(wall=wall, first_frame=frames[0][0] if frames else None, frames=sum(n for _, n in frames),
-                comm=comm[0], decode=decode_s[0], rss_loaded=rss_loaded, rss_peak=maxrss_mb())
+                comm=comm[0], decode=decode_s[0], rss_loaded=rss_loaded, rss_peak=maxrss_mb(),
+                held_mb=held[0] / 2**20 if held else 0.0, whole_mb=model.denoiser_bytes / 2**20)
 
 
 def run_row(cfg: dict) -> dict:
