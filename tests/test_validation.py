@@ -40,6 +40,7 @@ BAD_FIELDS = [
     ("cfg_parallel", dict(cfg_parallel=True, guidance_scale=1.0)),   # no guidance: nothing to split
     ("num_workers", dict(cfg_parallel=True, num_workers=3)),         # 2 branches x N/2
     ("num_workers", dict(cfg_parallel=True, num_workers=12)),        # 2 x 5 latent frames at most
+    ("num_workers", dict(cfg_parallel=True, num_workers=6, strategy="ulysses")),  # 3 per branch: 2 heads
     ("shard_weights", dict(shard_weights=True, strategy="block_pipeline")),
 ]
 
