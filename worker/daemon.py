@@ -6,17 +6,17 @@ process group from the brokered rendezvous, run this rank's part of the plan,
 report every step, upload step checkpoints and decoded frames, tear the group down.
 A failed job is reported and the daemon lives on.
 
-A lost coordinator does not stop a job: the daemon keeps rendering, keeps what it sends
-(progress within OUTBOX_LIMIT; results, checkpoints and frames always) and re-dials; it
-registers again with the job it is running, so the restarted coordinator adopts it, and
-uploads that failed meanwhile are sent again. Told a member is lost (Cancel.abort), it
-leaves its collectives at once (Mesh.abort) instead of waiting out their timeout.
+This module is the executor: it runs jobs and knows no transport. Its link to the coordinator
+(link.py: the stream, the outbox, re-dialling, uploads with their retries) carries what it sends.
+A lost coordinator does not stop a job: the daemon keeps rendering while the link re-dials; it
+registers again with the job it is running, so the restarted coordinator adopts it. Told a
+member is lost (Cancel.abort), it leaves its collectives at once (Mesh.abort) instead of
+waiting out their timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import signal
@@ -25,22 +25,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from clipmesh import specs
-from clipmesh.auth import SESSION_HEADER, TLS, channel, metadata
+from clipmesh.auth import TLS
 from clipmesh.worker import metrics
 from clipmesh.v1 import clipmesh_pb2 as pb
-from clipmesh.v1 import clipmesh_pb2_grpc as pb_grpc
+from clipmesh.worker.link import CoordinatorLink
 from clipmesh.worker.memory import release_free_memory
 
 log = logging.getLogger("clipmesh.worker")
-
-UPLOAD_CHUNK = 1 << 20      # bytes per FrameChunk: well under the 4 MiB message limit
-RECONNECT_SECONDS = 1.0
-OUTBOX_LIMIT = 10_000       # messages kept while the coordinator is away; progress is dropped beyond
-UPLOAD_RETRY_S = 600.0      # an upload is retried (the coordinator restarting) this long
-_RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
 
 def outcome_of(exc: Exception, cancelled: bool) -> int:
@@ -79,24 +71,17 @@ class WorkerDaemon:
     def __init__(self, coordinator: str, model: str, device: str, advertise_host: str, name: str = "",
                  threads: int = 0, token: str = "", speed: float = 0.0, tls: TLS | None = None,
                  denoiser_on: str = "device"):
-        self.coordinator = coordinator
         self.denoiser_on = denoiser_on
         self.model_name = model
         self.device = device
         self.advertise_host = advertise_host
         self.worker_id = name or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
         self.threads = threads
-        self.token, self.tls = token, tls
-        self.session_key = ""  # of the current attach session: uploads carry it
         self.speed = speed  # 0: measured at load
         self.incarnation = time.time_ns()  # a newer process under this name fences this one off
         self.jobs: dict[str, JobContext] = {}
         self._tasks: set[asyncio.Task] = set()
-        self.outbox: collections.deque = collections.deque()  # kept across streams
-        self.outbox_ready = asyncio.Event()
-        self.attached = asyncio.Event()  # a stream is up (uploads wait for it)
-        self.channel = None
-        self.stopping = asyncio.Event()
+        self.link = CoordinatorLink(coordinator, self.worker_id, token, tls)
 
     # -- lifecycle ----------------------------------------------------------
     def load_model(self) -> None:
@@ -134,24 +119,11 @@ class WorkerDaemon:
             incarnation=self.incarnation))
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.load_model)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
-        while not self.stopping.is_set():
-            try:
-                await self._attached()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                                  grpc.StatusCode.ALREADY_EXISTS):
-                    raise SystemExit(f"clipmesh worker: {exc.details()}") from None
-                log.warning("coordinator %s: %s; re-dialling%s", self.coordinator, exc.details(),
-                            f" (still rendering {', '.join(self.jobs)})" if self.jobs else "")
-            try:
-                await asyncio.wait_for(self.stopping.wait(), RECONNECT_SECONDS)
-            except TimeoutError:
-                pass
+            loop.add_signal_handler(sig, self.link.stopping.set)
+        await self.link.serve(self._register, self._handle, busy=lambda: list(self.jobs))
         self._cancel_all("stopping")
         pending = [t for t in self._tasks if not t.done()]
         if pending:  # let running jobs notice the cancel and report before the daemon exits
@@ -163,78 +135,20 @@ class WorkerDaemon:
             log.info("cancelling job %s: %s", ctx.assignment.job_id, why)
             ctx.stop()
 
-    async def _attached(self) -> None:
-        """One Attach stream: register, heartbeat, serve assignments until it ends."""
-        ended = asyncio.Event()
+    def _handle(self, msg: pb.CoordinatorMessage) -> None:
+        """What the coordinator says of jobs: run one, its rendezvous, cancel one."""
+        kind = msg.WhichOneof("kind")
+        if kind == "assignment":
+            self._start_job(msg.assignment)
+        elif kind == "rendezvous":
+            ctx = self.jobs.get(msg.rendezvous.job_id)
+            if ctx and not ctx.rendezvous.done():
+                ctx.rendezvous.set_result(msg.rendezvous)
+        elif kind == "cancel":
+            ctx = self.jobs.get(msg.cancel.job_id)
+            if ctx and msg.cancel.attempt in (0, ctx.assignment.attempt):
+                ctx.stop(abort=msg.cancel.abort)
 
-        async def outbound():  # register, then the kept outbox; what is not taken waits for the next stream
-            yield self._register()
-            while not ended.is_set():
-                if self.outbox:
-                    yield self.outbox.popleft()
-                    continue
-                self.outbox_ready.clear()
-                try:
-                    await asyncio.wait_for(self.outbox_ready.wait(), 0.5)
-                except TimeoutError:
-                    pass
-
-        async with channel(self.coordinator, self.tls, aio=True) as dialled:
-            self.channel = dialled
-            call = pb_grpc.WorkerGatewayStub(dialled).Attach(outbound(), metadata=metadata(self.token))
-            stop_waiter = asyncio.create_task(self.stopping.wait())
-            heartbeats = None
-            try:
-                async for msg in _until(call, stop_waiter):
-                    kind = msg.WhichOneof("kind")
-                    if kind == "registered":
-                        log.info("%s attached to %s", self.worker_id, self.coordinator)
-                        self.session_key = msg.registered.session_key
-                        self.attached.set()
-                        heartbeats = asyncio.create_task(self._heartbeat(msg.registered.heartbeat_seconds))
-                    elif kind == "assignment":
-                        self._start_job(msg.assignment)
-                    elif kind == "rendezvous":
-                        ctx = self.jobs.get(msg.rendezvous.job_id)
-                        if ctx and not ctx.rendezvous.done():
-                            ctx.rendezvous.set_result(msg.rendezvous)
-                    elif kind == "cancel":
-                        ctx = self.jobs.get(msg.cancel.job_id)
-                        if ctx and msg.cancel.attempt in (0, ctx.assignment.attempt):
-                            ctx.stop(abort=msg.cancel.abort)
-            finally:
-                self.attached.clear()
-                ended.set()
-                stop_waiter.cancel()
-                if heartbeats:
-                    heartbeats.cancel()
-                call.cancel()
-
-    async def _heartbeat(self, every: float) -> None:
-        """While this stream is up (its task ends with it): a heartbeat is only worth its moment."""
-        while True:
-            await asyncio.sleep(every)
-            self._send(heartbeat=pb.Heartbeat())
-
-    async def _session_changed(self, key: str) -> bool:
-        """Whether the attach session `key` is replaced by a new one within a few re-dials."""
-        for _ in range(3):
-            if self.session_key != key or not self.attached.is_set():
-                return True
-            await asyncio.sleep(RECONNECT_SECONDS)
-        return False
-
-    def _session_metadata(self) -> tuple[tuple[str, str], ...]:
-        """A call on behalf of the current attach session (read at each try: a re-attach makes a new one)."""
-        return (*metadata(self.token), (SESSION_HEADER, self.session_key))
-
-    def _send(self, **kind) -> None:
-        if "progress" in kind and len(self.outbox) >= OUTBOX_LIMIT:
-            return  # the coordinator is away too long: progress is what gives way
-        self.outbox.append(pb.WorkerMessage(**kind))
-        self.outbox_ready.set()
-
-    # -- one job ------------------------------------------------------------
     def _start_job(self, assignment: pb.Assignment) -> None:
         ctx = JobContext(assignment=assignment)
         self.jobs[assignment.job_id] = ctx
@@ -263,7 +177,7 @@ class WorkerDaemon:
             if a.rank == 0:
                 # Rank 0 hosts the job's store on its advertised host and reports the port.
                 store, port = await asyncio.to_thread(mesh.host_store, self.advertise_host, plan.timeout_seconds)
-                self._send(store_ready=pb.StoreReady(job_id=a.job_id, port=port, attempt=a.attempt))
+                self.link.send(store_ready=pb.StoreReady(job_id=a.job_id, port=port, attempt=a.attempt))
             rdv = await asyncio.wait_for(ctx.rendezvous, plan.timeout_seconds)
             uploads: list[asyncio.Future] = []
             try:
@@ -289,7 +203,7 @@ class WorkerDaemon:
                  "done" if result.outcome == pb.JOB_OUTCOME_DONE else result.error)
         metrics.BUSY.set(0)
         metrics.JOBS.labels(pb.JobOutcome.Name(result.outcome)).inc()
-        self._send(result=result)
+        self.link.send(result=result)
 
     def _render(self, ctx: JobContext, rdv: pb.Rendezvous, store, uploads: list, resume) -> None:
         """Blocking: runs in a thread so the stream keeps flowing (progress, heartbeats, cancels).
@@ -298,13 +212,12 @@ class WorkerDaemon:
         from clipmesh.worker.mesh import Mesh
         from clipmesh.worker.render import render
 
-        a, plan = ctx.assignment, ctx.assignment.plan
-        loop_send = self._threadsafe_sender()
+        a, plan, link = ctx.assignment, ctx.assignment.plan, self.link
         role = specs.role(plan, a.rank)
 
         def on_step(report) -> None:
             metrics.step(report, plan.strategy)
-            loop_send(progress=pb.StepProgress(
+            link.send_threadsafe(progress=pb.StepProgress(
                 worker_id=self.worker_id, rank=a.rank, step=report.step, total_steps=report.total,
                 latent_start=report.latent_start, latent_end=report.latent_end, seconds=report.seconds,
                 bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
@@ -318,7 +231,7 @@ class WorkerDaemon:
             if skip > 0:
                 rendered = type(rendered)(first_frame=plan.frames_in_video, frames=rendered.frames[skip:])
             previous = uploads[-1] if uploads else None
-            uploads.append(asyncio.run_coroutine_threadsafe(self._upload(a, rendered, previous), self._loop))
+            uploads.append(link.run_threadsafe(link.upload_frames(a, rendered, previous)))
 
         checkpoint_uploads: list = []
 
@@ -328,7 +241,7 @@ class WorkerDaemon:
                 log.warning("job %s: checkpoint at step %d skipped: the one before is still uploading",
                             a.job_id, part.step)
                 return
-            checkpoint_uploads.append(asyncio.run_coroutine_threadsafe(self._upload_checkpoint(a, part), self._loop))
+            checkpoint_uploads.append(link.run_threadsafe(link.upload_checkpoint(a, part)))
 
         group = Mesh.open(rdv.host, rdv.port, a.rank, plan.world_size, plan.group_name, backend=plan.backend,
                           timeout_s=plan.timeout_seconds, store=store, device=self.device,
@@ -343,97 +256,16 @@ class WorkerDaemon:
             ctx.mesh = None
             group.close()
 
-    def _threadsafe_sender(self):
-        loop = self._loop
-        return lambda **kind: loop.call_soon_threadsafe(lambda: self._send(**kind))
-
-    async def _retried(self, what: str, call):
-        """`call(stub)` until it succeeds; while the coordinator is away (re-dialling), again
-        once attached, for at most UPLOAD_RETRY_S."""
-        deadline = time.monotonic() + UPLOAD_RETRY_S
-        while True:
-            await self.attached.wait()
-            key = self.session_key
-            try:
-                return await call(pb_grpc.WorkerGatewayStub(self.channel))
-            except grpc.aio.AioRpcError as exc:
-                # PERMISSION_DENIED for a session that just ended (a coordinator restart): the next one may
-                stale = exc.code() == grpc.StatusCode.PERMISSION_DENIED and await self._session_changed(key)
-                if (exc.code() not in _RETRIED and not stale) or time.monotonic() > deadline:
-                    raise
-                log.warning("%s: %s; retrying once the coordinator is back", what, exc.details())
-                await asyncio.sleep(RECONNECT_SECONDS)
-
-    async def _upload(self, a: pb.Assignment, rendered, after=None) -> None:
-        """Streams decoded RGB24 frames [N, H, W, 3] to the coordinator, once the upload `after`
-        (a concurrent future, or None) is done: pieces arrive in order."""
-        if after is not None:
-            await asyncio.wrap_future(after)
-        n, h, w, _ = rendered.frames.shape
-        data = rendered.frames.tobytes()
-
-        async def chunks():
-            yield pb.FrameChunk(header=pb.FrameHeader(job_id=a.job_id, worker_id=self.worker_id,
-                                                      first_frame=rendered.first_frame, num_frames=n,
-                                                      height=h, width=w, attempt=a.attempt))
-            for offset in range(0, len(data), UPLOAD_CHUNK):
-                yield pb.FrameChunk(data=data[offset:offset + UPLOAD_CHUNK])
-
-        await self._retried(f"job {a.job_id}: frames from {rendered.first_frame}",
-                            lambda stub: stub.UploadFrames(chunks(), metadata=self._session_metadata(), timeout=300))
-
-    async def _upload_checkpoint(self, a: pb.Assignment, part) -> None:
-        """One checkpoint part; a failure costs only this checkpoint (the last complete one stays)."""
-        async def chunks():
-            yield pb.CheckpointChunk(header=pb.CheckpointHeader(
-                job_id=a.job_id, attempt=a.attempt, worker_id=self.worker_id, step=part.step,
-                latent_start=part.start, latent_end=part.end, size=len(part.data)))
-            for offset in range(0, len(part.data), UPLOAD_CHUNK):
-                yield pb.CheckpointChunk(data=part.data[offset:offset + UPLOAD_CHUNK])
-
-        try:
-            await self._retried(f"job {a.job_id}: checkpoint at step {part.step}",
-                                lambda stub: stub.UploadCheckpoint(chunks(), metadata=self._session_metadata(),
-                                                                   timeout=300))
-        except grpc.aio.AioRpcError as exc:
-            log.warning("job %s: checkpoint at step %d not kept: %s", a.job_id, part.step, exc.details())
-
     async def _fetch_checkpoint(self, a: pb.Assignment) -> list[bytes]:
         """The parts of the plan's checkpoint that hold this rank's latent frames (block_pipeline:
         rank 0's queue, the one part)."""
         plan = a.plan
         if specs.work_of(plan) == specs.QUEUE:
-            parts = plan.resume.parts if a.rank == 0 else []
+            parts = plan.resume.parts if specs.split_rank(plan, a.rank) == 0 else []  # each branch's first stage
         else:
             clip = plan.clips[specs.split_rank(plan, a.rank)]  # both guidance branches resume the same latents
             parts = [p for p in plan.resume.parts if p.latent_start < clip.end and clip.start < p.latent_end]
-        wanted = [pb.FetchCheckpointRequest(job_id=a.job_id, step=plan.resume.step, latent_start=part.latent_start,
-                                            latent_end=part.latent_end) for part in parts]
-        return [await self._retried(f"job {a.job_id}: checkpoint part [{r.latent_start}, {r.latent_end})",
-                                    lambda stub, r=r: _read_part(stub, r, self._session_metadata())) for r in wanted]
-
-
-async def _read_part(stub, request: pb.FetchCheckpointRequest, call_metadata) -> bytes:
-    data = bytearray()
-    async for chunk in stub.FetchCheckpoint(request, metadata=call_metadata, timeout=300):
-        if chunk.WhichOneof("kind") == "data":
-            data += chunk.data
-    return bytes(data)
-
-
-async def _until(call, stop_waiter: asyncio.Task):
-    """Yields stream messages until the stream ends or `stop_waiter` finishes."""
-    stream = call.__aiter__()
-    while True:
-        nxt = asyncio.ensure_future(stream.__anext__())
-        done, _ = await asyncio.wait({nxt, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if nxt not in done:
-            nxt.cancel()
-            return
-        try:
-            yield nxt.result()
-        except StopAsyncIteration:
-            return
+        return await self.link.fetch_checkpoint(a.job_id, plan.resume.step, parts)
 
 
 def main(args) -> None:
