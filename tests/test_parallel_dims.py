@@ -9,7 +9,11 @@ shards), and both at once on 4 ranks. Sharding must really hold a share: each ra
 parameters during the job are measured against the whole model's, and after the job the
 worker's model is whole again and untouched. Two experts (tiny-wan22) shard both experts;
 UNet3D (a batched [uncond; cond] call on one rank) splits its branches and shards its down,
-mid and up blocks, and equals its one-process run.
+mid and up blocks, and equals its one-process run. A worker holding its denoiser on the host
+(`--denoiser-on host`) runs each job on a copy of what its rank needs: the whole, its shards, or
+its block_pipeline stage's layers (one pipeline per guidance branch under cfg_parallel).
+Checkpoints resume across mesh shapes, and through real daemons the SDK's and the CLI's fields,
+the planner's reason, each worker's role and a kill inside a 4-rank mesh are checked.
 """
 
 from __future__ import annotations
@@ -209,8 +213,9 @@ def test_block_pipeline_stages_hold_only_their_layers_of_both_experts_and_split_
 
 
 def test_unet3d_branches_and_shards_equal_one_process():
-    """UNet3D's one batched [uncond; cond] call, split over the branches and sharded, equals the
-    one-process run (which test_unet3d checks against TextToVideoSDPipeline)."""
+    """UNet3D's one batched [uncond; cond] call, split over the branches and sharded (also from a
+    host-held unet), equals the one-process run (which test_unet3d checks against
+    TextToVideoSDPipeline)."""
     from clipmesh.worker.render import denoise
 
     folder = presets.model_folder("tiny-unet3d")
@@ -218,9 +223,10 @@ def test_unet3d_branches_and_shards_equal_one_process():
     for model in single_thread_model(folder):
         with solo_mesh("dims-unet3d-solo") as mesh:
             alone = denoise(model, planned(one, 1, "dims-unet3d-solo"), 0, mesh)
-    for cfg, shard, workers in ((True, None, 2), (None, True, 2), (True, True, 4)):
+    for cfg, shard, workers, denoiser_on in ((True, None, 2, "device"), (None, True, 2, "host"),
+                                             (True, True, 4, "device"), (None, None, 2, "host")):
         req = _request("tiny-unet3d", "exact", workers, cfg, shard, frames=8)
-        _, results = _run(folder, req, f"dims-unet3d-{cfg}-{shard}")
+        _, results = _run(folder, req, f"dims-unet3d-{cfg}-{shard}-{denoiser_on}", denoiser_on)
         for rank, (latents, whole, during, restored, _) in sorted(results.items()):
             diff = (torch.from_numpy(latents) - alone).abs().max().item()
             assert diff <= TOL, f"cfg {cfg} shard {shard} rank {rank}: {diff}"

@@ -37,8 +37,6 @@ def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = 
     if denoiser_on == "device":
         return cls.load(folder, device, dtype)
     adapter = cls.load(folder, "cpu", dtype)  # everything on the host first: the device never holds it whole
-    adapter.device, adapter.denoiser_on = torch.device(device), denoiser_on
-    for name, component in adapter.pipe.components.items():
-        if isinstance(component, torch.nn.Module) and name not in (*cls.denoiser_attrs, *HOST_HELD):
-            component.to(device)
+    adapter.denoiser_on = denoiser_on
+    adapter.place(torch.device(device), keep=(*cls.denoiser_attrs, *HOST_HELD))
     return adapter

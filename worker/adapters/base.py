@@ -127,6 +127,14 @@ class ModelAdapter:
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)
 
+    def place(self, device: torch.device, keep: tuple[str, ...]) -> None:
+        """Run on `device`: every pipeline component goes there but those named in `keep`, which
+        stay where they are (a host-holding worker's denoisers and text encoder)."""
+        self.device = device
+        for name, component in self.pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name not in keep:
+                component.to(device)
+
     # -- what a request must satisfy ---------------------------------------
     def model_info(self, name: str) -> pb.ModelInfo:
         """What this loaded model accepts, for Register: preset data, or derived from its configs."""

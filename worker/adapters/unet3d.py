@@ -212,6 +212,13 @@ class UNet3DAdapter(ModelAdapter):
         pipe, fps_embedding = load_unet3d(folder, device, dtype)
         return cls(pipe, device, fps_embedding)
 
+    def place(self, device, keep) -> None:
+        """VideoCrafter2's fps embedding goes with the time embedding it adds to, on the device
+        (a copy of the unet on the device runs it through the same hook)."""
+        super().place(device, keep)
+        if self.fps_embedding is not None:
+            self.fps_embedding.to(device)
+
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
