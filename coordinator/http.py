@@ -15,7 +15,7 @@
 OpenAI's fields map onto a SubmitJobRequest: `size` "WxH" is width x height, `seconds` becomes
 frames at the job's fps (the nearest the model allows, stride*k+1); clipmesh's own fields
 (num_frames, steps, seed, strategy, workers, guidance, guidance_scale_2, negative_prompt, fps,
-height, width, cfg_parallel, shard_weights) come as extra fields and win. `input_reference` (image-to-video models) is the first
+height, width, cfg_parallel, shard_weights, loras) come as extra fields and win. `input_reference` (image-to-video models) is the first
 frame: a file as the SDK uploads it, or a base64 data: URL in JSON. Errors are OpenAI's error JSON with the gRPC side's field-and-limit
 text; the credentials are the gRPC side's (`Authorization: Bearer`, the SDK's api_key; a client
 certificate where the coordinator has a CA), and HTTPS where it has a certificate. gRPC stays the
@@ -63,6 +63,15 @@ def boolean(value) -> bool:
     raise ValueError(value)
 
 
+def loras(value) -> list[pb.LoraRef]:
+    """[{"name": N, "scale": S}, ...] in JSON, or "N:S,N" (a form field, the CLI's spelling)."""
+    if isinstance(value, str):
+        value = [dict(zip(("name", "scale"), item.split(":", 1))) for item in value.split(",") if item]
+    if not isinstance(value, list) or not all(isinstance(v, dict) and v.get("name") for v in value):
+        raise ValueError(value)
+    return [pb.LoraRef(name=str(v["name"]), scale=float(v.get("scale", 1.0))) for v in value]
+
+
 # extra body fields: name -> (SubmitJobRequest field, type)
 EXTRAS = {"num_frames": ("num_frames", int), "frames": ("num_frames", int), "steps": ("num_inference_steps", int),
           "num_inference_steps": ("num_inference_steps", int), "seed": ("seed", int), "strategy": ("strategy", str),
@@ -70,7 +79,8 @@ EXTRAS = {"num_frames": ("num_frames", int), "frames": ("num_frames", int), "ste
           "guidance_scale": ("guidance_scale", float), "guidance_scale_2": ("guidance_scale_2", float),
           "negative_prompt": ("negative_prompt", str),
           "fps": ("fps", float), "height": ("height", int), "width": ("width", int),
-          "cfg_parallel": ("cfg_parallel", boolean), "shard_weights": ("shard_weights", boolean)}
+          "cfg_parallel": ("cfg_parallel", boolean), "shard_weights": ("shard_weights", boolean),
+          "loras": ("loras", loras)}
 
 
 def error_body(message: str, param: str | None = None, code: str | None = None) -> dict:

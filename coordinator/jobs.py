@@ -197,6 +197,12 @@ class Jobs:
         if registered and req.num_workers > registered:
             raise InvalidArgument("num_workers", f"must be at most {registered}: only {registered} workers are "
                                                  f"registered for {req.model}, so {req.num_workers} could never run it")
+        if req.loras and registered:  # (before any worker came, as for num_workers: what comes may hold it)
+            held = self.workers.loras_for(req.model)
+            missing = next((ref.name for ref in req.loras if ref.name not in held), None)
+            if missing is not None:
+                raise InvalidArgument("loras", f"{missing!r} is held by no worker serving {req.model} (held: "
+                                               f"{', '.join(sorted(held)) or 'none'}; a worker's --lora-dir)")
         if self.store.count_jobs(pb.QUEUED) >= self.limits.max_queued_jobs:
             raise ResourceExhausted(f"the queue holds {self.limits.max_queued_jobs} jobs, the most it takes; "
                                     "submit again once some have run")

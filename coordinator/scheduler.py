@@ -49,14 +49,17 @@ class Scheduler:
             if req.model in reserved or self.jobs.backing_off(job.id, now):
                 continue
             free = idle.get(req.model, [])
+            if req.loras:  # only workers holding its LoRA files
+                free = self.workers.holding(free, req.loras)
             model = self.workers.model_info(req.model)
             wanted = workers_wanted(req, model, len(free))
             if wanted == 0 or len(free) < wanted:
                 if self.jobs.waited(job.id, now) >= self.backfill_wait_s:
                     reserved.add(req.model)
                 continue
-            await self._place(job, free[:wanted], model)
-            idle[req.model] = free[wanted:]
+            placed = free[:wanted]
+            await self._place(job, placed, model)
+            idle[req.model] = [w for w in idle[req.model] if w not in placed]
             if not any(idle.values()):
                 break
 

@@ -20,6 +20,7 @@ MAX_STEPS = 200
 MAX_GUIDANCE = 50.0
 MAX_FPS = 120.0
 MAX_WORKERS = 256
+MAX_LORAS, MAX_LORA_SCALE = 8, 10.0
 
 
 def validate_request(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models: list[str]) -> int:
@@ -73,6 +74,15 @@ def _validate(req: pb.SubmitJobRequest, model: pb.ModelInfo | None, known_models
             check_image(req.image)
         except ImageError as exc:
             raise InvalidArgument("image", str(exc)) from None
+    if len(req.loras) > MAX_LORAS:
+        raise InvalidArgument("loras", f"must be at most {MAX_LORAS}, got {len(req.loras)}")
+    for i, ref in enumerate(req.loras):
+        if not 1 <= len(ref.name) <= MAX_MODEL_NAME or "/" in ref.name:
+            raise InvalidArgument(f"loras[{i}].name", f"must be a file name of 1 to {MAX_MODEL_NAME} characters "
+                                                      f"without '/', got {ref.name[:40]!r}")
+        specs.check_range(f"loras[{i}].scale", ref.scale, -MAX_LORA_SCALE, MAX_LORA_SCALE)
+    if len({ref.name for ref in req.loras}) < len(req.loras):
+        raise InvalidArgument("loras", "names each LoRA once")
     specs.check_range("fps", req.fps, 1.0, MAX_FPS)
     if req.seed < 0:
         raise InvalidArgument("seed", f"must be >= 0, got {req.seed}")

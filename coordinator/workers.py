@@ -109,6 +109,15 @@ class WorkerRegistry:
                                      f"claims other {', '.join(differ)}: " + "; ".join(
                                          f"{f} {getattr(theirs, f)} (pinned {getattr(ours, f)})"[:200] for f in differ))
 
+    def loras_for(self, model: str) -> set[str]:
+        """The LoRA names held by the workers registered for `model`, attached or not."""
+        return {name for info in self.store.list_workers() if info.model.name == model for name in info.loras}
+
+    def holding(self, worker_ids: list[str], loras) -> list[str]:
+        """Those of `worker_ids` (attached) that hold every LoRA of `loras` (LoraRef)."""
+        names = {ref.name for ref in loras}
+        return [w for w in worker_ids if names <= set(self.sessions[w].info.loras)]
+
     def registered_for(self, model: str) -> int:
         """Workers ever registered for `model` (attached or not): kept in memory, not read per submit."""
         return len(self.registered.get(model, ()))
@@ -135,7 +144,7 @@ class WorkerRegistry:
         running = reg.running if reg.HasField("running") else None
         info = pb.WorkerInfo(id=reg.worker_id, state=pb.BUSY if running else pb.IDLE, host=reg.host,
                              device=reg.device, memory_bytes=reg.memory_bytes, denoiser_bytes=reg.denoiser_bytes,
-                             threads=reg.threads, model=reg.model,
+                             threads=reg.threads, model=reg.model, loras=reg.loras,
                              speed=reg.speed, last_heartbeat=now_ts(), current_job_id=running.job_id if running else "")
         session = WorkerSession(info=info, attempt=running.attempt if running else 0)
         self.sessions[reg.worker_id] = session

@@ -67,6 +67,9 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
     g.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="the two guidance branches on different workers: cfg 2 x N/2 (an even worker count; "
                         "exact, ulysses, clip_parallel)")
+    p.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME[:SCALE]",
+                   help="a LoRA the workers hold (NAME.safetensors in their --lora-dir) at SCALE (default 1); "
+                        "repeat for more")
     g.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="every transformer block's weights sharded over the workers of a branch (FSDP2), "
                         "gathered for its forward (unset: sharded where they crowd a worker's memory)")
@@ -92,6 +95,14 @@ def _add_request_args(p: argparse.ArgumentParser, workers_flag: str) -> None:
         f"in [1, {faults.MAX_ATTEMPTS}])"))
 
 
+def _lora(text: str) -> pb.LoraRef:
+    name, _, scale = text.partition(":")
+    try:
+        return pb.LoraRef(name=name, scale=float(scale) if scale else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"NAME[:SCALE] with a number for SCALE, got {text!r}") from None
+
+
 def _slice_chunks(text: str) -> int:
     return AUTO if text == "auto" else int(text)
 
@@ -110,6 +121,7 @@ def _request_fields(args) -> dict:
                                      ("max_attempts", args.max_attempts),
                                      ("guidance_scale_2", args.guidance_2),
                                      ("cfg_parallel", args.cfg_parallel), ("shard_weights", args.shard_weights),
+                                     ("loras", args.lora or None),
                                      ("image", _read_image(args.image))) if v is not None})
 
 
@@ -157,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
     p.add_argument("--model", default="tiny-wan")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--lora-dir", type=Path, help="LoRA files (NAME.safetensors) jobs may name with --lora NAME")
     p.add_argument("--denoiser-on", choices=("device", "host"), default="device",
                    help="where the loaded denoiser stays: host keeps it in host memory for a model the device "
                         "cannot hold whole; each job copies to the device only what its rank runs (its shards "
@@ -195,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_args(p, "--workers")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--keep-data", type=Path, help="keep the coordinator's data folder here")
+    p.add_argument("--lora-dir", type=Path, help="LoRA files (NAME.safetensors) for the workers it starts")
 
     for name, sp in sub.choices.items():
         if name in ("generate", "certs"):
@@ -307,7 +321,7 @@ def _run(args) -> int | None:
         fields = _request_fields(args)
         _check_locally(args.prompt, fields)
         _needs_worker_stack("generate")
-        return generate(args.prompt, fields, args.output, keep_data=args.keep_data)
+        return generate(args.prompt, fields, args.output, keep_data=args.keep_data, lora_dir=args.lora_dir)
 
     with Client(args.address, args.token, _tls(args)) as client:
         if args.command == "submit":

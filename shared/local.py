@@ -25,8 +25,8 @@ START_TIMEOUT = 600.0  # seconds for workers to load the model and attach
 class LocalCluster:
     """A coordinator and `num_workers` worker processes on this machine; stopped on exit, also on Ctrl-C."""
 
-    def __init__(self, model: str, num_workers: int, data_dir: Path):
-        self.model, self.num_workers, self.data_dir = model, num_workers, data_dir
+    def __init__(self, model: str, num_workers: int, data_dir: Path, lora_dir: Path | None = None):
+        self.model, self.num_workers, self.data_dir, self.lora_dir = model, num_workers, data_dir, lora_dir
         # one token per role, via the environment: never visible in `ps`
         self.token, self.worker_token = secrets.token_hex(16), secrets.token_hex(16)
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -64,7 +64,7 @@ class LocalCluster:
             # the others are still loading would only see start-up noise and skew the split).
             self._spawn(f"worker-{i}", "worker", "--coordinator", self.address, "--model", self.model,
                         "--name", f"local-{i}", "--threads", str(threads), "--advertise-host", "127.0.0.1",
-                        "--speed", "1")
+                        "--speed", "1", *(("--lora-dir", str(self.lora_dir)) if self.lora_dir else ()))
         self._wait(lambda: len(self.client.workers()) >= self.num_workers,
                    START_TIMEOUT, f"{self.num_workers} workers to load {self.model} and attach")
 
@@ -110,7 +110,8 @@ def _keep_stream(client, job_id: str, output: Path) -> None:
         print(f"wrote {output} ({job.video_frames} frames finished before the stop, {job.video_size} bytes)")
 
 
-def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = None) -> int:
+def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = None,
+             lora_dir: Path | None = None) -> int:
     from clipmesh import presets
 
     num_workers = fields["num_workers"]
@@ -121,7 +122,7 @@ def generate(prompt: str, fields: dict, output: Path, keep_data: Path | None = N
     data_dir = Path(keep_data) if keep_data else Path(tempfile.mkdtemp(prefix="clipmesh-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with LocalCluster(fields["model"], num_workers, data_dir) as cluster:
+        with LocalCluster(fields["model"], num_workers, data_dir, lora_dir) as cluster:
             # Submit before starting workers: a bad request fails in a second, not after model loading.
             job = cluster.client.submit(prompt, **fields)
             print(f"job {job.id} queued on coordinator {cluster.address} (HTTP: {cluster.http}/v1/videos); "

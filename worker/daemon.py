@@ -70,8 +70,8 @@ class JobContext:
 class WorkerDaemon:
     def __init__(self, coordinator: str, model: str, device: str, advertise_host: str, name: str = "",
                  threads: int = 0, token: str = "", speed: float = 0.0, tls: TLS | None = None,
-                 denoiser_on: str = "device"):
-        self.denoiser_on = denoiser_on
+                 denoiser_on: str = "device", lora_dir=None):
+        self.denoiser_on, self.lora_dir = denoiser_on, lora_dir
         self.model_name = model
         self.device = device
         self.advertise_host = advertise_host
@@ -95,7 +95,7 @@ class WorkerDaemon:
             torch.set_num_threads(self.threads)
         folder = presets.model_folder(self.model_name)
         t0 = time.perf_counter()
-        self.model = load_adapter(folder, self.device, torch.float32, self.denoiser_on)
+        self.model = load_adapter(folder, self.device, torch.float32, self.denoiser_on, self.lora_dir)
         self.model_info = self.model.model_info(self.model_name)
         self.denoiser_bytes = self.model.denoiser_bytes  # whole: a sharded job swaps in its copy for a while
         # a denoiser held on the host is not measured on the device (it may not fit there whole)
@@ -114,7 +114,7 @@ class WorkerDaemon:
                         for c in self.jobs.values()), None)
         return pb.WorkerMessage(register=pb.Register(
             worker_id=self.worker_id, host=self.advertise_host, device=self.device, memory_bytes=memory,
-            denoiser_bytes=self.denoiser_bytes,
+            denoiser_bytes=self.denoiser_bytes, loras=self.model.loras.names,
             threads=torch.get_num_threads(), model=self.model_info, speed=self.speed, running=running,
             incarnation=self.incarnation))
 
@@ -279,6 +279,6 @@ def main(args) -> None:
         metrics.serve(args.metrics_port)
     daemon = WorkerDaemon(args.coordinator, args.model, args.device, args.advertise_host, args.name,
                           args.threads, args.token, args.speed, TLS(args.tls_ca, args.tls_cert, args.tls_key),
-                          args.denoiser_on)
+                          args.denoiser_on, args.lora_dir)
 
     uvloop.run(daemon.run())

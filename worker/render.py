@@ -71,7 +71,8 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
                                   job.plan.num_latent_frames) if req.image else None
     denoising = Denoising(job, cond, uncond, image)
     strategy, memory = get_strategy(job.plan.strategy), PeakMemory(model.device)
-    with job_weights(job), Patches() as patches:
+    # the job's LoRA adapters first: a per-job copy of the denoiser (weights.py) carries them
+    with model.loras.active(req.loras), job_weights(job), Patches() as patches:
         strategy.install(job, patches)
         install_savers(job, patches)  # after the strategy: savers wrap whatever it installed
         schedule = strategy.schedule(job, denoising, resume)

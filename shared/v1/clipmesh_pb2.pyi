@@ -54,7 +54,7 @@ JOB_OUTCOME_ABORTED: JobOutcome
 JOB_OUTCOME_REFUSED: JobOutcome
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts", "guidance_scale_2", "image", "cfg_parallel", "shard_weights")
+    __slots__ = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "model", "strategy", "num_workers", "fps", "clip_parallel", "block_pipeline", "savers", "checkpoint_every", "max_attempts", "guidance_scale_2", "image", "cfg_parallel", "shard_weights", "loras")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class SubmitJobRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     CFG_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     SHARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_frames: int
@@ -97,7 +98,16 @@ class SubmitJobRequest(_message.Message):
     image: bytes
     cfg_parallel: bool
     shard_weights: bool
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., checkpoint_every: _Optional[int] = ..., max_attempts: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ..., cfg_parallel: _Optional[bool] = ..., shard_weights: _Optional[bool] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraRef]
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., num_workers: _Optional[int] = ..., fps: _Optional[float] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., checkpoint_every: _Optional[int] = ..., max_attempts: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ..., cfg_parallel: _Optional[bool] = ..., shard_weights: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ...) -> None: ...
+
+class LoraRef(_message.Message):
+    __slots__ = ("name", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class SaverOptions(_message.Message):
     __slots__ = ("slice_chunks", "step_cache", "tiled_decode")
@@ -342,7 +352,7 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "state", "host", "device", "memory_bytes", "threads", "model", "speed", "current_job_id", "last_heartbeat", "denoiser_bytes")
+    __slots__ = ("id", "state", "host", "device", "memory_bytes", "threads", "model", "speed", "current_job_id", "last_heartbeat", "denoiser_bytes", "loras")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +364,7 @@ class WorkerInfo(_message.Message):
     CURRENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     DENOISER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: WorkerState
     host: str
@@ -365,7 +376,8 @@ class WorkerInfo(_message.Message):
     current_job_id: str
     last_heartbeat: _timestamp_pb2.Timestamp
     denoiser_bytes: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denoiser_bytes: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., current_job_id: _Optional[str] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., denoiser_bytes: _Optional[int] = ..., loras: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "family", "spatial_multiple", "temporal_stride", "max_frames", "max_side", "strategies", "native_latent_frames", "clip_parallel_defaults", "num_layers", "attention_heads", "block_pipeline_defaults", "experts", "modes")
@@ -460,7 +472,7 @@ class WorkerMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., store_ready: _Optional[_Union[StoreReady, _Mapping]] = ..., progress: _Optional[_Union[StepProgress, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., log: _Optional[_Union[LogMessage, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "host", "device", "memory_bytes", "threads", "model", "speed", "running", "incarnation", "denoiser_bytes")
+    __slots__ = ("worker_id", "host", "device", "memory_bytes", "threads", "model", "speed", "running", "incarnation", "denoiser_bytes", "loras")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -471,6 +483,7 @@ class Register(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     DENOISER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     device: str
@@ -481,7 +494,8 @@ class Register(_message.Message):
     running: RunningJob
     incarnation: int
     denoiser_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., running: _Optional[_Union[RunningJob, _Mapping]] = ..., incarnation: _Optional[int] = ..., denoiser_bytes: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., speed: _Optional[float] = ..., running: _Optional[_Union[RunningJob, _Mapping]] = ..., incarnation: _Optional[int] = ..., denoiser_bytes: _Optional[int] = ..., loras: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunningJob(_message.Message):
     __slots__ = ("job_id", "attempt", "rank")

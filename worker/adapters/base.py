@@ -22,6 +22,7 @@ import torch
 
 from clipmesh.presets import PRESETS, limits_from_configs
 from clipmesh.v1 import clipmesh_pb2 as pb
+from clipmesh.worker.loras import Loras
 
 
 # The kinds of frame-mixing module (FrameMixer.kind):
@@ -126,6 +127,7 @@ class ModelAdapter:
 
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)
+        self.loras = Loras(pipe)  # per-job LoRA adapters (none held until load_adapter gives a folder)
 
     def place(self, device: torch.device, keep: tuple[str, ...]) -> None:
         """Run on `device`: every pipeline component goes there but those named in `keep`, which
