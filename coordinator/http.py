@@ -64,7 +64,8 @@ def boolean(value) -> bool:
 
 
 def loras(value) -> list[pb.LoraRef]:
-    """[{"name": N, "scale": S}, ...] in JSON, or "N:S,N" (a form field, the CLI's spelling)."""
+    """[{"name": N, "scale": S}, ...] in JSON or as the openai SDK's multipart brackets (every item
+    with both), or "N:S,N" (a plain form field, the CLI's spelling)."""
     if isinstance(value, str):
         value = [dict(zip(("name", "scale"), item.split(":", 1))) for item in value.split(",") if item]
     if not isinstance(value, list) or not all(isinstance(v, dict) and v.get("name") for v in value):
@@ -173,6 +174,11 @@ class Gateway:
                 return error_response(413, f"body: at most {MAX_BODY_BYTES} bytes (input_reference: at most "
                                            f"{images.MAX_IMAGE_BYTES})", "input_reference")
             body = {k: v if isinstance(v, str) else v.file.read() for k, v in form.items()}  # files: their bytes
+            if any(key.startswith("loras[") for key in form):  # the SDK's brackets: loras[][name], loras[][scale]
+                names, scales = form.getall("loras[][name]", []), form.getall("loras[][scale]", [])
+                # an item without both is malformed: [{}] fails loras() as any nameless item does
+                body["loras"] = [{"name": n, "scale": v} for n, v in zip(names, scales)] \
+                    if len(names) == len(scales) else [{}]
         try:
             fields = self._request_fields(body)
             job = await self.core.submit(pb.SubmitJobRequest(**fields), owner=who.name)
