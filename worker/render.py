@@ -29,8 +29,8 @@ from clipmesh.worker.job import Cancelled, Denoising, FinishedLatents, Job, Rend
 from clipmesh.worker.peak_memory import PeakMemory
 from clipmesh.worker.patches import Patches
 from clipmesh.worker.savers import install_savers
-from clipmesh.worker.weights import borrowed, job_weights
 from clipmesh.worker.strategies import get_strategy
+from clipmesh.worker.weights import borrowed, job_weights
 
 
 def check_plan(model, plan, rank: int, mesh) -> None:
