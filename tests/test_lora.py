@@ -1,7 +1,7 @@
 """Per-job LoRA (issue 24): a tiny LoRA made here with peft on tiny-wan's transformer and saved
 with diffusers' own `WanPipeline.save_lora_weights`; a worker holding it (`--lora-dir`) runs a
 job naming it equal to diffusers' pipeline with the same LoRA loaded and set (1 and 2 workers,
-within 1e-5), the video changes, and the next job without it is the base model again. Through a
+and 2 with sharded weights, within 1e-5), the video changes, and the next job without it is the base model again. Through a
 real coordinator and worker: the worker reports what it holds, a LoRA no worker holds is refused
 at submit naming the field, and jobs with it succeed from the openai SDK's extra field and the
 CLI's --lora."""
@@ -93,9 +93,14 @@ def test_a_job_with_a_lora_equals_diffusers_with_it_and_the_next_job_is_the_base
     assert (ours - with_lora).abs().max().item() <= TOL
     assert (after - base).abs().max().item() <= TOL  # the adapters are off for a job without them
 
-    plan = planned(_request(2, style), 2, "lora-two")
-    for rank, latents in run_ranks(_ranks, 2, str(lora_dir), plan.SerializeToString(), group="lora-two").items():
-        assert (torch.from_numpy(latents) - with_lora).abs().max().item() <= TOL, rank
+    # 2 workers; and 2 with sharded weights: the per-job copy is made after the adapters are set
+    for shard in (False, True):
+        req = _request(2, style)
+        req.shard_weights = shard
+        plan = planned(req, 2, f"lora-two-{shard}")
+        out = run_ranks(_ranks, 2, str(lora_dir), plan.SerializeToString(), group=f"lora-two-{shard}")
+        for rank, latents in out.items():
+            assert (torch.from_numpy(latents) - with_lora).abs().max().item() <= TOL, (shard, rank)
 
 
 def test_loras_through_a_real_worker_and_the_cli(daemons, lora_dir, tmp_path):
