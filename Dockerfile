@@ -26,7 +26,7 @@ ENV PYTHONUNBUFFERED=1 \
 # wheels), which is what the GPU workers need; the host only supplies the driver through the
 # NVIDIA Container Toolkit. For a CPU-only image:
 #   docker build --target worker --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
-ARG TORCH_SPEC="torch>=2.5,<2.15"
+ARG TORCH_SPEC="torch>=2.6,<2.15"
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 RUN pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 WORKDIR /src

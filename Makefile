@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Without a GPU, torch 2.13's CPU wheel; a plain `torch` requirement would pull a multi-GB CUDA build.
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.5,<2.15" || echo "torch==2.13.0")
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6,<2.15" || echo "torch==2.13.0")
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
