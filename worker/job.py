@@ -139,8 +139,12 @@ class Denoising:
         if cfg is None:
             return model.predict(latents, t, scheduler, self.cond, self.uncond, guidance, image)
         text = self.cond if self.job.branch == 0 else self.uncond
-        mine = model.predict(latents, t, scheduler, text, None, guidance, image)
-        pred_c, pred_u = cfg.all_gather_uneven(mine, [mine.shape[0]] * 2, dim=0).chunk(2)
+        return self.combine_branches(model.predict(latents, t, scheduler, text, None, guidance, image), guidance)
+
+    def combine_branches(self, mine: torch.Tensor, guidance: float) -> torch.Tensor:
+        """cfg_parallel: this branch's prediction and its peer's (one all-gather over the pair),
+        combined as the pipelines do: uncond + g * (cond - uncond)."""
+        pred_c, pred_u = self.job.cfg.all_gather_uneven(mine, [mine.shape[0]] * 2, dim=0).chunk(2)
         return pred_u + guidance * (pred_c - pred_u)
 
     def new_scheduler(self):

@@ -23,6 +23,7 @@ import torch
 from clipmesh.presets import PRESETS, limits_from_configs
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.loras import Loras
+from clipmesh.worker.weights import local_parameter_bytes
 
 
 # The kinds of frame-mixing module (FrameMixer.kind):
@@ -150,7 +151,7 @@ class ModelAdapter:
     @property
     def denoiser_bytes(self) -> int:
         """The weights of every expert, as loaded (Register.denoiser_bytes)."""
-        return sum(p.numel() * p.element_size() for d in self.denoisers for p in d.parameters())
+        return sum(local_parameter_bytes(d) for d in self.denoisers)
 
     # -- what mixes frames (for strategies) ------------------------------------
     def frame_mixers(self) -> list[FrameMixer]:

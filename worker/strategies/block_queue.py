@@ -143,8 +143,7 @@ class _Stage(Schedule):
         out = self.stages(item.step).head(hidden, temb, item.context + item.own, self.cache.h, self.cache.w)
         guidance = self.d.guidance_at(self.d.timesteps[item.step])
         if self.job.cfg is not None:  # the other branch's last stage has the other half, for the same item
-            pred, uncond = self.job.cfg.all_gather_uneven(out, [1, 1], dim=0).chunk(2)
-            pred = uncond + guidance * (pred - uncond)
+            pred = self.d.combine_branches(out, guidance)
         elif out.shape[0] == 2:  # WanPipeline's CFG: uncond + g * (cond - uncond)
             pred = out[1:] + guidance * (out[:1] - out[1:])
         else:
