@@ -71,9 +71,7 @@ def _upload_seconds(data: bytes, tmp) -> float:
         await server.start()
         # a running attempt the part belongs to, as the scheduler would have placed it
         job = core.store.create_job(pb.SubmitJobRequest(prompt="bench", num_frames=5, model="bench"))
-        from clipmesh.coordinator.jobs import ActiveJob
-        core.jobs.active[job.id] = ActiveJob(plan=pb.RenderPlan(num_latent_frames=1, attempt=1), members=["w"],
-                                             pending={"w"}, video=None)
+        await core.jobs.start(job, pb.RenderPlan(request=job.request, num_latent_frames=1, attempt=1), ["w"])
         # the member's attach session, whose key its uploads carry
         session, _ = core.workers.attach(pb.Register(worker_id="w", incarnation=1,
                                                      model=pb.ModelInfo(**presets.model_limits("bench-wan"))))

@@ -89,7 +89,7 @@ class CoordinatorCore:
         job = self.get_job(job_id, who)
         if job.state in FINAL_STATES:
             raise NotFound(f"job {job_id} has ended: fetch its video")
-        active = self.jobs.active.get(job_id)
+        active = self.jobs.running(job_id)
         if active is None or active.latest_frame is None:
             raise NotFound(f"job {job_id} has no frame yet")
         frame, rgb = active.latest_frame
@@ -215,7 +215,7 @@ class CoordinatorCore:
         elif kind == "store_ready":
             ready = msg.store_ready
             if self.jobs.is_current(ready.job_id, ready.attempt):
-                self.workers.broker_rendezvous(worker_id, ready, self.jobs.active[ready.job_id].members)
+                self.workers.broker_rendezvous(worker_id, ready, self.jobs.running(ready.job_id).members)
         elif kind == "progress":
             if self.jobs.is_member(worker_id, job_id) and self.jobs.is_current(job_id, msg.progress.attempt):
                 await self.jobs.emit(job_id, step=_stamped(msg.progress, worker_id))
@@ -257,14 +257,12 @@ class CoordinatorCore:
 
         complete = await self.checkpoints.receive(header, data(), specs.checkpoint_frames(active.plan))
         if complete:
-            job = self.jobs.get(header.job_id)
-            job.checkpoint_step = header.step
-            self.store.save_job(job)
+            self.jobs.checkpointed(header.job_id, header.step)
         return complete
 
     def fetch_checkpoint(self, session: WorkerSession, req: pb.FetchCheckpointRequest) -> AsyncIterator[pb.CheckpointChunk]:
         """A part of the job's checkpoint, for a member of its running attempt only."""
-        active = self.jobs.active.get(req.job_id)
+        active = self.jobs.running(req.job_id)
         self.jobs.member_of(session, req.job_id, session.info.id, active.attempt if active else -1)
         path = self.checkpoints.read(req.job_id, req.step, req.latent_start, req.latent_end)
         return stream_part(path, pb.CheckpointHeader(job_id=req.job_id, step=req.step, latent_start=req.latent_start,

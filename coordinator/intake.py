@@ -101,7 +101,7 @@ class FrameIntake:
     async def _add_part(self, job_id: str, active: ActiveJob, part: FramePart) -> None:
         """The lock is held until the writer thread is done, even if the upload's caller went away."""
         async with active.video_lock:
-            if self.jobs.active.get(job_id) is not active:  # the attempt ended meanwhile (a fault)
+            if self.jobs.running(job_id) is not active:  # the attempt ended meanwhile (a fault)
                 part.path.unlink(missing_ok=True)
                 raise FailedPrecondition(f"attempt {active.attempt} of job {job_id} has ended")
             await asyncio.to_thread(active.video.add, part)

@@ -80,30 +80,57 @@ class ActiveJob:
         return self.plan.attempt
 
 
+@dataclass
+class JobBook:
+    """What the coordinator holds of a job in memory beside its store row, from its submit until
+    it is over and unwatched: one record, so nothing of a job outlives it in a dict of its own."""
+
+    queued_since: float = 0.0                   # monotonic time it was (re)queued
+    not_before: float = 0.0                     # a retry in its backoff is not placed before this
+    kept_video: VideoWriter | None = None       # of a job queued again after a fault
+    active: ActiveJob | None = None             # its placed attempt
+    step_fraction: dict[str, float] = field(default_factory=dict)  # member -> its last step / total
+    watchers: int = 0                           # WatchJob streams open on it
+
+
 class Jobs:
     def __init__(self, store: Store, data_dir: Path, workers: WorkerRegistry, checkpoints: Checkpoints,
                  limits: Limits = Limits()):
         self.limits = limits
-        self.watchers: dict[str, int] = {}  # job -> WatchJob streams open on it
-        self.step_fraction: dict[str, dict[str, float]] = {}  # job -> member -> its last step / total
         self.store = store
         self.data_dir = data_dir
         self.workers = workers  # to tell a job's members to stop, and which models exist
         self.checkpoints = checkpoints
         self.hub = ProgressHub()
-        self.active: dict[str, ActiveJob] = {}
-        self.kept_videos: dict[str, VideoWriter] = {}  # of jobs queued again after a fault
-        self.not_before: dict[str, float] = {}         # job -> monotonic time its retry may be placed
-        self.queued_since: dict[str, float] = {}       # job -> monotonic time it was (re)queued
+        self._books: dict[str, JobBook] = {}
+
+    def _book(self, job_id: str) -> JobBook:
+        return self._books.setdefault(job_id, JobBook(queued_since=time.monotonic()))
+
+    def __len__(self) -> int:
+        """How many jobs the coordinator holds in memory: queued, running, or watched."""
+        return len(self._books)
+
+    def running(self, job_id: str) -> ActiveJob | None:
+        """The job's placed attempt, if one is running."""
+        book = self._books.get(job_id)
+        return book.active if book else None
+
+    def _running(self) -> list[tuple[str, ActiveJob]]:
+        return [(job_id, book.active) for job_id, book in self._books.items() if book.active is not None]
 
     # -- what the scheduler asks of a queued job -------------------------------------
+    def queued(self) -> list[pb.Job]:
+        """The queued jobs, oldest first."""
+        return self.store.queued_jobs()
+
     def backing_off(self, job_id: str, now: float) -> bool:
         """A retry still in its backoff after a fault: not to be placed yet."""
-        return self.not_before.get(job_id, 0.0) > now
+        return self._book(job_id).not_before > now
 
     def waited(self, job_id: str, now: float) -> float:
         """Seconds the job has been queued (since its submit, or its last re-queue)."""
-        return now - self.queued_since.setdefault(job_id, now)
+        return now - self._book(job_id).queued_since
 
     def recover(self, grace_s: float) -> None:
         """After a restart: a RUNNING job's members may still be rendering it; it waits `grace_s`
@@ -115,7 +142,7 @@ class Jobs:
                 continue
             plan, members = last
             video = self._recovered_video(job)
-            self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members), video=video,
+            self._book(job.id).active = ActiveJob(plan=plan, members=members, pending=set(members), video=video,
                                             adopt_by=time.monotonic() + grace_s)
             self.store.append_event(pb.JobEvent(job_id=job.id, state=pb.StateChange(
                 state=pb.RUNNING, detail=f"coordinator restarted; waiting {grace_s:g}s for {', '.join(members)} "
@@ -142,7 +169,7 @@ class Jobs:
         del job.worker_ids[:]
         job.ClearField("started_at")
         self.store.change_state(job, pb.JobEvent(job_id=job.id, state=pb.StateChange(state=pb.QUEUED, detail=detail)))
-        self.queued_since[job.id] = time.monotonic()
+        self._book(job.id).queued_since = time.monotonic()
 
     def scratch_dir(self, job_id: str) -> Path:
         """Where a job's uploaded parts wait for the video; removed when the job is over."""
@@ -155,12 +182,13 @@ class Jobs:
 
     async def _emitted(self, job_id: str, kind: dict) -> None:
         """What follows an event in the store: metrics, progress, the watchers woken."""
-        if "step" in kind and job_id in self.active:
-            metrics.step(kind["step"], self.active[job_id].plan)
+        active = self.running(job_id)
+        if "step" in kind and active is not None:
+            metrics.step(kind["step"], active.plan)
+            if kind["step"].total_steps > 0:
+                self._books[job_id].step_fraction[kind["step"].worker_id] = kind["step"].step / kind["step"].total_steps
         if "frames" in kind:
             metrics.FRAMES_ENCODED.inc(kind["frames"].num_frames)
-        if "step" in kind and kind["step"].total_steps > 0:
-            self.step_fraction.setdefault(job_id, {})[kind["step"].worker_id] = kind["step"].step / kind["step"].total_steps
         await self.hub.notify(job_id)
 
     def progress(self, job: pb.Job) -> float:
@@ -168,13 +196,13 @@ class Jobs:
         reported; under block_pipeline (or endless), the share of the video's frames received."""
         if job.state == pb.SUCCEEDED:
             return 1.0
-        active = self.active.get(job.id)
+        active = self.running(job.id)
         if active is None:
             return 0.0
         if specs.work_of(active.plan) == specs.QUEUE:  # its blocks finish in order, each at its own step
             frames = active.video.frames_written if active.video else 0
             return min(frames / job.request.num_frames, 1.0) if job.request.num_frames else 0.0
-        steps = self.step_fraction.get(job.id, {})
+        steps = self._books[job.id].step_fraction
         return sum(steps.get(m, 0.0) for m in active.members) / max(len(active.members), 1)
 
     async def set_state(self, job: pb.Job, state: int, detail: str = "", error: str = "") -> None:
@@ -207,7 +235,7 @@ class Jobs:
             raise ResourceExhausted(f"the queue holds {self.limits.max_queued_jobs} jobs, the most it takes; "
                                     "submit again once some have run")
         job = self.store.create_job(req, owner)
-        self.queued_since[job.id] = time.monotonic()
+        self._book(job.id)
         await self.hub.notify(job.id)
         log.info("job %s queued: %d frames %dx%d, %d steps", job.id, req.num_frames, req.width, req.height,
                  req.num_inference_steps)
@@ -225,9 +253,10 @@ class Jobs:
     async def watch(self, job_id: str) -> AsyncIterator[pb.JobEvent]:
         """Replays the job's events, then follows live; ends once the job is final."""
         self.get(job_id)
-        if self.watchers.get(job_id, 0) >= self.limits.max_watchers_per_job:
+        book = self._book(job_id)
+        if book.watchers >= self.limits.max_watchers_per_job:
             raise ResourceExhausted(f"job {job_id} has {self.limits.max_watchers_per_job} watchers, the most it takes")
-        self.watchers[job_id] = self.watchers.get(job_id, 0) + 1
+        book.watchers += 1
         try:
             seq = 0
             while True:
@@ -238,9 +267,8 @@ class Jobs:
                     return
                 await self.hub.wait(job_id, timeout=1.0)
         finally:
-            self.watchers[job_id] -= 1
-            if not self.watchers[job_id]:
-                del self.watchers[job_id]
+            book.watchers -= 1
+            self._drop_if_over(job_id)
 
     def already_ended(self, job_id: str) -> FailedPrecondition:
         """The refusal of anything that needs the job still going."""
@@ -251,13 +279,14 @@ class Jobs:
         job = self.get(job_id)
         if job.state in FINAL_STATES:
             raise self.already_ended(job_id)
-        if job_id not in self.active:  # queued (maybe between attempts, with frames kept)
-            kept = self.kept_videos.pop(job_id, None) or (await self._video_on_disk(job) if job.attempt else None)
+        book = self._book(job_id)
+        if book.active is None:  # queued (maybe between attempts, with frames kept)
+            kept, book.kept_video = book.kept_video, None
+            kept = kept or (await self._video_on_disk(job) if job.attempt else None)
             if kept is not None and kept.frames_written:
-                self.active[job_id] = ActiveJob(plan=pb.RenderPlan(request=job.request), members=[], pending=set(),
-                                                video=kept)
+                book.active = ActiveJob(plan=pb.RenderPlan(request=job.request), members=[], pending=set(), video=kept)
                 await self.end(job_id, pb.CANCELLED, detail="cancelled by client")
-                self.active.pop(job_id, None)
+                book.active = None
             else:
                 await self.set_state(job, pb.CANCELLED, detail="cancelled by client")
             self._forget(job_id)
@@ -282,7 +311,9 @@ class Jobs:
     async def start(self, job: pb.Job, plan: pb.RenderPlan, members: list[str]) -> None:
         """Attempt plan.attempt of the job is placed on `members` (rank order): RUNNING, with its
         video open (kept from the attempt before, if any), resuming from its last checkpoint."""
-        video = self.kept_videos.pop(job.id, None) or (
+        book = self._book(job.id)
+        video, book.kept_video = book.kept_video, None
+        video = video or (
             await self._video_on_disk(job) if job.attempt else VideoWriter(self._video_file(job.id), job.request.fps))
         checkpoint = self.checkpoints.latest(job.id, specs.checkpoint_frames(plan)) if plan.checkpoint_every else None
         if checkpoint is not None:
@@ -291,8 +322,8 @@ class Jobs:
             plan.resume.CopyFrom(checkpoint)
         plan.frames_in_video = video.frames_written
         self.store.save_attempt(job.id, plan, members)
-        self.active[job.id] = ActiveJob(plan=plan, members=members, pending=set(members), video=video)
-        self.not_before.pop(job.id, None)
+        book.active = ActiveJob(plan=plan, members=members, pending=set(members), video=video)
+        book.not_before = 0.0
         job.strategy, job.attempt = plan.strategy, plan.attempt
         job.worker_ids[:] = members
         resumed = f", resuming at step {plan.resume.step}" if plan.HasField("resume") else ""
@@ -306,7 +337,7 @@ class Jobs:
         job (upload, checkpoint) is refused unless it comes from that member's own session."""
         if worker_id != session.info.id:
             raise PermissionDenied(f"worker_id {worker_id!r}: this session is worker {session.info.id!r}'s")
-        active = self.active.get(job_id)
+        active = self.running(job_id)
         if active is not None and (worker_id not in active.members or session.info.current_job_id != job_id):
             raise PermissionDenied(f"job {job_id!r} is not assigned to worker {worker_id!r} (this session)")
         if active is None or active.attempt != attempt:  # over, or an attempt before: a member's late call
@@ -314,16 +345,17 @@ class Jobs:
         return active
 
     def is_member(self, worker_id: str, job_id: str) -> bool:
-        return job_id in self.active and worker_id in self.active[job_id].members
+        active = self.running(job_id)
+        return active is not None and worker_id in active.members
 
     def is_current(self, job_id: str, attempt: int) -> bool:
-        active = self.active.get(job_id)
+        active = self.running(job_id)
         return active is not None and active.attempt == attempt
 
     def adopt(self, running: pb.RunningJob, worker_id: str) -> bool:
         """A worker re-attached while rendering `running`: True if that is the job's current
         attempt and the worker its member at that rank (it goes on as before)."""
-        active = self.active.get(running.job_id)
+        active = self.running(running.job_id)
         if (active is None or active.attempt != running.attempt or worker_id not in active.pending
                 or active.members[running.rank] != worker_id):
             return False
@@ -333,7 +365,7 @@ class Jobs:
     def not_adopted(self) -> list[tuple[str, str]]:
         """(job, member) of recovered jobs whose grace is over and whose member did not come back."""
         now, out = time.monotonic(), []
-        for job_id, active in self.active.items():
+        for job_id, active in self._running():
             if active.adopt_by is not None and now > active.adopt_by:
                 active.adopt_by = None
                 out += [(job_id, m) for m in sorted(active.pending - active.adopted)]
@@ -341,7 +373,7 @@ class Jobs:
 
     async def member_reported(self, worker_id: str, result: pb.JobResult) -> bool:
         """A member's result: a failure fails the attempt. True when that finished the job."""
-        active = self.active.get(result.job_id)
+        active = self.running(result.job_id)
         if active is None or worker_id not in active.pending or result.attempt != active.attempt:
             return False  # a late or repeated result, or one of an older attempt
         error = "" if result.outcome in _NOT_A_FAILURE else f"worker {worker_id}: {result.error}"
@@ -352,7 +384,7 @@ class Jobs:
         """A member is out of the job (reported, or lost): `error` ends the attempt (the job is
         retried, or FAILED after its last attempt), and the last member out finishes it. True
         when the job finished or was queued again."""
-        active = self.active.get(job_id)
+        active = self.running(job_id)
         if active is None:
             return False
         active.pending.discard(worker_id)
@@ -363,7 +395,7 @@ class Jobs:
     async def fault(self, job_id: str, error: str, retry: bool = True) -> bool:
         """A member of the running attempt was lost or failed: the others abort; the job is queued
         again unless this was its last attempt or `retry` is off (then it FAILS, first error wins)."""
-        active, job = self.active.get(job_id), self.get(job_id)
+        active, job = self.running(job_id), self.get(job_id)
         if active is None or job.state in FINAL_STATES:
             return await self._finish_if_done(job_id)
         self.workers.cancel(job_id, active.pending, active.attempt, abort=True)
@@ -372,12 +404,13 @@ class Jobs:
             why = "" if retry else "; not retried: the plan or the model is refused, a retry would fail the same way"
             await self.end(job_id, pb.FAILED, error=f"{error} (attempt {active.attempt} of {limit}{why})")
             return await self._finish_if_done(job_id)
-        self.active.pop(job_id)
+        book = self._books[job_id]
+        book.active = None
         async with active.video_lock:  # (an upload of this attempt may be writing)
             active.video.drop_held()  # only frames in the video count; the next attempt renders the rest
-        self.kept_videos[job_id] = active.video
+        book.kept_video = active.video
         backoff = RETRY_BACKOFF_S * 2 ** (active.attempt - 1)
-        self.not_before[job_id] = time.monotonic() + backoff
+        book.not_before = time.monotonic() + backoff
         checkpoint = self.checkpoints.latest(job_id, specs.checkpoint_frames(active.plan))
         where = f"step {checkpoint.step}" if checkpoint else "step 0"
         self._queue_again(job, f"attempt {active.attempt} of {limit} failed: {error}; attempt {active.attempt + 1} "
@@ -387,11 +420,11 @@ class Jobs:
         return True
 
     async def _finish_if_done(self, job_id: str) -> bool:
-        active = self.active.get(job_id)
+        active = self.running(job_id)
         if active is None or active.pending:
             return False
         await self.end(job_id, pb.SUCCEEDED)  # a cancelled or failed job has ended already
-        self.active.pop(job_id, None)
+        self._books[job_id].active = None
         self._forget(job_id)
         if active.delete_when_over:
             self.delete(job_id)
@@ -401,7 +434,7 @@ class Jobs:
         """Deletes the jobs that ended more than `retention_s` ago: video, events, row. Returns how many."""
         cutoff = time.time() - retention_s
         expired = [job for job in self.store.final_jobs() if job.finished_at.ToSeconds() < cutoff
-                   and job.id not in self.active and not self.watchers.get(job.id)]
+                   and job.id not in self._books]
         for job in expired:
             self.delete(job.id)
         if expired:
@@ -411,20 +444,34 @@ class Jobs:
     def delete(self, job_id: str) -> None:
         """An ended job goes entirely: its video, scratch parts, checkpoints, events and record
         (once its members have reported, where they are still stopping)."""
-        if job_id in self.active:
-            self.active[job_id].delete_when_over = True
+        active = self.running(job_id)
+        if active is not None:
+            active.delete_when_over = True
             return
         self._video_file(job_id).unlink(missing_ok=True)
         self._forget(job_id)
-        self.kept_videos.pop(job_id, None)
         self.store.delete_job(job_id)
 
     def _forget(self, job_id: str) -> None:
-        """The job is over: its scratch parts and checkpoints go."""
+        """The job is over: its scratch parts, checkpoints and book go (the book once unwatched)."""
         shutil.rmtree(self.scratch_dir(job_id), ignore_errors=True)
         self.checkpoints.drop(job_id)
-        for book in (self.not_before, self.queued_since, self.step_fraction):
-            book.pop(job_id, None)
+        book = self._books.get(job_id)
+        if book is not None:
+            book.kept_video, book.active = None, None
+        self._drop_if_over(job_id)
+
+    def _drop_if_over(self, job_id: str) -> None:
+        book = self._books.get(job_id)
+        if book is not None and not book.watchers and book.active is None and book.kept_video is None and (
+                (job := self.store.get_job(job_id)) is None or job.state in FINAL_STATES):
+            del self._books[job_id]
+
+    def checkpointed(self, job_id: str, step: int) -> None:
+        """Every part of the job's checkpoint at `step` has arrived: a retry resumes from there."""
+        job = self.get(job_id)
+        job.checkpoint_step = step
+        self.store.save_job(job)
 
     async def fail(self, job_id: str, error: str) -> None:
         """Tells the members to stop and marks the job FAILED (first error wins): a failure no
@@ -433,7 +480,7 @@ class Jobs:
         await self.end(job_id, pb.FAILED, error=error)
 
     def _stop_members(self, job_id: str) -> None:
-        active = self.active.get(job_id)
+        active = self.running(job_id)
         if active:
             self.workers.cancel(job_id, active.pending, active.attempt)
 
@@ -441,7 +488,7 @@ class Jobs:
         """Closes a placed job's video and sets its final state, once: False if the job had ended.
         Success needs every frame (a bounded job) or an unbroken run of them; a job that ends
         otherwise keeps the frames finished so far as a playable video."""
-        active = self.active.get(job_id)
+        active = self.running(job_id)
         if active is None:
             return False
         async with active.video_lock:

@@ -44,7 +44,7 @@ class Scheduler:
         idle = self.workers.idle_by_model()
         now = time.monotonic()
         reserved: set[str] = set()  # models whose idle workers are kept for a starving job
-        for job in self.jobs.store.queued_jobs() if idle else ():
+        for job in self.jobs.queued() if idle else ():
             req = job.request
             if req.model in reserved or self.jobs.backing_off(job.id, now):
                 continue

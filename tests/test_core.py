@@ -11,6 +11,8 @@ REQUEST = dict(num_frames=17, height=64, width=64, num_inference_steps=2, guidan
 
 
 def test_the_hub_is_bounded_by_the_live_watchers(tmp_path):
+    """And so is what Jobs holds of a job in memory (its book): dropped once the job is over and
+    unwatched."""
     from clipmesh.coordinator.core import CoordinatorCore
 
     async def scenario():
@@ -25,18 +27,18 @@ def test_the_hub_is_bounded_by_the_live_watchers(tmp_path):
             watchers = [asyncio.create_task(follow(job.id)) for job in jobs]
             while len(hub) < len(jobs):  # every watcher has replayed and waits for news
                 await asyncio.sleep(0.001)
-            sizes.append(len(hub))
+            sizes.append((len(hub), len(core.jobs)))
             for job in jobs:
                 await core.cancel(job.id)
             events = await asyncio.gather(*watchers)
             assert all(e[-1].state.state == pb.CANCELLED for e in events)
-        after = len(hub)
+        after = len(hub), len(core.jobs)
         core.store.close()
         return sizes, after
 
     sizes, after = asyncio.run(scenario())
-    assert sizes == [10] * 100  # while watched: one entry per live job
-    assert after == 0  # after: none (the old hub kept an entry per job it had seen: 1,000)
+    assert sizes == [(10, 10)] * 100  # while watched: one entry per live job
+    assert after == (0, 0)  # after: none (the old hub kept an entry per job it had seen: 1,000)
 
 
 def test_the_core_decides_who_sees_a_job(tmp_path):
