@@ -29,7 +29,7 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 
 from . import access
 from .checkpoints import Checkpoints, stream_part
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import MAX_DETAIL, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .intake import FrameIntake
 from .jobs import Jobs, shielded
 from .limits import Limits
@@ -219,9 +219,11 @@ class CoordinatorCore:
         elif kind == "progress":
             if self.jobs.is_member(worker_id, job_id) and self.jobs.is_current(job_id, msg.progress.attempt):
                 await self.jobs.emit(job_id, step=_stamped(msg.progress, worker_id))
-        elif kind == "log":
-            if job_id:
-                await self.jobs.emit(job_id, log=_stamped(msg.log, worker_id))
+        elif kind == "log":  # a member's note on its job (the worker's own log holds the rest)
+            if self.jobs.is_member(worker_id, job_id):
+                note = _stamped(msg.log, worker_id)
+                note.text = note.text[:MAX_DETAIL]
+                await self.jobs.emit(job_id, log=note)
         elif kind == "result":
             result = msg.result
             self.workers.release(worker_id, result.job_id, result.attempt)

@@ -99,6 +99,10 @@ def test_watch_reports_every_step_of_every_worker_and_replays(cluster):
         # each step carries the worker's peak memory (at least the loaded model) and ran in full
         assert all(s.peak_memory_bytes > 50 * 2**20 and s.full_pass for s in step_events)
         assert [e.state.state for e in live if e.HasField("state")] == [pb.QUEUED, pb.RUNNING, pb.SUCCEEDED]
+        # each member's note of its part, credited to it (WorkerMessage.log -> JobEvent.log)
+        notes = {e.log.worker_id: e.log.text for e in live if e.HasField("log")}
+        assert notes.keys() == set(job.worker_ids)
+        assert all(f"rank {r}/2, latent frames" in notes[w] for r, w in enumerate(job.worker_ids)), notes
 
         replay = list(client.watch(job.id))  # after completion: the same events, then the stream ends
         assert [e.SerializeToString() for e in replay] == [e.SerializeToString() for e in live]

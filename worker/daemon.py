@@ -167,8 +167,8 @@ class WorkerDaemon:
                 f"latent frames [{plan.clips[mine].start}, {plan.clips[mine].end})")
         if specs.branches(plan) > 1:
             part += f", guidance branch {specs.branch_of(plan, a.rank)}"
-        log.info("job %s attempt %d: rank %d/%d, %s, %s%s", a.job_id, a.attempt, a.rank, plan.world_size, part,
-                 plan.strategy, f", from step {plan.start_step}" if plan.start_step else "")
+        self._note(pb.LogMessage.INFO, f"job {a.job_id} attempt {a.attempt}: rank {a.rank}/{plan.world_size}, "
+                                       f"{part}, {plan.strategy}" + (f", from step {plan.start_step}" if plan.start_step else ""))
         store = None
         result = pb.JobResult(job_id=a.job_id, attempt=a.attempt)
         metrics.BUSY.set(1)
@@ -238,13 +238,12 @@ class WorkerDaemon:
         def on_checkpoint(part) -> None:
             # not awaited by the render thread; one in flight at most, so parts never pile up in memory
             if checkpoint_uploads and not checkpoint_uploads[-1].done():
-                log.warning("job %s: checkpoint at step %d skipped: the one before is still uploading",
-                            a.job_id, part.step)
+                self._note(pb.LogMessage.WARNING, f"job {a.job_id}: checkpoint at step {part.step} skipped: the one "
+                                                  "before is still uploading")
                 return
             checkpoint_uploads.append(link.run_threadsafe(link.upload_checkpoint(a, part)))
 
-        group = Mesh.open(rdv.host, rdv.port, a.rank, plan.world_size, plan.group_name, backend=plan.backend,
-                          timeout_s=plan.timeout_seconds, store=store, device=self.device,
+        group = Mesh.open(rdv.host, rdv.port, a.rank, plan.world_size, plan.group_name, timeout_s=plan.timeout_seconds, store=store, device=self.device,
                           local_host=self.advertise_host, secret=rdv.secret)
         ctx.mesh = group
         if ctx.aborted:  # told while the group was opening
@@ -255,6 +254,13 @@ class WorkerDaemon:
         finally:
             ctx.mesh = None
             group.close()
+
+    def _note(self, level: int, text: str) -> None:
+        """A line of this worker's log that belongs to its job: also sent to the coordinator, where it
+        joins the job's events (WatchJob, the CLI's output), credited to this worker."""
+        log.log(logging.WARNING if level == pb.LogMessage.WARNING else logging.ERROR if level == pb.LogMessage.ERROR
+                else logging.INFO, "%s", text)
+        self.link.send_threadsafe(log=pb.LogMessage(level=level, text=text))
 
     async def _fetch_checkpoint(self, a: pb.Assignment) -> list[bytes]:
         """The parts of the plan's checkpoint that hold this rank's latent frames (block_pipeline:

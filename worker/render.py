@@ -115,23 +115,15 @@ def _deliver(schedule, on_finished) -> None:
             on_finished(piece)
 
 
-def denoise_clip(model, plan, rank: int, mesh, on_step=None, should_stop=None, resume=None,
-                 on_checkpoint=None) -> torch.Tensor:
-    """This rank's clip of final latents [1, C, clip frames, h, w] (frames partitions)."""
-    return _denoise_clip(job_for(model, plan, rank, mesh), on_step, should_stop, resume, on_checkpoint)
-
-
-def _denoise_clip(job: Job, on_step, should_stop, resume, on_checkpoint) -> torch.Tensor:
-    pieces: list[FinishedLatents] = []
-    run(job, on_step, should_stop, pieces.append, resume, on_checkpoint)
-    return torch.cat([p.latents for p in pieces], dim=2)
-
-
 def denoise(model, plan, rank: int, mesh, on_step=None, should_stop=None, resume=None,
             on_checkpoint=None) -> torch.Tensor:
-    """denoise_clip, then the whole video's latents [1, C, num_latent_frames, h, w] on every rank."""
+    """What `render` denoises, not decoded: the whole video's final latents [1, C, latent frames,
+    h, w] on every rank (a frames partition), as diffusers' output_type="latent" gives them. The
+    equivalence tests and the benches compare these; a worker's job renders."""
     job = job_for(model, plan, rank, mesh)
-    local = _denoise_clip(job, on_step, should_stop, resume, on_checkpoint)
+    pieces: list[FinishedLatents] = []
+    run(job, on_step, should_stop, pieces.append, resume, on_checkpoint)
+    local = torch.cat([p.latents for p in pieces], dim=2)
     return job.mesh.all_gather_uneven(local, clip_lengths(plan), dim=2)
 
 

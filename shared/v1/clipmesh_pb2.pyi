@@ -566,7 +566,7 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[RenderPlan, _Mapping]] = ..., rank: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
-    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "group_name", "timeout_seconds", "backend", "clip_parallel", "layers", "block_pipeline", "savers", "attempt", "checkpoint_every", "resume", "frames_in_video", "parallel")
+    __slots__ = ("request", "strategy", "world_size", "num_latent_frames", "clips", "start_step", "group_name", "timeout_seconds", "clip_parallel", "layers", "block_pipeline", "savers", "attempt", "checkpoint_every", "resume", "frames_in_video", "parallel")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -575,7 +575,6 @@ class RenderPlan(_message.Message):
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    BACKEND_FIELD_NUMBER: _ClassVar[int]
     CLIP_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_PIPELINE_FIELD_NUMBER: _ClassVar[int]
@@ -593,7 +592,6 @@ class RenderPlan(_message.Message):
     start_step: int
     group_name: str
     timeout_seconds: int
-    backend: str
     clip_parallel: ClipParallelOptions
     layers: _containers.RepeatedCompositeFieldContainer[LayerRange]
     block_pipeline: BlockPipelineOptions
@@ -603,7 +601,7 @@ class RenderPlan(_message.Message):
     resume: CheckpointInfo
     frames_in_video: int
     parallel: ParallelPlan
-    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., backend: _Optional[str] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., frames_in_video: _Optional[int] = ..., parallel: _Optional[_Union[ParallelPlan, _Mapping]] = ...) -> None: ...
+    def __init__(self, request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., strategy: _Optional[str] = ..., world_size: _Optional[int] = ..., num_latent_frames: _Optional[int] = ..., clips: _Optional[_Iterable[_Union[ClipRange, _Mapping]]] = ..., start_step: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_seconds: _Optional[int] = ..., clip_parallel: _Optional[_Union[ClipParallelOptions, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., block_pipeline: _Optional[_Union[BlockPipelineOptions, _Mapping]] = ..., savers: _Optional[_Union[SaverOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., frames_in_video: _Optional[int] = ..., parallel: _Optional[_Union[ParallelPlan, _Mapping]] = ...) -> None: ...
 
 class ParallelPlan(_message.Message):
     __slots__ = ("cfg", "shard_weights", "why")
