@@ -106,9 +106,9 @@ class CoordinatorCore:
             job.request.ClearField("image")
         return jobs
 
-    def progress(self, job: pb.Job) -> float:
-        """0..1 from the job's real events (Jobs.progress)."""
-        return self.jobs.progress(job)
+    def progress(self, job: pb.Job) -> tuple[float, int]:
+        """0..1 from the job's real events (Jobs.progress), and the frames in its video so far."""
+        return self.jobs.progress(job), self.jobs.frames_received(job)
 
     def list_workers(self) -> list[pb.WorkerInfo]:
         return self.workers.list()

@@ -111,8 +111,10 @@ def _image_bytes(reference) -> bytes:
                                              "URLs are not fetched")
 
 
-def video_object(job: pb.Job, progress: float) -> dict:
-    """A Job as OpenAI's Video, with clipmesh's own facts under "clipmesh"."""
+def video_object(job: pb.Job, progress: tuple[float, int] = (0.0, 0)) -> dict:
+    """A Job as OpenAI's Video, with clipmesh's own facts under "clipmesh" (`progress`: the core's
+    share done and frames in the video so far)."""
+    progress, frames = progress
     r = job.request
     seconds = (r.num_frames / r.fps) if r.fps and r.num_frames else 0.0
     error = {"code": "job_failed" if job.state == pb.FAILED else "job_cancelled", "message": job.error} \
@@ -124,7 +126,8 @@ def video_object(job: pb.Job, progress: float) -> dict:
         "progress": int(math.floor(100 * progress)), "seconds": f"{seconds:g}", "size": f"{r.width}x{r.height}",
         "error": error, "expires_at": None, "remixed_from_video_id": None,
         "clipmesh": {"strategy": job.strategy, "workers": list(job.worker_ids), "num_frames": r.num_frames,
-                     "video_frames": job.video_frames, "attempt": job.attempt, "owner": job.owner},
+                     "video_frames": job.video_frames, "frames_received": frames, "attempt": job.attempt,
+                     "owner": job.owner},
     }
 
 
@@ -186,7 +189,7 @@ class Gateway:
             if exc.field == "image":  # named as this API names it
                 exc = InvalidArgument("input_reference", str(exc).partition(": ")[2])
             return _from_error(exc)
-        return web.json_response(video_object(job, 0.0))
+        return web.json_response(video_object(job))
 
     def _request_fields(self, body: dict) -> dict:
         if not isinstance(body.get("prompt"), str):

@@ -205,6 +205,12 @@ class Jobs:
         steps = self._books[job.id].step_fraction
         return sum(steps.get(m, 0.0) for m in active.members) / max(len(active.members), 1)
 
+    def frames_received(self, job: pb.Job) -> int:
+        """Frames in the job's video so far: while it runs, those encoded (a block_pipeline or
+        endless job's grow block by block; a frames strategy's land at the end); then its video's."""
+        active = self.running(job.id)
+        return active.video.frames_written if active is not None and active.video else job.video_frames
+
     async def set_state(self, job: pb.Job, state: int, detail: str = "", error: str = "") -> None:
         job.state = state
         if error:
