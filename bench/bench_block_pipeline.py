@@ -23,6 +23,7 @@ import datetime
 import sys
 import time
 
+from bench import plots
 from bench.common import DOCS, GUIDANCE
 from bench.procs import maxrss_mb, run_ranks, stop_ranks_on_exit
 from bench.report import machine, write
@@ -166,6 +167,7 @@ def main() -> int:
         table(rows), "", *checks(rows), ""])
     print(text)
     write(args.out, text)
+    plots.draw(args.out)
     return 0
 
 

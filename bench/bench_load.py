@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench import plots
 from clipmesh import presets
 from clipmesh.auth import SESSION_HEADER, metadata
 from clipmesh.v1 import clipmesh_pb2 as pb
@@ -199,6 +200,7 @@ are the coordinator process's (/proc). Every job ends with its video encoded by 
 
 {table}
 """)
+    plots.draw(args.output)
     ok = r["states"].get("SUCCEEDED", 0) == args.jobs and r["events_match"]
     return 0 if ok else 1
 

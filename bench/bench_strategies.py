@@ -31,7 +31,7 @@ import json
 import sys
 import time
 
-from bench import bench_ulysses, report
+from bench import bench_ulysses, plots, report
 from bench.checks import checks
 from bench.common import DOCS, GUIDANCE, THREADS
 from bench.procs import stop_all, stop_ranks_on_exit
@@ -140,6 +140,7 @@ def main() -> int:
     text = "\n".join(header) + "\n" + body + "\n\n" + "\n".join(derived) + "\n\n" + "\n".join(
         report.footnotes(rows, defaults)) + "\n"
     out = report.write(args.out, text)  # keeps the file's ulysses section until the next one is measured
+    plots.draw(out)
     print(f"\nwritten to {out}")
     ok = all(r.status in ("ok", "n/a", "skipped") for r in rows)
     if not args.no_ulysses and limits["family"] == "wan":

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import report
+from bench import plots, report
 from bench.common import DOCS
 
 MODEL = "toy-wan"
@@ -341,6 +341,7 @@ def main() -> int:
     text = "\n".join(header) + "\n" + body + "\n"
     print("\n" + body)
     report.write(args.output, text)
+    plots.draw(args.output)
     print(f"wrote {args.output}")
     return 0
 

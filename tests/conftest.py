@@ -18,7 +18,7 @@ from clipmesh.v1 import clipmesh_pb2 as pb
 
 # Modules of fast unit tests (no daemon, no rank process, no model): `pytest -m unit` runs them
 # in seconds; a module joins the list once it stays so.
-UNIT_MODULES = {"test_cli_input", "test_compose", "test_core", "test_families", "test_k8s", "test_planner", "test_progress", "test_specs",
+UNIT_MODULES = {"test_cli_input", "test_compose", "test_core", "test_families", "test_k8s", "test_planner", "test_plots", "test_progress", "test_specs",
                 "test_stubs", "test_toyworld", "test_validation"}
 
 TOKEN = "test-token"                # a client's
