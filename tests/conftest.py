@@ -79,12 +79,18 @@ class Daemons:
                 proc.wait()
 
 
-def planned(req: pb.SubmitJobRequest, world_size: int, job_id: str) -> pb.RenderPlan:
-    """The real planner's plan of `req` on `world_size` workers of equal speed."""
+def planned(req: pb.SubmitJobRequest, world_size: int, job_id: str, speeds=None, **fields) -> pb.RenderPlan:
+    """The real planner's plan of `req` on `world_size` workers, of equal speed unless `speeds`
+    says (the planner splits by speed: how a test asks for an uneven split); `fields` then set
+    on the plan (a resumed step, say)."""
     from clipmesh.coordinator.planner import make_plan
 
-    return make_plan(pb.Job(id=job_id, request=req), [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)],
+    speeds = speeds or [1.0] * world_size
+    plan = make_plan(pb.Job(id=job_id, request=req), [pb.WorkerInfo(id=f"w{r}", speed=s) for r, s in enumerate(speeds)],
                      pb.ModelInfo(**presets.model_limits(req.model)), 60)
+    for name, value in fields.items():
+        setattr(plan, name, value)
+    return plan
 
 
 def wait_until(ready, timeout: float, what: str, daemons: Daemons | None = None) -> None:

@@ -25,6 +25,7 @@ import torch
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.adapters.animatediff import global_positions
 from clipmesh.worker.noise import initial_noise
+from conftest import planned
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 MODEL = "tiny-animatediff"
@@ -41,10 +42,9 @@ def _request(**fields) -> pb.SubmitJobRequest:
 
 
 def _plan(world_size: int) -> pb.RenderPlan:
-    clips = [pb.ClipRange(start=s, end=e) for s, e in CLIPS[world_size]]
-    return pb.RenderPlan(request=_request(num_workers=world_size), strategy="exact", world_size=world_size,
-                         num_latent_frames=FRAMES, clips=clips, start_step=0,
-                         group_name=f"animatediff-{world_size}", timeout_seconds=60)
+    plan = planned(_request(num_workers=world_size), world_size, f"animatediff-{world_size}")
+    assert [(c.start, c.end) for c in plan.clips] == CLIPS[world_size]
+    return plan
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from clipmesh import presets
-from clipmesh.coordinator.planner import make_plan
 from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import coordinated_noise
+from conftest import planned
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 SIDE, STEPS, GUIDANCE, SEED = 32, 3, 5.0, 99
@@ -34,10 +34,7 @@ def _plan(world_size: int, frames: int, block: int, context: int, steps: int = S
                               width=SIDE, num_inference_steps=steps, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-wan", strategy="block_pipeline", fps=8,
                               block_pipeline=pb.BlockPipelineOptions(block_frames=block, context_frames=context))
-    members = [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)]
-    plan = make_plan(pb.Job(id=f"bp{world_size}", request=req), members,
-                     pb.ModelInfo(**presets.model_limits("tiny-wan")), 60)
-    return plan
+    return planned(req, world_size, f"bp{world_size}")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipmesh.plan import split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
+from conftest import planned
 from ranks import run_ranks
 
 FRAMES, SIDE, STEPS, SEED, LATENT = 17, 32, 5, 99, 5
@@ -20,17 +20,13 @@ TOL = 1e-5
 def _plan(world_size: int, strategy: str, every: int = 2, resume_step: int = 0) -> pb.RenderPlan:
     req = pb.SubmitJobRequest(prompt="a kite over dunes", negative_prompt="blurry", num_frames=FRAMES, height=SIDE,
                               width=SIDE, num_inference_steps=STEPS, guidance_scale=5.0, seed=SEED, model="tiny-wan",
-                              strategy=strategy, num_workers=world_size)
-    plan = pb.RenderPlan(request=req, strategy=strategy, world_size=world_size, num_latent_frames=LATENT,
-                         clips=[pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)],
-                         start_step=resume_step, group_name=f"ckpt-{strategy}-{world_size}-{resume_step}",
-                         timeout_seconds=60, checkpoint_every=every)
+                              strategy=strategy, num_workers=world_size, checkpoint_every=every)
     if strategy == "clip_parallel":
-        plan.clip_parallel.CopyFrom(pb.ClipParallelOptions(local_halo=1, global_frames=1, global_phase=0.5,
-                                                           phase_bias=10.0, entropy_scaling=False,
-                                                           noise_reschedule=False, spectral_blend=False,
-                                                           global_rope="native"))
-    return plan
+        req.clip_parallel.CopyFrom(pb.ClipParallelOptions(local_halo=1, global_frames=1, global_phase=0.5,
+                                                          phase_bias=10.0, entropy_scaling=False,
+                                                          noise_reschedule=False, spectral_blend=False,
+                                                          global_rope="native"))
+    return planned(req, world_size, f"ckpt-{strategy}-{world_size}-{resume_step}", start_step=resume_step)
 
 
 def _rank(mesh, folder, strategy, resume_step, parts):
@@ -164,18 +160,11 @@ BP_FRAMES, BP_STEPS = 33, 4  # 9 latent frames: 5 blocks of 2 (the last of 1), 8
 
 
 def _bp_plan(world_size: int, frames_in_video: int = 0, resume=None) -> pb.RenderPlan:
-    from clipmesh import presets
-    from clipmesh.coordinator.planner import make_plan
-
     req = pb.SubmitJobRequest(prompt="a river in spring", negative_prompt="blurry", num_frames=BP_FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=BP_STEPS, guidance_scale=5.0, seed=SEED,
                               model="tiny-wan", strategy="block_pipeline", fps=8, checkpoint_every=2,
                               block_pipeline=pb.BlockPipelineOptions(block_frames=2, context_frames=1))
-    members = [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)]
-    plan = make_plan(pb.Job(id=f"bpckpt{world_size}", request=req), members,
-                     pb.ModelInfo(**presets.model_limits("tiny-wan")), 60)
-    plan.frames_in_video = frames_in_video
-    return plan
+    return planned(req, world_size, f"bpckpt{world_size}", frames_in_video=frames_in_video)
 
 
 def _bp_rank(mesh, folder, plan_bytes, resume):

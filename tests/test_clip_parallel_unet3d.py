@@ -19,7 +19,7 @@ from clipmesh.plan import global_frame_indices
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
 from ranks import run_ranks, single_thread_model, solo_mesh
-from test_clip_parallel_wan import dense_dual_scope, make_plan
+from test_clip_parallel_wan import dense_dual_scope, hand_plan
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
 LATENT = FRAMES  # no temporal compression
@@ -34,7 +34,7 @@ def plan_for(case, halo=None, num_global=None, entropy=True):
     req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-unet3d", strategy="clip_parallel", num_workers=len(clips))
-    return make_plan(clips, HALO if halo is None else halo, GLOBAL if num_global is None else num_global, GLOBAL_PHASE, BIAS,
+    return hand_plan(clips, HALO if halo is None else halo, GLOBAL if num_global is None else num_global, GLOBAL_PHASE, BIAS,
                      entropy=entropy, request=req, name="cpu3d")
 
 

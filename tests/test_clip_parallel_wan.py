@@ -31,8 +31,11 @@ TOL = 1e-5
 NATIVE = 4  # native frames for entropy scaling in the core cases (any value > 1/S works)
 
 
-def make_plan(clips, halo, num_global, global_phase=0.6, bias=10.0, entropy=False, request=None, name="cp",
+def hand_plan(clips, halo, num_global, global_phase=0.6, bias=10.0, entropy=False, request=None, name="cp",
               noise_reschedule=False, spectral_blend=False, global_rope="native"):
+    """A plan written by hand, not by the planner: the worker's dual-scope attention must be right on
+    any split check_plan accepts, including those the planner never makes (a clip shorter than the
+    halo, a short first clip), and at options set one by one against the dense reference."""
     opts = pb.ClipParallelOptions(local_halo=halo, global_frames=num_global, global_phase=global_phase,
                                   noise_reschedule=noise_reschedule, spectral_blend=spectral_blend,
                                   global_rope=global_rope, phase_bias=bias, entropy_scaling=entropy)
@@ -150,7 +153,7 @@ def _core_rank(mesh):
         start, end = clips[rank]
         sizes = [e - s for s, e in clips]
         for ci, (halo, g, t, entropy, chunk, rekey, blend) in enumerate(CONFIGS):
-            core = DualScope(mesh, make_plan(clips, halo, g, entropy=entropy, spectral_blend=blend), rank, NATIVE,
+            core = DualScope(mesh, hand_plan(clips, halo, g, entropy=entropy, spectral_blend=blend), rank, NATIVE,
                              CORE_TIMESTEPS, chunk_frames=chunk)
             core.begin_step(t)
             res = core.attend(q[:, start:end], k[:, start:end], v[:, start:end],
@@ -254,7 +257,7 @@ def e2e_plan(world_size, policy=DEFAULT_POLICY, blend=False):
     req = pb.SubmitJobRequest(prompt="a paper boat on a river", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-wan", strategy="clip_parallel", num_workers=world_size)
-    return make_plan(E2E_SPLITS[world_size], HALO, GLOBAL, GLOBAL_PHASE, BIAS, entropy=False, request=req, name="cpe2e",
+    return hand_plan(E2E_SPLITS[world_size], HALO, GLOBAL, GLOBAL_PHASE, BIAS, entropy=False, request=req, name="cpe2e",
                      global_rope=policy, spectral_blend=blend)
 
 
@@ -372,9 +375,10 @@ def _e2e_rank(mesh, folder, blend=False):
     from clipmesh.worker.adapters import load_adapter
     from clipmesh.worker.render import denoise
     from clipmesh.worker.strategies import clip_parallel
-    clip_parallel.native_frames = lambda model, plan: E2E_NATIVE  # this process only
-    model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(mesh.world_size, blend=blend)
-    return denoise(model, plan, mesh.rank, mesh).numpy()
+    # undone after: the rank processes are pooled, and a later test's rank must see the real one
+    with mock.patch.object(clip_parallel, "native_frames", lambda model, plan: E2E_NATIVE):
+        model, plan = load_adapter(folder, "cpu", torch.float32), e2e_plan(mesh.world_size, blend=blend)
+        return denoise(model, plan, mesh.rank, mesh).numpy()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -444,7 +448,7 @@ def test_global_frame_indices_properties():
             for clips in (split_clips(f, n), [(0, 1)] + [(a + 1, b + 1) for a, b in split_clips(f - 1, n - 1)] if n > 1 else []):
                 if not clips:
                     continue
-                plan = make_plan(clips, 2, g)
+                plan = hand_plan(clips, 2, g)
                 cores = [DualScope(None, plan, r, native_frames=21) for r in range(n)]
                 got = [c.start + i for c in cores for i in c.owned_global]
                 assert got == want and [c.global_counts for c in cores] == [cores[0].global_counts] * n
@@ -471,7 +475,7 @@ def test_without_the_log_sum_exp_kernel_the_result_is_the_same(blend):
     for halo, g, t, entropy, chunk, rekey, _ in CONFIGS:
         runs = []
         for with_lse in (True, False):
-            core = dual_scope.DualScope(_OneRank(), make_plan([(0, F_CORE)], halo, g, entropy=entropy,
+            core = dual_scope.DualScope(_OneRank(), hand_plan([(0, F_CORE)], halo, g, entropy=entropy,
                                                               spectral_blend=blend), 0, NATIVE, CORE_TIMESTEPS,
                                         chunk_frames=chunk)
             core.begin_step(t)

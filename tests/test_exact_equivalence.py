@@ -18,6 +18,7 @@ import torch
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from conftest import planned
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 17, 64, 3, 5.0, 1234
@@ -29,10 +30,7 @@ def _plan(world_size: int, name: str = "equiv") -> pb.RenderPlan:
     req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-wan", strategy="exact", num_workers=world_size)
-    clips = [pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)]
-    return pb.RenderPlan(request=req, strategy="exact", world_size=world_size, num_latent_frames=LATENT,
-                         clips=clips, start_step=0, group_name=f"{name}-{world_size}",
-                         timeout_seconds=60)
+    return planned(req, world_size, f"{name}-{world_size}")
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_dual_scope_on_cudas_log_sum_exp_kernels_equals_its_concat_path(dtype, t
     from unittest import mock
 
     from clipmesh.worker.strategies import dual_scope
-    from test_clip_parallel_wan import CONFIGS, CORE_TIMESTEPS, F_CORE, NATIVE, _OneRank, core_inputs, make_plan
+    from test_clip_parallel_wan import CONFIGS, CORE_TIMESTEPS, F_CORE, NATIVE, _OneRank, core_inputs, hand_plan
 
     q, k, v = (x.to("cuda:0", dtype) for x in core_inputs())
     assert dual_scope._lse_kernel(q) == ("efficient" if dtype == torch.float32 else "flash")
@@ -71,7 +71,7 @@ def test_dual_scope_on_cudas_log_sum_exp_kernels_equals_its_concat_path(dtype, t
             continue
         runs = []
         for with_lse in (True, False):
-            core = dual_scope.DualScope(_OneRank(), make_plan([(0, F_CORE)], halo, g, entropy=entropy), 0, NATIVE,
+            core = dual_scope.DualScope(_OneRank(), hand_plan([(0, F_CORE)], halo, g, entropy=entropy), 0, NATIVE,
                                         CORE_TIMESTEPS, chunk_frames=chunk)
             core.begin_step(t)
             with mock.patch.object(dual_scope, "_has_lse_attention", lambda q: with_lse):

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from clipmesh import presets
-from clipmesh.coordinator.planner import make_plan
 from clipmesh.v1 import clipmesh_pb2 as pb
+from conftest import planned
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 CHUNKS = (0, 2, 3, 7, 0)  # 0 twice: the model is restored after the sliced jobs
@@ -46,9 +46,7 @@ def _plan(name: str, strategy: str, world_size: int, chunks: int, frames=None, s
                               height=side or s, width=side or s, num_inference_steps=steps, guidance_scale=GUIDANCE,
                               seed=SEED, model=name, strategy=strategy, num_workers=world_size, fps=8,
                               savers=pb.SaverOptions(slice_chunks=chunks), **OPTIONS.get(strategy, {}))
-    members = [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)]
-    plan = make_plan(pb.Job(id=f"slice-{strategy}-{chunks}", request=req), members,
-                     pb.ModelInfo(**presets.model_limits(name)), 60)
+    plan = planned(req, world_size, f"slice-{strategy}-{chunks}")
     assert plan.strategy == strategy and plan.savers.slice_chunks == chunks
     return plan
 

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from clipmesh import presets
-from clipmesh.coordinator.planner import make_plan
 from clipmesh.specs import SpecError
 from clipmesh.v1 import clipmesh_pb2 as pb
+from conftest import planned
 from ranks import run_ranks
 
 TOL = 1e-5
@@ -49,9 +49,7 @@ def _plan(name: str, strategy: str, world_size: int, cache: str) -> pb.RenderPla
                               width=side, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, model=name,
                               strategy=strategy, num_workers=world_size, fps=8, savers=savers,
                               **OPTIONS.get(strategy, {}))
-    members = [pb.WorkerInfo(id=f"w{r}", speed=1.0) for r in range(world_size)]
-    return make_plan(pb.Job(id=f"cache-{strategy}-{world_size}", request=req), members,
-                     pb.ModelInfo(**presets.model_limits(name)), 60)
+    return planned(req, world_size, f"cache-{strategy}-{world_size}")
 
 
 def _probes(model):

@@ -16,6 +16,7 @@ from clipmesh import presets
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from conftest import planned
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED, HEADS = 17, 32, 3, 5.0, 77, 6
@@ -27,9 +28,7 @@ def _plan(folder: str, world_size: int) -> pb.RenderPlan:
     req = pb.SubmitJobRequest(prompt="a heron over a lake", negative_prompt="blurry", num_frames=FRAMES, height=SIDE,
                               width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, model=folder, fps=8,
                               strategy="ulysses", num_workers=world_size)
-    clips = [pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)]
-    return pb.RenderPlan(request=req, strategy="ulysses", world_size=world_size, num_latent_frames=LATENT, clips=clips,
-                         start_step=0, group_name=f"ulysses-{world_size}", timeout_seconds=60)
+    return planned(req, world_size, f"ulysses-{world_size}")
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,13 @@ import torch
 from clipmesh.plan import num_latent_frames, split_clips
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
+from conftest import planned
 from ranks import run_ranks, single_thread_model, solo_mesh
 
 FRAMES, SIDE, STEPS, GUIDANCE, SEED = 9, 64, 3, 9.0, 4321
 LATENT = num_latent_frames(FRAMES, 1)
 CLIPS = {1: [(0, 9)], 2: split_clips(LATENT, 2), 3: [(0, 2), (2, 3), (3, 9)]}
+SPEEDS = {1: None, 2: None, 3: [2.0, 1.0, 6.0]}  # the planner splits by speed: 3 ranks uneven
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -43,10 +45,9 @@ def _plan(world_size: int, name: str = "unet3d") -> pb.RenderPlan:
     req = pb.SubmitJobRequest(prompt="a lighthouse at dusk", negative_prompt="blurry", num_frames=FRAMES,
                               height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
                               model="tiny-unet3d", strategy="exact", num_workers=world_size)
-    clips = [pb.ClipRange(start=s, end=e) for s, e in CLIPS[world_size]]
-    return pb.RenderPlan(request=req, strategy="exact", world_size=world_size, num_latent_frames=LATENT,
-                         clips=clips, start_step=0, group_name=f"{name}-{world_size}",
-                         timeout_seconds=60)
+    plan = planned(req, world_size, f"{name}-{world_size}", speeds=SPEEDS[world_size])
+    assert [(c.start, c.end) for c in plan.clips] == CLIPS[world_size]
+    return plan
 
 
 @pytest.fixture(scope="module")

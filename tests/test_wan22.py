@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from clipmesh import presets
-from clipmesh.plan import num_latent_frames, split_clips
+from clipmesh.plan import num_latent_frames
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.noise import initial_noise
 from conftest import planned, wait_until
@@ -38,20 +38,12 @@ def _request(world_size: int, strategy: str, frames: int = FRAMES) -> pb.SubmitJ
 
 def _plan(world_size: int, strategy: str, guidance_2: float | None = GUIDANCE_2, start_step: int = 0,
           every: int = 0) -> pb.RenderPlan:
-    from clipmesh import specs
-
     req = _request(world_size, strategy)
     req.ClearField("guidance_scale_2")
     if guidance_2 is not None:
         req.guidance_scale_2 = guidance_2
-    info = pb.ModelInfo(**presets.model_limits(MODEL))
-    clips = [pb.ClipRange(start=s, end=e) for s, e in split_clips(LATENT, world_size)]
-    plan = pb.RenderPlan(request=req, strategy=strategy, world_size=world_size, num_latent_frames=LATENT,
-                         clips=clips, start_step=start_step, group_name=f"wan22-{strategy}-{world_size}",
-                         timeout_seconds=60, checkpoint_every=every)
-    if strategy == "clip_parallel":
-        plan.clip_parallel.CopyFrom(specs.resolve_options(specs.STRATEGY_SPECS[strategy], req, info))
-    return plan
+    req.checkpoint_every = every
+    return planned(req, world_size, f"wan22-{strategy}-{world_size}", start_step=start_step)
 
 
 @pytest.fixture(scope="module")
