@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="worker id (default: host-device-pid)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--speed", type=float, default=0.0,
-                   help="speed figure to report instead of measuring one (clip lengths follow it)")
+                   help="latent pixels per second to report instead of measuring them (clip lengths follow "
+                        "the workers' ratios; equal figures give equal clips)")
     p.add_argument("--token", default=os.environ.get("CLIPMESH_WORKER_TOKEN", ""),
                    help="a worker token of the coordinator (env CLIPMESH_WORKER_TOKEN)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
