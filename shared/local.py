@@ -85,22 +85,26 @@ class LocalCluster:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """SIGTERM everything, then SIGKILL what is still alive: no process is left behind."""
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([proc for _, proc in self.procs])
 
     def __exit__(self, *exc) -> None:
         if hasattr(self, "client"):
             self.client.close()
         self.stop()
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 15) -> None:
+    """SIGTERM every one, then SIGKILL what is still alive after `grace_s`: none is left behind."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _keep_stream(client, job_id: str, output: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 # `import clipmesh` turns gRPC's fork handlers off (shared/__init__.py): the tests fork ffmpeg too
 from clipmesh import presets
 from clipmesh.client import Client
+from clipmesh.local import stop_processes
 from clipmesh.v1 import clipmesh_pb2 as pb
 
 # Modules of fast unit tests (no daemon, no rank process, no model): `pytest -m unit` runs them
@@ -68,15 +68,7 @@ class Daemons:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.tmp.glob("*.log"))
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
 
 def planned(req: pb.SubmitJobRequest, world_size: int, job_id: str, speeds=None, **fields) -> pb.RenderPlan:

@@ -113,6 +113,4 @@ class AnimateDiffAdapter(ModelAdapter):
         """Latents [1, C, F, h, w] -> uint8 frames [F, H, W, 3]: the pipeline's own decode_latents
         (DECODE_CHUNK frames per VAE call, its default) and postprocess."""
         vae = self.pipe.vae
-        video = self.pipe.decode_latents(latents.to(vae.device, vae.dtype), DECODE_CHUNK)
-        frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
-        return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
+        return self.to_uint8(self.pipe.decode_latents(latents.to(vae.device, vae.dtype), DECODE_CHUNK))

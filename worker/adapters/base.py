@@ -235,6 +235,12 @@ class ModelAdapter:
         """Latents [1, C, F, h, w] -> uint8 frames [N, H, W, 3]."""
         raise NotImplementedError
 
+    def to_uint8(self, video: torch.Tensor) -> np.ndarray:
+        """The VAE's video [1, 3, N, H, W] in [-1, 1] -> uint8 frames [N, H, W, 3], through the
+        pipeline's own postprocess (what its output_type="np" gives, rounded)."""
+        frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
+        return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
+
     # Latent frames before a clip that an exact decode of the clip needs (a causal VAE's warm-up);
     # 0: the VAE decodes frame by frame, so a clip decodes alone.
     decode_lookback = 0

@@ -290,6 +290,4 @@ class UNet3DAdapter(ModelAdapter):
         b, c, f, h, w = latents.shape
         images = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         decoded = torch.cat([vae.decode(images[i:i + DECODE_CHUNK]).sample for i in range(0, b * f, DECODE_CHUNK)])
-        video = decoded.reshape((b, f) + decoded.shape[1:]).permute(0, 2, 1, 3, 4).float()
-        frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
-        return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
+        return self.to_uint8(decoded.reshape((b, f) + decoded.shape[1:]).permute(0, 2, 1, 3, 4).float())

@@ -297,10 +297,6 @@ class WanAdapter(ModelAdapter):
         mean, inv_std = self._latent_stats(latents)
         return latents / inv_std + mean
 
-    def to_uint8(self, video: torch.Tensor) -> np.ndarray:
-        frames = self.pipe.video_processor.postprocess_video(video, output_type="np")[0]  # float in [0, 1]
-        return (frames * 255.0).round().clip(0, 255).astype(np.uint8)
-
 
 class FirstFrame:
     """A TI2V job's image: the part of frames that start the video holds latent frame 0 at it."""
