@@ -143,7 +143,7 @@ class Jobs:
             plan, members = last
             video = self._recovered_video(job)
             self._book(job.id).active = ActiveJob(plan=plan, members=members, pending=set(members), video=video,
-                                            adopt_by=time.monotonic() + grace_s)
+                                                  adopt_by=time.monotonic() + grace_s)
             self.store.append_event(pb.JobEvent(job_id=job.id, state=pb.StateChange(
                 state=pb.RUNNING, detail=f"coordinator restarted; waiting {grace_s:g}s for {', '.join(members)} "
                                          f"to re-attach with attempt {plan.attempt}")))
