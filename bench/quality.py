@@ -278,6 +278,7 @@ def strip(rows: list[Row], path: Path, per_part: int = 3) -> None:
 
 
 def main() -> int:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     ap.add_argument("--lengths", default="1,4,8,15", help="multiples of the native length (17 frames)")
@@ -289,7 +290,9 @@ def main() -> int:
     ap.add_argument("--output", type=Path, default=DOCS / "quality.md")
     ap.add_argument("--strip", default=str(DOCS / "quality-strip.png"),
                     help="the strip of frames of the longest videos ('' for none)")
+    ap.add_argument("--model", default=MODEL, help="toy-wan, or a folder of retrained toy-wan weights to judge")
     args = ap.parse_args()
+    MODEL = args.model  # every row's jobs and the VAE ceiling read it
 
     from clipmesh import presets
     from clipmesh.local import LocalCluster

@@ -77,7 +77,12 @@ def clips(rng: np.random.Generator, n: int, frames: int) -> tuple[list[toyworld.
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[n, 3, F, H, W] in [-1, 1] -> uint8 [n, F, H, W, 3]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def pick_device(name: str) -> torch.device:
+    """--device: "auto" trains on the GPU where there is one (minutes there, CPU-hours here)."""
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
 def warmup_cosine(opt, steps: int, warmup: int, floor: float):
@@ -89,14 +94,14 @@ def warmup_cosine(opt, steps: int, warmup: int, floor: float):
 
 
 def foreground_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    background = torch.tensor(toyworld.BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1, 1) / 127.5 - 1
+    background = torch.tensor(toyworld.BACKGROUND, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1) / 127.5 - 1
     weight = 1 + 20 * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
     err = out - x
     return (weight * (err.abs() + err ** 2)).mean() / weight.mean()
 
 
 def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: int = 5, lr: float = 1e-3,
-              resume: bool = False, init: pathlib.Path | None = None) -> None:
+              resume: bool = False, init: pathlib.Path | None = None, device=torch.device("cpu")) -> None:
     """One stage of VAE training on `frames`-frame clips; `resume`: from the last stage's weights
     (its curve and stages kept in vae_loss.json); else from `init`'s weights (a VAE folder: a
     fine-tune, its curve begun afresh) or from scratch."""
@@ -105,12 +110,13 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 10 * resume)
     vae = (AutoencoderKLWan.from_pretrained(out / "vae") if resume else
-           AutoencoderKLWan.from_pretrained(init) if init else AutoencoderKLWan(**VAE_CONFIG))
+           AutoencoderKLWan.from_pretrained(init) if init else AutoencoderKLWan(**VAE_CONFIG)).to(device)
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = warmup_cosine(opt, steps, warmup=20 if resume or init else 50, floor=0.1)
     past = json.loads((out / "vae_loss.json").read_text()) if resume else dict(loss=[], seconds=0.0, stages=[])
     _, held_out = clips(np.random.default_rng(seed + 99), 4, frames)  # the same clips before and after
+    held_out = held_out.to(device)
 
     def held_out_loss() -> float:
         with torch.no_grad():
@@ -119,6 +125,7 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: 
     before, curve, t0 = held_out_loss(), [], time.time()
     for step in range(steps):
         _, x = clips(rng, batch, frames)
+        x = x.to(device)
         loss = foreground_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
         opt.zero_grad()
         loss.backward()
@@ -129,20 +136,23 @@ def train_vae(out: pathlib.Path, steps: int, seed: int, batch: int = 4, frames: 
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} ({frames} frames) loss {np.mean(curve[-50:]):.4f} ({time.time() - t0:.0f} s)")
     seconds = time.time() - t0
-    vae.eval().save_pretrained(out / "vae")
+    vae.eval()
+    after = held_out_loss()
+    vae.cpu().save_pretrained(out / "vae")
     past["stages"].append(dict(steps=steps, frames=frames, batch=batch, lr=lr, seconds=seconds,
-                               held_out=[before, held_out_loss()], **({"from": str(init)} if init else {})))
+                               held_out=[before, after], **({"from": str(init)} if init else {})))
     log(f"vae stage: held-out loss {past['stages'][-1]['held_out'][0]:.4f} -> {past['stages'][-1]['held_out'][1]:.4f}")
     (out / "vae_loss.json").write_text(json.dumps(dict(loss=past["loss"] + curve, seconds=past["seconds"] + seconds,
                                                        stages=past["stages"])))
 
 
-def check_vae(out: pathlib.Path, seed: int, n: int = 24) -> dict:
+def check_vae(out: pathlib.Path, seed: int, n: int = 24, device=torch.device("cpu")) -> dict:
     """The detector's reading of reconstructed 17-frame clips; raises if it cannot read the prompt."""
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(out / "vae").eval()
+    vae = AutoencoderKLWan.from_pretrained(out / "vae").eval().to(device)
     scenes, x = clips(np.random.default_rng(seed + 1), n, FRAMES)
+    x = x.to(device)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
         decoded = vae.decode(z).sample
@@ -196,24 +206,24 @@ def embed(prompts: list[str], text_encoder, tokenizer) -> torch.Tensor:
                                        max_sequence_length=text_length(tokenizer), device="cpu")[0]
 
 
-def make_latents(out: pathlib.Path, n: int, seed: int) -> None:
+def make_latents(out: pathlib.Path, n: int, seed: int, device=torch.device("cpu")) -> None:
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(out / "vae").eval()
+    vae = AutoencoderKLWan.from_pretrained(out / "vae").eval().to(device)
     text_encoder, tokenizer = text_encoder_and_tokenizer(seed)
     rng = np.random.default_rng(seed + 2)
     latents, prompts, t0 = [], [], time.time()
     with torch.no_grad():
         for start in range(0, n, 16):
             scenes, x = clips(rng, min(16, n - start), FRAMES)
-            latents.append(vae.encode(x).latent_dist.mode())
+            latents.append(vae.encode(x.to(device)).latent_dist.mode().cpu())
             prompts += [s.prompt for s in scenes]
             if start % 256 == 0:
                 log(f"latents {start}/{n} ({time.time() - t0:.0f} s)")
     latents = torch.cat(latents)
     mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    vae.save_pretrained(out / "vae")
+    vae.cpu().save_pretrained(out / "vae")
     vocabulary = sorted(set(prompts)) + [""]
     torch.save(dict(latents=(latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1),
                     prompt_index=torch.tensor([vocabulary.index(p) for p in prompts]),
@@ -224,15 +234,15 @@ def make_latents(out: pathlib.Path, n: int, seed: int) -> None:
 
 
 def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: float = 1e-3,
-                      init: pathlib.Path | None = None) -> None:
+                      init: pathlib.Path | None = None, device=torch.device("cpu")) -> None:
     """Flow matching from scratch, or from `init`'s weights (a transformer folder: a fine-tune)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     data = torch.load(out / "latents.pt")
-    latents, index, embeddings = data["latents"], data["prompt_index"], data["embeddings"]
+    latents, index, embeddings = (data[k].to(device) for k in ("latents", "prompt_index", "embeddings"))
     empty = len(data["vocabulary"]) - 1
-    model = WanTransformer3DModel.from_pretrained(init) if init else WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    model = (WanTransformer3DModel.from_pretrained(init) if init else WanTransformer3DModel(**TRANSFORMER_CONFIG)).to(device)
     model.train()
     log(f"transformer {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{latents.shape[0]} clips" + (f", from {init}" if init else ""))
@@ -241,9 +251,9 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: 
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # a fixed batch (clips, prompts, noise, sigmas over the whole range), before and after
     g = torch.Generator().manual_seed(seed + 99)
-    fixed = torch.arange(min(16, len(latents)))
-    fixed_sigma = torch.linspace(0.05, 0.95, len(fixed))
-    fixed_noise = torch.randn(latents[fixed].shape, generator=g)
+    fixed = torch.arange(min(16, len(latents)), device=device)
+    fixed_sigma = torch.linspace(0.05, 0.95, len(fixed), device=device)
+    fixed_noise = torch.randn(latents[fixed].shape, generator=g).to(device)
 
     def fixed_loss() -> float:
         s = fixed_sigma.view(-1, 1, 1, 1, 1)
@@ -254,10 +264,10 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: 
 
     before, curve, t0 = fixed_loss(), [], time.time()
     for step in range(steps):
-        pick = torch.randint(len(latents), (batch,))
+        pick = torch.randint(len(latents), (batch,)).to(device)
         x0 = latents[pick]
-        cond = torch.where(torch.rand(batch) < 0.1, torch.full((batch,), empty), index[pick])
-        u = torch.rand(batch)
+        cond = torch.where(torch.rand(batch).to(device) < 0.1, torch.full((batch,), empty, device=device), index[pick])
+        u = torch.rand(batch).to(device)
         sigma = SHIFT * u / (1 + (SHIFT - 1) * u)  # the scheduler's shifted sigmas
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -280,7 +290,7 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: 
     model.load_state_dict(ema)
     fixed_after = fixed_loss()
     log(f"transformer: loss on a fixed batch {before:.4f} -> {fixed_after:.4f} (EMA weights)")
-    model.eval().save_pretrained(out / "transformer")
+    model.eval().cpu().save_pretrained(out / "transformer")
     (out / "transformer_loss.json").write_text(json.dumps(dict(loss=curve, seconds=seconds, batch=batch, lr=lr,
                                                                fixed_batch=[before, fixed_after],
                                                                **({"from": str(init)} if init else {}))))
@@ -379,7 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--export", type=pathlib.Path, default=presets.TRAINED_ROOT / "toy-wan")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA where there is one, else the CPU), cpu, cuda, cuda:1")
     args = ap.parse_args(argv)
+    device = pick_device(args.device)
+    log(f"training on {device}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -390,14 +403,14 @@ def main(argv: list[str] | None = None) -> None:
             if number >= args.vae_from_stage:
                 first = number == args.vae_from_stage and args.vae_from is not None  # a fine-tune's first stage
                 train_vae(args.out, int(steps), args.seed, int(batch), int(frames), float(lr),
-                          resume=number > 1 and not first, init=args.vae_from if first else None)
+                          resume=number > 1 and not first, init=args.vae_from if first else None, device=device)
     if run("vae-check"):
-        check_vae(args.out, args.seed)
+        check_vae(args.out, args.seed, device=device)
     if run("latents"):
-        make_latents(args.out, args.clips, args.seed)
+        make_latents(args.out, args.clips, args.seed, device)
     if run("transformer"):
         train_transformer(args.out, args.transformer_steps, args.batch, args.seed, args.transformer_lr,
-                          args.transformer_from)
+                          args.transformer_from, device)
     if run("export"):
         export(args.out, args.export, args.seed)
     if run("report"):
