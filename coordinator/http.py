@@ -111,10 +111,9 @@ def _image_bytes(reference) -> bytes:
                                              "URLs are not fetched")
 
 
-def video_object(job: pb.Job, progress: tuple[float, int] = (0.0, 0)) -> dict:
-    """A Job as OpenAI's Video, with clipmesh's own facts under "clipmesh" (`progress`: the core's
-    share done and frames in the video so far)."""
-    progress, frames = progress
+def video_object(job: pb.Job, progress: float = 0.0, frames: int = 0) -> dict:
+    """A Job as OpenAI's Video, with clipmesh's own facts under "clipmesh" (`progress`, `frames`:
+    the core's share done and frames in the video so far, CoordinatorCore.progress)."""
     r = job.request
     seconds = (r.num_frames / r.fps) if r.fps and r.num_frames else 0.0
     error = {"code": "job_failed" if job.state == pb.FAILED else "job_cancelled", "message": job.error} \
@@ -239,13 +238,13 @@ class Gateway:
             ids = [j.id for j in jobs]
             jobs = jobs[ids.index(after) + 1:] if after in ids else []
         page = jobs[:limit]
-        data = [video_object(j, self.core.progress(j)) for j in page]
+        data = [video_object(j, *self.core.progress(j)) for j in page]
         return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                                   "last_id": data[-1]["id"] if data else None, "has_more": len(jobs) > limit})
 
     async def retrieve(self, request: web.Request) -> web.Response:
         _, job = self.visible(request)
-        return web.json_response(video_object(job, self.core.progress(job)))
+        return web.json_response(video_object(job, *self.core.progress(job)))
 
     async def delete(self, request: web.Request) -> web.Response:
         who, job = self.visible(request)
@@ -255,7 +254,7 @@ class Gateway:
     async def cancel(self, request: web.Request) -> web.Response:
         who, job = self.visible(request)
         job = await self.core.cancel(job.id, who)
-        return web.json_response(video_object(job, self.core.progress(job)))
+        return web.json_response(video_object(job, *self.core.progress(job)))
 
     async def workers(self, request: web.Request) -> web.Response:
         self.caller(request)

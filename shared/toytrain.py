@@ -82,7 +82,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def pick_device(name: str) -> torch.device:
     """--device: "auto" trains on the GPU where there is one (minutes there, CPU-hours here)."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def warmup_cosine(opt, steps: int, warmup: int, floor: float):
