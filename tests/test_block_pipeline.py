@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -252,3 +254,42 @@ def test_streamed_frames_are_the_whole_video(model, frames, block):
     assert streamed.shape[0] == frames
     whole = torch.from_numpy(model.decode(torch.cat(blocks, dim=2)))
     assert torch.equal(streamed, whole)
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_stopped_job_drops_the_blocks_still_waiting_to_be_decoded(model, stopped):
+    """The decode thread holds one block (its frames' hand-off waits) while two more wait in its
+    queue. finish() decodes all three; abandon() (the job stopped: the coordinator refuses the
+    attempt's later frames) ends after the block in hand and drops the two, so a cancelled
+    endless job frees its workers at once instead of decoding a backlog nobody keeps."""
+    import threading
+
+    from clipmesh.worker.job import FinishedLatents, Job
+    from clipmesh.worker.render import Decoder
+
+    plan = _plan(1, 13, 1, 0, steps=1)
+    channels, h, w = model.latent_shape(SIDE, SIDE)
+    latents = torch.randn(1, channels, 4, h, w, generator=torch.Generator().manual_seed(0))
+    entered, gate, firsts = threading.Event(), threading.Event(), []
+
+    def on_frames(piece):
+        firsts.append(piece.first_frame)
+        entered.set()
+        assert gate.wait(30)
+
+    with solo_mesh(f"abandon-{stopped}") as mesh:
+        decoder = Decoder(Job(model, plan, 0, mesh), on_frames, background=True)
+        decoder.add(FinishedLatents(0, 2, latents[:, :, :2]))
+        assert entered.wait(30)                       # the first block is in the thread's hands
+        decoder.add(FinishedLatents(2, 3, latents[:, :, 2:3]))
+        decoder.add(FinishedLatents(3, 4, latents[:, :, 3:4]))
+        ending = threading.Thread(target=decoder.abandon if stopped else decoder.finish)
+        ending.start()
+        if stopped:                                   # whatever the thread takes next, it must drop
+            while not decoder.abandoned:
+                time.sleep(0.01)
+        gate.set()
+        ending.join(30)
+    assert not ending.is_alive()
+    # the first block's frames, then (finish only) one piece per latent frame of the other two
+    assert firsts == ([0] if stopped else [0, 5, 9]), firsts

@@ -25,6 +25,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from clipmesh import specs
 from clipmesh.auth import TLS
 from clipmesh.worker import metrics
@@ -182,9 +184,13 @@ class WorkerDaemon:
             uploads: list[asyncio.Future] = []
             try:
                 await asyncio.to_thread(self._render, ctx, rdv, store, uploads, resume)
-            finally:  # what was rendered is delivered, also when the job stops early
+            finally:  # the uploads begun are awaited, also when the job stops early
                 for upload in uploads:
-                    await asyncio.wrap_future(upload)
+                    try:
+                        await asyncio.wrap_future(upload)
+                    except (grpc.aio.AioRpcError, ConnectionError):
+                        if not ctx.cancel.is_set():
+                            raise  # stopped: the coordinator refuses the attempt's late frames, or is gone
             result.outcome = pb.JOB_OUTCOME_DONE
         except mesh.MeshAborted:
             result.outcome, result.error = pb.JOB_OUTCOME_ABORTED, "aborted: a member of the job was lost"

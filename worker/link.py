@@ -133,6 +133,17 @@ class CoordinatorLink:
             await asyncio.sleep(RECONNECT_SECONDS)
         return False
 
+    async def _session(self) -> bool:
+        """Waits for an attach session; False if the worker stops first (no session will come:
+        a stopping daemon would otherwise wait out its grace on every upload still queued)."""
+        if self.attached.is_set():
+            return True
+        waits = [asyncio.create_task(self.attached.wait()), asyncio.create_task(self.stopping.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        return self.attached.is_set()
+
     def _session_metadata(self) -> tuple[tuple[str, str], ...]:
         """A call on behalf of the current attach session (read at each try: a re-attach makes a new one)."""
         return (*metadata(self.token), (SESSION_HEADER, self.session_key))
@@ -142,7 +153,8 @@ class CoordinatorLink:
         once attached, for at most UPLOAD_RETRY_S."""
         deadline = time.monotonic() + UPLOAD_RETRY_S
         while True:
-            await self.attached.wait()
+            if not await self._session():
+                raise ConnectionError(f"{what}: not sent, the worker is stopping")
             key = self.session_key
             try:
                 return await call(pb_grpc.WorkerGatewayStub(self.channel))

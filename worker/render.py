@@ -81,16 +81,11 @@ def run(job: Job, on_step: Callable[[StepReport], None] | None = None, should_st
         done = 0
         while True:
             if schedule.agree_stop(bool(should_stop and should_stop())):
-                _deliver(schedule, on_finished)  # a stopped job keeps what it finished
                 raise Cancelled(f"cancelled after {done} steps")
             mesh.take_stats()  # the unit's traffic starts here (the cancel vote is not the unit's)
             memory.reset()
             began = time.perf_counter()
-            try:
-                work = schedule.next()
-            except Cancelled:
-                _deliver(schedule, on_finished)
-                raise
+            work = schedule.next()
             if work is None:
                 break
             if work.fresh:
@@ -148,6 +143,7 @@ class Decoder:
         self.stream, self.stream_end = None, None
         self.queue: queue.Queue | None = queue.Queue(self.BACKLOG) if background else None
         self.error: BaseException | None = None
+        self.abandoned = False
         if background:
             self.thread = threading.Thread(target=self._drain, name="clipmesh-decode", daemon=True)
             self.thread.start()
@@ -168,10 +164,25 @@ class Decoder:
             if self.error is not None:
                 raise self.error
 
+    def abandon(self) -> None:
+        """The job stopped: the pieces still waiting are dropped, not decoded (the attempt is
+        over, so the coordinator would refuse their frames); the thread ends after the piece it
+        is decoding. A cancelled endless job frees its workers at once, not after its backlog."""
+        self.abandoned = True
+        if self.queue is not None:
+            while True:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            self.queue.put(None)
+            self.thread.join()
+            self.queue = None
+
     def _drain(self) -> None:
         while (piece := self.queue.get()) is not None:
             try:
-                if self.error is None:
+                if self.error is None and not self.abandoned:
                     self._decode(piece)
             except BaseException as exc:  # handed to the render thread at its next add/finish
                 self.error = exc
@@ -216,6 +227,9 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
 
     try:
         run(job, on_step, should_stop, finished, resume, on_checkpoint)
-    finally:  # what was handed to the decoder is decoded (and uploaded), also when the job stops
+    except BaseException:  # stopped, failed or aborted: this attempt's later frames are refused
         if decoder:
-            decoder.finish()
+            decoder.abandon()
+        raise
+    if decoder:
+        decoder.finish()
