@@ -233,7 +233,37 @@ def test_unet3d_branches_and_shards_equal_one_process():
             assert restored and (during[0] < whole[0] * 0.6 if shard else during == whole)
 
 
-def test_a_mesh_through_real_daemons_the_sdk_and_the_cli(daemons, tmp_path):
+MESH_WORKERS = [f"m{r}" for r in range(4)]
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    """A coordinator (with the Videos API; a short heartbeat timeout, so a killed worker is lost
+    soon) and 4 workers, shared by the two daemon tests (one start of 4 workers, not two)."""
+    from conftest import Daemons, wait_until
+
+    farm = Daemons(tmp_path_factory.mktemp("four"))
+    farm.port_file = farm.tmp / "http.port"
+    farm.coordinator("--http", "127.0.0.1:0", "--http-port-file", str(farm.port_file),
+                     "--heartbeat-timeout", "4", "--collective-timeout", "60")
+    farm.workers = {name: farm.worker(name) for name in MESH_WORKERS}
+    wait_until(farm.port_file.exists, 30, "the HTTP port", farm)
+    yield farm
+    farm.stop()
+
+
+def _whole(farm):
+    """Every one of the 4 workers alive and idle (a test that killed one leaves it dead), and a client."""
+    client = farm.client()
+    for name, proc in farm.workers.items():
+        if proc.poll() is not None:
+            farm.procs.remove(proc)
+            farm.workers[name] = farm.worker(name)
+    farm.wait_idle(client, set(MESH_WORKERS))
+    return client
+
+
+def test_a_mesh_through_real_daemons_the_sdk_and_the_cli(four, tmp_path):
     """A coordinator (with the Videos API) and 4 workers: the openai SDK asks cfg_parallel and
     shard_weights as extra fields; the job runs on cfg 2 x 2 sharded ranks, says so in its
     RUNNING event, every rank reports its steps, and its video equals the plain 2-worker job's
@@ -245,22 +275,15 @@ def test_a_mesh_through_real_daemons_the_sdk_and_the_cli(daemons, tmp_path):
     from conftest import TOKEN, wait_until
     from test_generate import run_cli
 
-    port_file = tmp_path / "http.port"
-    daemons.coordinator("--http", "127.0.0.1:0", "--http-port-file", str(port_file))
-    names = {f"m{r}" for r in range(4)}
-    for name in sorted(names):
-        daemons.worker(name)
-    wait_until(port_file.exists, 30, "the HTTP port", daemons)
-    client = daemons.client()
-    daemons.wait_idle(client, names)
-    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port_file.read_text()}/v1", api_key=TOKEN, max_retries=0)
+    client = _whole(four)
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{four.port_file.read_text()}/v1", api_key=TOKEN, max_retries=0)
     common = dict(num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=5, height=32, width=32)
     plain = client.submit("a fox in the snow", num_workers=2, **common)
     meshed = sdk.videos.create(prompt="a fox in the snow", model="tiny-wan", size="32x32", extra_body={
         "num_frames": 9, "steps": 3, "guidance": 5.0, "seed": 5, "workers": 4,
         "cfg_parallel": True, "shard_weights": "true"})
     for job_id in (plain.id, meshed.id):
-        wait_until(lambda: client.get(job_id).state in (pb.SUCCEEDED, pb.FAILED), 180, f"job {job_id}", daemons)
+        wait_until(lambda: client.get(job_id).state in (pb.SUCCEEDED, pb.FAILED), 180, f"job {job_id}", four)
         assert client.get(job_id).state == pb.SUCCEEDED, client.get(job_id).error
     events = list(client.watch(meshed.id))
     running = next(e.state.detail for e in events if e.HasField("state") and e.state.state == pb.RUNNING)
@@ -280,13 +303,13 @@ def test_a_mesh_through_real_daemons_the_sdk_and_the_cli(daemons, tmp_path):
         sdk.videos.create(prompt="a cat", model="tiny-wan", size="32x32",
                           extra_body={"num_frames": 9, "workers": 3, "cfg_parallel": True})
     assert err.value.body["param"] == "num_workers" and "even" in err.value.body["message"]
-    proc = run_cli(["submit", "a cat", "--address", daemons.address, "--token", TOKEN, "--frames", "9",
+    proc = run_cli(["submit", "a cat", "--address", four.address, "--token", TOKEN, "--frames", "9",
                     "--guidance", "1", "--cfg-parallel"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cfg_parallel: needs classifier-free guidance" in proc.stderr, proc.stderr
 
 
-def test_a_worker_killed_inside_a_four_rank_mesh(daemons):
+def test_a_worker_killed_inside_a_four_rank_mesh(four):
     """cfg 2 x 2 sharded on 4 of 4 workers (num_workers 0: every idle worker, an even count);
     kill -9 of a branch-1 rank mid-job: the job resumes from the conditional branch's last
     checkpoint on the 3 left, re-planned as cfg 2 x 1, and makes the video of an unfaulted run
@@ -295,10 +318,7 @@ def test_a_worker_killed_inside_a_four_rank_mesh(daemons):
 
     from conftest import wait_until
 
-    daemons.coordinator("--heartbeat-timeout", "4", "--collective-timeout", "60")
-    procs = {f"k{r}": daemons.worker(f"k{r}") for r in range(4)}
-    client = daemons.client()
-    daemons.wait_idle(client, set(procs))
+    client = _whole(four)
     job = dict(num_frames=9, height=32, width=32, num_inference_steps=30, guidance_scale=5.0, seed=8, fps=8.0,
                checkpoint_every=2, cfg_parallel=True, shard_weights=True)
     faulted = client.submit("a paper boat on a pond", num_workers=0, **job)
@@ -307,16 +327,16 @@ def test_a_worker_killed_inside_a_four_rank_mesh(daemons):
             break
     placed = client.get(faulted.id)
     assert len(placed.worker_ids) == 4
-    procs[placed.worker_ids[3]].kill()  # rank 3: the unconditional branch's second rank
-    wait_until(lambda: client.get(faulted.id).state in (pb.SUCCEEDED, pb.FAILED), 240, "the resumed job", daemons)
+    four.workers[placed.worker_ids[3]].kill()  # rank 3: the unconditional branch's second rank
+    wait_until(lambda: client.get(faulted.id).state in (pb.SUCCEEDED, pb.FAILED), 240, "the resumed job", four)
     done = client.get(faulted.id)
     assert done.state == pb.SUCCEEDED and done.attempt == 2 and len(done.worker_ids) == 2, done
     details = [e.state.detail for e in client.watch(faulted.id) if e.HasField("state") and e.state.detail]
     assert any("cfg 2 x 1: asked" in d and "resuming at step" in d for d in details), details
     want = client.submit("a paper boat on a pond", num_workers=2, **job)
-    wait_until(lambda: client.get(want.id).state in (pb.SUCCEEDED, pb.FAILED), 240, "the unfaulted job", daemons)
+    wait_until(lambda: client.get(want.id).state in (pb.SUCCEEDED, pb.FAILED), 240, "the unfaulted job", four)
     videos = []
     for job_id in (faulted.id, want.id):
-        client.fetch(job_id, daemons.tmp / f"{job_id}.mp4")
-        videos.append(iio.imread(daemons.tmp / f"{job_id}.mp4").astype(float))
+        client.fetch(job_id, four.tmp / f"{job_id}.mp4")
+        videos.append(iio.imread(four.tmp / f"{job_id}.mp4").astype(float))
     assert videos[0].shape == videos[1].shape and abs(videos[0] - videos[1]).mean() < 0.5
