@@ -67,9 +67,13 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "clip_parallel + spectral_blend": (dict(strategy=CP, clip_parallel=dict(spectral_blend=True)), False),
     "clip_parallel global_rope=true": (dict(strategy=CP, clip_parallel=dict(global_rope="true")), False),
     "clip_parallel G=0": (dict(strategy=CP, clip_parallel=dict(global_frames=0)), False),
+    "clip_parallel entropy_scaling=false": (dict(strategy=CP, clip_parallel=dict(entropy_scaling=False)), False),
     "block_pipeline": (dict(strategy="block_pipeline"), True),
     "block_pipeline ctx=0": (dict(strategy="block_pipeline", block_pipeline=dict(context_frames=0)), False),
     "block_pipeline 5/2": (dict(strategy="block_pipeline", block_pipeline=dict(block_frames=5, context_frames=2)),
+                           True),
+    # a block of the native 5 latent frames: a video within the native length is one block
+    "block_pipeline 5/1": (dict(strategy="block_pipeline", block_pipeline=dict(block_frames=5, context_frames=1)),
                            True),
     "naive split": ({}, True),
     "VAE ceiling": ({}, True),

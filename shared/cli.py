@@ -35,7 +35,8 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group(f"{spec.name} ({spec.summary}; unset: {defaults})")
         for o in spec.options:
             if o.type is bool:
-                g.add_argument(o.flag, action="store_true", default=None, help=o.help)
+                # --x / --no-x: a default that is on can be turned off
+                g.add_argument(o.flag, action=argparse.BooleanOptionalAction, default=None, help=o.help)
             elif o.choices:
                 g.add_argument(o.flag, choices=o.choices, help=o.help)
             else:

@@ -6,9 +6,11 @@ world gives every window of 17 frames a truth: the prompt's direction at the wor
 The control is the same job with the whole denoise in the global phase (global_phase 1.0, what
 a too long global phase does: every frame attends to the same global frames, so the object
 stands still): the defaults must keep the object moving in clearly more of the windows, at a
-speed nearer the world's. Margins are asserted, not absolute shares of 4 videos (bench/quality.py
-measures those on 32 videos per row, docs/quality.md). Colour at 8x is not asserted: toy-wan
-keeps it in under half the frames at that length (docs/quality.md says why).
+speed nearer the world's, and the whole track going the named way. Margins are asserted, not
+absolute shares of 4 videos (bench/quality.py measures those on 32 videos per row,
+docs/quality.md), except one floor: the prompt's colour in at least 0.8 of the frames (these 4
+videos read 0.96 on the retrained toy-wan; 0.45 over 32 before, when its VAE lost the colour
+beyond ~20 frames).
 """
 
 from __future__ import annotations
@@ -72,3 +74,5 @@ def test_clip_parallel_keeps_the_motion_at_8x_the_native_length(cluster):
     assert got["present"] >= 0.8, got  # the object stays in the picture
     assert got["window_direction"] >= frozen["window_direction"] + 0.15, (got, frozen)
     assert got["speed_error"] < frozen["speed_error"], (got, frozen)
+    assert got["direction"] >= frozen["direction"] + 0.5, (got, frozen)
+    assert got["colour"] >= 0.8, got

@@ -327,6 +327,10 @@ def test_cli_has_a_flag_per_option_and_fills_the_messages():
             assert all(message.HasField(o.name) for o in spec.options)
     unset = _request_fields(parser.parse_args(["submit", "x"]))
     assert not any(unset[s.options_field].ListFields() for s in STRATEGY_SPECS.values() if s.options_field)
+    # a bool option that is on by default (entropy scaling) can be turned off: --no-<flag>
+    off = _request_fields(parser.parse_args(["submit", "x", "--no-entropy-scaling"]))["clip_parallel"]
+    assert off.HasField("entropy_scaling") and not off.entropy_scaling
+    assert STRATEGY_SPECS["clip_parallel"].option("entropy_scaling").default is True
     with pytest.raises(SystemExit):
         parser.parse_args(["submit", "x", "--strategy", "warp-drive"])
     for spec, option in CHOSEN:  # a flag with choices refuses others
