@@ -12,7 +12,8 @@ native 5 latent frames (17 frames): 1x 17, 4x 77, 8x 157, 15x 297 frames. Method
 
   exact                     every frame attends to every frame (the reference at 1x)
   clip_parallel (old)       Video-Infinity as it was configured before issue 20 (P=2, G=16, the
-                            switch at t=800: 4 of 8 steps global), on today's never-shrinking window
+                            switch at t=800: 4 of 8 steps global, no entropy scaling), on today's
+                            never-shrinking window
   clip_parallel             the defaults (docs/quality.md says how they were chosen)
   clip_parallel + X         one consistency method on top of the defaults: FreeNoise's noise
                             rescheduling, FreeLong's spectral blend, a global RoPE policy, G=0 ...
@@ -58,7 +59,7 @@ STRIP = "strip"  # marker for the strip of frames written beside the table
 
 # name -> (request fields beyond the common ones, runs at 1x too)
 CP = "clip_parallel"
-OLD = dict(local_halo=2, global_frames=16, global_phase=0.5, global_rope="native")
+OLD = dict(local_halo=2, global_frames=16, global_phase=0.5, global_rope="native", entropy_scaling=False)
 METHODS: dict[str, tuple[dict, bool]] = {
     "exact": (dict(strategy="exact"), True),
     "clip_parallel (old)": (dict(strategy=CP, clip_parallel=OLD), False),
