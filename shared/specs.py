@@ -166,8 +166,8 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
             OptionSpec("global_frames", int, 16, "G: frames spread over the video that every frame sees", 0, 256),
             OptionSpec("phase_bias", float, 10.0, "logit bias of the active phase (10 ~ hard switch)", 0.0, 100.0),
             # on, measured at 8x toy-wan on 32 videos (docs/quality.md): the whole track moves the
-            # named way in 0.97 of the videos, not 0.88, and a clip seam jumps 0.71 of a step, not
-            # 1.25; colour and identity as without it; it costs a multiply of q per frame
+            # named way in 0.97 of the videos, not 0.88, and a clip seam jumps 0.70 of a step, not
+            # 1.27; colour and identity as without it; it costs a multiply of q per frame
             OptionSpec("entropy_scaling", bool, True, "scale logits by visible keys (beyond the native length)"),
             # 0.25 (2 of 8 steps), measured at 8x toy-wan (docs/quality.md): against 0.5 (what t=800
             # was on its flow-matching schedule) the object keeps moving in 0.44 of the windows, not
