@@ -21,7 +21,7 @@ native 5 latent frames (17 frames): 1x 17, 4x 77, 8x 157, 15x 297 frames. Method
   naive split               ceil(F / 17) independent 17-frame exact jobs, concatenated
   VAE ceiling               no diffusion: the world's true video of the prompt, encoded and decoded
                             whole by toy-wan's own VAE: the most any method can show at that length
-                            (at 8x the toy VAE alone loses the colour: docs/quality.md)
+                            (the retrained VAE keeps every frame's colour at 15x: docs/quality.md)
 
 At 1x clip_parallel is exact (tests/test_clip_parallel_native.py), so only exact, block_pipeline
 and the naive split run there. Seams are the first frames of clips (clip_parallel, naive) or
