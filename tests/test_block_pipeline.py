@@ -259,9 +259,9 @@ def test_streamed_frames_are_the_whole_video(model, frames, block):
 @pytest.mark.parametrize("stopped", [False, True])
 def test_a_stopped_job_drops_the_blocks_still_waiting_to_be_decoded(model, stopped):
     """The decode thread holds one block (its frames' hand-off waits) while two more wait in its
-    queue. finish() decodes all three; abandon() (the job stopped: the coordinator refuses the
-    attempt's later frames) ends after the block in hand and drops the two, so a cancelled
-    endless job frees its workers at once instead of decoding a backlog nobody keeps."""
+    queue. finish() decodes all three; finish(abandon=True) (the job stopped: the coordinator
+    refuses the attempt's later frames) ends after the block in hand and drops the two, so a
+    cancelled endless job frees its workers at once instead of decoding a backlog nobody keeps."""
     import threading
 
     from clipmesh.worker.job import FinishedLatents, Job
@@ -283,7 +283,7 @@ def test_a_stopped_job_drops_the_blocks_still_waiting_to_be_decoded(model, stopp
         assert entered.wait(30)                       # the first block is in the thread's hands
         decoder.add(FinishedLatents(2, 3, latents[:, :, 2:3]))
         decoder.add(FinishedLatents(3, 4, latents[:, :, 3:4]))
-        ending = threading.Thread(target=decoder.abandon if stopped else decoder.finish)
+        ending = threading.Thread(target=decoder.finish, kwargs=dict(abandon=stopped))
         ending.start()
         if stopped:                                   # whatever the thread takes next, it must drop
             while not decoder.abandoned:

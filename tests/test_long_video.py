@@ -7,10 +7,10 @@ The control is the same job on the first 2 prompts with the whole denoise in the
 (global_phase 1.0, what a too long global phase does: every frame attends to the same global
 frames, so the object stands still): on the same 2 prompts the defaults must keep the object
 moving in clearly more of the windows, at a speed nearer the world's, and the whole track going
-the named way. Margins are asserted, not absolute shares of 4 videos (bench/quality.py measures those on 32 videos per row,
-docs/quality.md), except one floor: the prompt's colour in at least 0.8 of the frames (these 4
-videos read 0.96 on the retrained toy-wan; 0.45 over 32 before, when its VAE lost the colour
-beyond ~20 frames).
+the named way. Margins are asserted, not absolute shares of 4 videos (bench/quality.py measures
+those on 32 videos per row, docs/quality.md), except one floor: the prompt's colour in at least
+0.8 of the frames (these 4 videos read 0.96 on the retrained toy-wan; 0.45 over 32 before, when
+its VAE lost the colour beyond ~20 frames).
 """
 
 from __future__ import annotations

@@ -155,29 +155,18 @@ class Decoder:
             raise self.error
         self.queue.put(piece)
 
-    def finish(self) -> None:
-        """Every piece added is decoded and handed on (background: wait for the thread)."""
+    def finish(self, abandon: bool = False) -> None:
+        """Every piece added is decoded and handed on (background: wait for the thread).
+        `abandon` (the job stopped: the attempt is over, so the coordinator would refuse their
+        frames): the pieces still waiting are dropped, the thread ends after the one in hand, and
+        its error is not raised; a cancelled endless job frees its workers at once."""
+        self.abandoned = abandon  # before the thread is woken: it skips what it takes from now on
         if self.queue is not None:
             self.queue.put(None)
             self.thread.join()
             self.queue = None
-            if self.error is not None:
+            if self.error is not None and not abandon:
                 raise self.error
-
-    def abandon(self) -> None:
-        """The job stopped: the pieces still waiting are dropped, not decoded (the attempt is
-        over, so the coordinator would refuse their frames); the thread ends after the piece it
-        is decoding. A cancelled endless job frees its workers at once, not after its backlog."""
-        self.abandoned = True
-        if self.queue is not None:
-            while True:
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            self.queue.put(None)
-            self.thread.join()
-            self.queue = None
 
     def _drain(self) -> None:
         while (piece := self.queue.get()) is not None:
@@ -229,7 +218,7 @@ def render(model, plan, rank: int, mesh, on_step: Callable[[StepReport], None] |
         run(job, on_step, should_stop, finished, resume, on_checkpoint)
     except BaseException:  # stopped, failed or aborted: this attempt's later frames are refused
         if decoder:
-            decoder.abandon()
+            decoder.finish(abandon=True)
         raise
     if decoder:
         decoder.finish()
