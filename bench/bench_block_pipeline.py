@@ -167,7 +167,7 @@ def main() -> int:
         table(rows), "", *checks(rows), ""])
     print(text)
     write(args.out, text)
-    plots.draw(args.out)
+    plots.draw(args.out, "bench-block-pipeline.md")
     return 0
 
 

@@ -200,7 +200,7 @@ are the coordinator process's (/proc). Every job ends with its video encoded by 
 
 {table}
 """)
-    plots.draw(args.output)
+    plots.draw(args.output, "bench-load.md")
     ok = r["states"].get("SUCCEEDED", 0) == args.jobs and r["events_match"]
     return 0 if ok else 1
 

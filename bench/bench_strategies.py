@@ -140,7 +140,7 @@ def main() -> int:
     text = "\n".join(header) + "\n" + body + "\n\n" + "\n".join(derived) + "\n\n" + "\n".join(
         report.footnotes(rows, defaults)) + "\n"
     out = report.write(args.out, text)  # keeps the file's ulysses section until the next one is measured
-    plots.draw(out)
+    plots.draw(out, "bench-strategies.md")
     print(f"\nwritten to {out}")
     ok = all(r.status in ("ok", "n/a", "skipped") for r in rows)
     if not args.no_ulysses and limits["family"] == "wan":

@@ -102,18 +102,20 @@ FIGURES = {"bench-strategies.md": _strategies, "bench-block-pipeline.md": _block
 LOG_LOG = {"bench-strategies-time.png"}
 
 
-def series(doc: pathlib.Path) -> dict:
-    return FIGURES[doc.name](doc)
+def series(doc: pathlib.Path, kind: str | None = None) -> dict:
+    """`kind`: which doc's tables these are (a name in FIGURES), where the file is named otherwise
+    (a bench's --output elsewhere); by default the file's own name."""
+    return FIGURES[kind or doc.name](doc)
 
 
-def draw(doc) -> list[pathlib.Path]:
+def draw(doc, kind: str | None = None) -> list[pathlib.Path]:
     """Draws the doc's figures beside it from its tables and links them from its `figures` section."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     doc, written = pathlib.Path(doc), []
-    for name, panels in series(doc).items():
+    for name, panels in series(doc, kind).items():
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
         for ax, (title, lines) in zip(axes[0], panels.items()):
             for line, points in sorted(lines.items()):

@@ -349,7 +349,7 @@ def main() -> int:
     text = "\n".join(header) + "\n" + body + "\n"
     print("\n" + body)
     report.write(args.output, text)
-    plots.draw(args.output)
+    plots.draw(args.output, "quality.md")
     print(f"wrote {args.output}")
     return 0
 

@@ -43,6 +43,17 @@ def test_a_figure_is_its_table(tmp_path):
     assert doc.read_text().count("<!-- begin figures -->") == 1
 
 
+def test_a_table_written_under_another_name_is_drawn_by_its_kind(tmp_path):
+    """A bench's --output anywhere (python -m bench.quality --output /tmp/q.md) still gets its figures."""
+    doc = tmp_path / "q.md"
+    doc.write_text(STRATEGIES)
+    with pytest.raises(KeyError):
+        plots.series(doc)  # the name alone says nothing of the tables
+    written = plots.draw(doc, "bench-strategies.md")
+    assert sorted(p.name for p in written) == sorted(plots.series(doc, "bench-strategies.md"))
+    assert all(p.parent == tmp_path for p in written)
+
+
 @pytest.mark.parametrize("name", sorted(plots.FIGURES))
 def test_every_doc_with_figures_still_has_their_tables(name, tmp_path):
     """The docs as committed: every panel of every figure has data (a bench that renamed a column
