@@ -26,13 +26,22 @@ Phases, each writing into --out, so a phase can be rerun alone:
   vae-check    the gate before the transformer trains: the detector must read the prompt
                (presence, colour, direction, the speed per window) back from reconstructions of
                17-frame clips, those whose shape crosses an edge of the torus included.
-  latents      a fixed set of encoded 17-frame clips and their prompts' text embeddings; the
-               per-channel mean and std go into the VAE config (latents_mean / latents_std), as
-               Wan's VAE carries them, so the transformer sees unit-scale latents.
+  latents      a fixed set of encoded 17-frame clips (--clip-frames: longer) and their prompts'
+               text embeddings; the per-channel mean and std go into the VAE config (latents_mean /
+               latents_std), as Wan's VAE carries them, so the transformer sees unit-scale latents
+               (--keep-latent-stats: the VAE's own, for a transformer fine-tune).
   transformer  flow matching as Wan trains: x_t = (1 - s) x0 + s noise, target noise - x0,
                timestep 1000 s, s drawn through the scheduler's shift (3.0) so training sees the
                sigmas sampling visits; 10% of prompts dropped to "" so classifier-free guidance works.
                EMA weights are saved; a fixed batch's loss is logged before and after.
+               On clips longer than 17 frames it trains on whole videos of a length drawn per step
+               under clip_parallel's local window (each latent frame sees the native 5 around it,
+               shifted inward at the ends): trained on 17-frame clips alone the model had never
+               seen the middle of a video, and a window cut anywhere without the mask blurred the
+               start (docs/quality.md). The shipped transformer's last fine-tune is this one:
+                 --phase latents --clips 1536 --clip-frames 129 --keep-latent-stats, then
+                 --phase transformer --transformer-from OLD/transformer --transformer-steps 1500
+                 --transformer-lr 3e-4 (a VAE folder copied into --out first; docs/toy-training.md)
   export       the diffusers folder (WanPipeline.save_pretrained, safetensors) into --export
                (default shared/models/toy-wan).
   report       docs/toy-training.md and its loss curves (docs/toy-training.svg).
@@ -55,6 +64,8 @@ import torch
 from clipmesh import presets, toyworld
 
 SIDE, FRAMES = 64, 17
+NATIVE_LATENT = (FRAMES - 1) // 4 + 1  # the causal VAE's first frame alone, then 4 per latent frame
+NATIVE_SHARE = 0.3  # of the steps on long latents: videos of the native length (the start must stay)
 PRESET = presets.PRESETS["toy-wan"]  # the architecture; this script gives it its weights
 VAE_CONFIG, TRANSFORMER_CONFIG, TEXT_CONFIG = PRESET["vae"], PRESET["transformer"], PRESET["text_encoder"]
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
@@ -208,7 +219,13 @@ def embed(prompts: list[str], text_encoder, tokenizer) -> torch.Tensor:
                                        max_sequence_length=text_length(tokenizer), device="cpu")[0]
 
 
-def make_latents(out: pathlib.Path, n: int, seed: int, device=torch.device("cpu")) -> None:
+def make_latents(out: pathlib.Path, n: int, seed: int, device=torch.device("cpu"), frames: int = FRAMES,
+                 keep_stats: bool = False) -> None:
+    """n encoded clips of `frames` frames. Clips longer than the native 17 are whole videos the
+    transformer trains on under clip_parallel's window (train_transformer); the causal VAE's
+    latents of a clip's first frames are those of the shorter clip, so their prefixes are videos
+    of every length up to theirs. `keep_stats`: normalise by the VAE's latents_mean / latents_std
+    as they are (a transformer fine-tune: the statistics it was trained with) instead of measuring them."""
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(out / "vae").eval().to(device)
@@ -217,15 +234,18 @@ def make_latents(out: pathlib.Path, n: int, seed: int, device=torch.device("cpu"
     latents, prompts, t0 = [], [], time.time()
     with torch.no_grad():
         for start in range(0, n, 16):
-            scenes, x = clips(rng, min(16, n - start), FRAMES)
+            scenes, x = clips(rng, min(16, n - start), frames)
             latents.append(vae.encode(x.to(device)).latent_dist.mode().cpu())
             prompts += [s.prompt for s in scenes]
             if start % 256 == 0:
                 log(f"latents {start}/{n} ({time.time() - t0:.0f} s)")
     latents = torch.cat(latents)
-    mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
-    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    vae.cpu().save_pretrained(out / "vae")
+    if keep_stats:
+        mean, std = (torch.tensor(vae.config[k]) for k in ("latents_mean", "latents_std"))
+    else:
+        mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        vae.cpu().save_pretrained(out / "vae")
     vocabulary = sorted(set(prompts)) + [""]
     torch.save(dict(latents=(latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1),
                     prompt_index=torch.tensor([vocabulary.index(p) for p in prompts]),
@@ -235,9 +255,44 @@ def make_latents(out: pathlib.Path, n: int, seed: int, device=torch.device("cpu"
         f"std {std.mean():.3f} ({time.time() - t0:.0f} s)")
 
 
+class WindowedSelfAttention:
+    """Wan's attention with its self-attention masked to `mask` (cross-attention untouched): one
+    instance shared by every block, its mask set per step."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.wan, self.mask = WanAttnProcessor(), None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None:
+            attention_mask = self.mask
+        return self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+def window_mask(frames: int, tokens: int, device=None) -> torch.Tensor | None:
+    """clip_parallel's local phase as an attention mask over a video's tokens (frame-major, `tokens`
+    per latent frame): each frame sees its plan.local_window of the native latent frames (never
+    clipped: shifted inward at the ends, so a frame's place in its window tells a video's ends from
+    its middle). None within the native length: there the window is the whole video."""
+    from clipmesh.plan import local_window
+
+    if frames <= NATIVE_LATENT:
+        return None
+    sees = torch.zeros(frames, frames, dtype=torch.bool, device=device)
+    for f in range(frames):
+        first, last = local_window(f, NATIVE_LATENT // 2, frames)
+        sees[f, first:last + 1] = True
+    return sees.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+
+
 def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: float = 1e-3,
                       init: pathlib.Path | None = None, device=torch.device("cpu")) -> None:
-    """Flow matching from scratch, or from `init`'s weights (a transformer folder: a fine-tune)."""
+    """Flow matching from scratch, or from `init`'s weights (a transformer folder: a fine-tune).
+    On latents of clips longer than the native 17 frames (make_latents' `frames`) each step takes a
+    prefix of them, a whole video of a length drawn per step (the native one in NATIVE_SHARE of the
+    steps, else any up to the clips'), `batch` * native / length videos, under clip_parallel's
+    window: the model learns the middle of long videos as clip_parallel shows it them."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -246,6 +301,12 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: 
     empty = len(data["vocabulary"]) - 1
     model = (WanTransformer3DModel.from_pretrained(init) if init else WanTransformer3DModel(**TRANSFORMER_CONFIG)).to(device)
     model.train()
+    longest = latents.shape[2]
+    windowed = WindowedSelfAttention() if longest > NATIVE_LATENT else None
+    if windowed:
+        model.set_attn_processor(windowed)
+    tokens = (latents.shape[3] // TRANSFORMER_CONFIG["patch_size"][1]) * (latents.shape[4] // TRANSFORMER_CONFIG["patch_size"][2])
+    lengths = np.random.default_rng(seed + 3)
     log(f"transformer {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{latents.shape[0]} clips" + (f", from {init}" if init else ""))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -257,8 +318,10 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: 
     fixed_sigma = torch.linspace(0.05, 0.95, len(fixed), device=device)
     fixed_noise = torch.randn(latents[fixed].shape, generator=g).to(device)
 
-    def fixed_loss() -> float:
+    def fixed_loss() -> float:  # on long latents: whole videos, under the window
         s = fixed_sigma.view(-1, 1, 1, 1, 1)
+        if windowed:
+            windowed.mask = window_mask(longest, tokens, device)
         with torch.no_grad():
             pred = model(hidden_states=(1 - s) * latents[fixed] + s * fixed_noise, timestep=fixed_sigma * 1000,
                          encoder_hidden_states=embeddings[index[fixed]], return_dict=False)[0]
@@ -266,10 +329,15 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: 
 
     before, curve, t0 = fixed_loss(), [], time.time()
     for step in range(steps):
-        pick = torch.randint(len(latents), (batch,)).to(device)
-        x0 = latents[pick]
-        cond = torch.where(torch.rand(batch).to(device) < 0.1, torch.full((batch,), empty, device=device), index[pick])
-        u = torch.rand(batch).to(device)
+        length, videos = longest, batch
+        if windowed:
+            length = NATIVE_LATENT if lengths.random() < NATIVE_SHARE else int(lengths.integers(NATIVE_LATENT + 1, longest + 1))
+            videos = max(2, round(batch * NATIVE_LATENT / length))
+            windowed.mask = window_mask(length, tokens, device)
+        pick = torch.randint(len(latents), (videos,)).to(device)
+        x0 = latents[pick, :, :length]
+        cond = torch.where(torch.rand(videos).to(device) < 0.1, torch.full((videos,), empty, device=device), index[pick])
+        u = torch.rand(videos).to(device)
         sigma = SHIFT * u / (1 + (SHIFT - 1) * u)  # the scheduler's shifted sigmas
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -294,7 +362,7 @@ def train_transformer(out: pathlib.Path, steps: int, batch: int, seed: int, lr: 
     log(f"transformer: loss on a fixed batch {before:.4f} -> {fixed_after:.4f} (EMA weights)")
     model.eval().cpu().save_pretrained(out / "transformer")
     (out / "transformer_loss.json").write_text(json.dumps(dict(loss=curve, seconds=seconds, batch=batch, lr=lr,
-                                                               fixed_batch=[before, fixed_after],
+                                                               fixed_batch=[before, fixed_after], latent_frames=longest,
                                                                **({"from": str(init)} if init else {}))))
 
 
@@ -337,7 +405,7 @@ does and why). Trained once on 2 CPU cores and committed in `shared/models/toy-w
 | phase | steps | batch | seconds | loss, first 50 steps | loss, last 50 steps |
 |---|---|---|---|---|---|
 {stages}
-| transformer (lr {transformer.get("lr", 1e-3):g}{", from " + transformer["from"] if "from" in transformer else ""}) | {len(transformer["loss"])} | {transformer["batch"]} clips x 17 frames | {transformer["seconds"]:.0f} | {np.mean(transformer["loss"][:50]):.4f} | {np.mean(transformer["loss"][-50:]):.4f} |
+| transformer (lr {transformer.get("lr", 1e-3):g}{", from " + transformer["from"] if "from" in transformer else ""}) | {len(transformer["loss"])} | {_transformer_batch(transformer)} | {transformer["seconds"]:.0f} | {np.mean(transformer["loss"][:50]):.4f} | {np.mean(transformer["loss"][-50:]):.4f} |
 
 The VAE's gate before the transformer trained (the detector on reconstructions of 24 held-out
 17-frame clips; speed error: |measured - SPEED| / SPEED; the clips whose shape crosses an edge
@@ -351,6 +419,14 @@ latent):
 ![loss curves](toy-training.svg)
 
 {NOTES}{notes or chr(10)}""")
+
+
+def _transformer_batch(transformer: dict) -> str:
+    longest = transformer.get("latent_frames", NATIVE_LATENT)
+    if longest <= NATIVE_LATENT:
+        return f"{transformer['batch']} clips x {FRAMES} frames"
+    return (f"{transformer['batch']} x {FRAMES} frames' latents: videos of {FRAMES} to {4 * (longest - 1) + 1} frames "
+            f"under clip_parallel's window")
 
 
 def _svg(curves: list[tuple[str, list[float]]], width: int = 480, height: int = 200) -> str:
@@ -381,6 +457,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="STEPSxFRAMESxBATCHxLR,...: the VAE's stages, each from the last one's weights")
     ap.add_argument("--vae-from-stage", type=int, default=1, help="start at this stage (1-based) from the VAE in --out")
     ap.add_argument("--clips", type=int, default=3072, help="encoded clips the transformer trains on")
+    ap.add_argument("--clip-frames", type=int, default=FRAMES,
+                    help="frames per encoded clip; longer than 17: whole videos trained under clip_parallel's window")
+    ap.add_argument("--keep-latent-stats", action="store_true",
+                    help="normalise latents by the VAE's own latents_mean/std (a transformer fine-tune) instead of measuring them")
     ap.add_argument("--transformer-steps", type=int, default=3200)
     ap.add_argument("--transformer-lr", type=float, default=1e-3)
     ap.add_argument("--vae-from", type=pathlib.Path, default=None,
@@ -393,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto", help="auto (CUDA where there is one, else the CPU), cpu, cuda, cuda:1")
     args = ap.parse_args(argv)
+    if args.clip_frames < FRAMES or (args.clip_frames - 1) % 4:
+        ap.error(f"--clip-frames must be 4k+1 and at least {FRAMES} (the VAE's frames), got {args.clip_frames}")
     device = pick_device(args.device)
     log(f"training on {device}")
     if args.threads:
@@ -409,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     if run("vae-check"):
         check_vae(args.out, args.seed, device=device)
     if run("latents"):
-        make_latents(args.out, args.clips, args.seed, device)
+        make_latents(args.out, args.clips, args.seed, device, args.clip_frames, args.keep_latent_stats)
     if run("transformer"):
         train_transformer(args.out, args.transformer_steps, args.batch, args.seed, args.transformer_lr,
                           args.transformer_from, device)

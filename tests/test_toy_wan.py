@@ -123,3 +123,48 @@ def test_a_short_seeded_training_run_learns(tmp_path):
     from diffusers import WanPipeline
     pipe = WanPipeline.from_pretrained(tmp_path / "folder")
     assert pipe.vae_scale_factor_spatial == 4 and pipe.transformer.config.num_layers == 6
+
+
+def test_the_long_video_fine_tune_trains_under_clip_parallels_window(tmp_path):
+    """--clip-frames longer than 17: the transformer trains on whole videos under clip_parallel's
+    local window. The mask reaches the real model (a latent frame's output does not move when a
+    frame beyond its layers' reach of windows changes, and does without the mask; within the native
+    length there is no mask), and a short run on 33-frame clips learns."""
+    import shutil
+
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from clipmesh import presets, toytrain
+
+    model = WanTransformer3DModel.from_pretrained(presets.TRAINED_ROOT / "toy-wan" / "transformer").eval()
+    frames, tokens = 25, 16  # 16x16 latents, patches of 4x4
+    assert toytrain.window_mask(toytrain.NATIVE_LATENT, tokens) is None
+    x = torch.randn(1, 16, frames, 16, 16, generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    changed[:, :, -1] += 1  # the last latent frame
+    text = torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def outputs(processor):
+        model.set_attn_processor(processor)
+        with torch.no_grad():
+            return [model(hidden_states=v, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+                          return_dict=False)[0] for v in (x, changed)]
+
+    windowed = toytrain.WindowedSelfAttention()
+    windowed.mask = toytrain.window_mask(frames, tokens)
+    masked, unmasked = outputs(windowed), outputs(toytrain.WindowedSelfAttention())  # mask None: full attention
+    # 6 layers of windows that reach 2 frames on (4 at the start): frame f sees up to f + 14 at most
+    assert torch.equal(masked[0][:, :, :frames - 15], masked[1][:, :, :frames - 15])
+    assert not torch.allclose(masked[0][:, :, -2], masked[1][:, :, -2])
+    assert not torch.allclose(unmasked[0][:, :, 0], unmasked[1][:, :, 0], atol=1e-6)
+
+    run = tmp_path / "run"
+    shutil.copytree(presets.TRAINED_ROOT / "toy-wan" / "vae", run / "vae")
+    toytrain.main(["--out", str(run), "--phase", "latents", "--clips", "16", "--clip-frames", "33",
+                   "--keep-latent-stats"])
+    toytrain.main(["--out", str(run), "--phase", "transformer", "--transformer-steps", "20", "--batch", "4"])
+    record = json.loads((run / "transformer_loss.json").read_text())
+    assert record["latent_frames"] == 9
+    before, after = record["fixed_batch"]  # 16 whole 33-frame videos under the window, same noise
+    assert after < 0.8 * before, (before, after)
