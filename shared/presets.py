@@ -551,4 +551,26 @@ def model_limits(name_or_path: str) -> dict:
     d_cfg = json.loads((folder / denoiser / "config.json").read_text())
     v_cfg = json.loads((folder / "vae" / "config.json").read_text())
     p_cfg = json.loads((folder / "model_index.json").read_text())
-    return {"name": name_or_path, **limits_from_configs(d_cfg, v_cfg, str(folder), p_cfg)}
+    return {"name": name_or_path, **limits_from_configs(d_cfg, v_cfg, str(folder), p_cfg), **declared_limits(folder)}
+
+
+DECLARED_LIMITS = "clipmesh.json"  # in a model folder: what its configs cannot say
+
+
+def declared_limits(folder) -> dict:
+    """The limits a model folder declares in its clipmesh.json, over those derived from its
+    configs: the configs say the architecture, not the length it was trained on, so weights
+    fine-tuned on other clips (toy-wan's exported by clipmesh.toytrain) say
+    {"native_latent_frames": 5, "block_pipeline_defaults": {"block_frames": 3, "context_frames": 1}},
+    and clip_parallel's window, entropy scaling and block_pipeline's blocks follow them."""
+    path = pathlib.Path(folder) / DECLARED_LIMITS
+    if not path.is_file():
+        return {}
+    declared = json.loads(path.read_text())
+    unknown = set(declared) - {"native_latent_frames", "block_pipeline_defaults"}
+    native, blocks = declared.get("native_latent_frames", 1), declared.get("block_pipeline_defaults", {})
+    if (unknown or not isinstance(native, int) or native < 1 or set(blocks) - {"block_frames", "context_frames"}
+            or not all(isinstance(v, int) and v >= 0 for v in blocks.values())):
+        raise ValueError(f"{path}: only native_latent_frames (an int >= 1) and block_pipeline_defaults "
+                         f"({{block_frames, context_frames}}: ints >= 0) may be declared, got {declared}")
+    return declared

@@ -123,6 +123,8 @@ def test_a_short_seeded_training_run_learns(tmp_path):
     from diffusers import WanPipeline
     pipe = WanPipeline.from_pretrained(tmp_path / "folder")
     assert pipe.vae_scale_factor_spatial == 4 and pipe.transformer.config.num_layers == 6
+    from clipmesh.presets import model_limits
+    assert model_limits(str(tmp_path / "folder"))["native_latent_frames"] == 5  # judged as toy-wan, not Wan
 
 
 def test_the_long_video_fine_tune_trains_under_clip_parallels_window(tmp_path):
@@ -168,3 +170,29 @@ def test_the_long_video_fine_tune_trains_under_clip_parallels_window(tmp_path):
     assert record["latent_frames"] == 9
     before, after = record["fixed_batch"]  # 16 whole 33-frame videos under the window, same noise
     assert after < 0.8 * before, (before, after)
+
+
+def test_a_folder_of_toy_wan_weights_is_judged_at_its_trained_length(tmp_path):
+    """A diffusers folder's configs say its architecture, not the length it was trained on: the
+    folder's clipmesh.json (toytrain's export writes it) says it, for the coordinator (no torch)
+    and the worker alike; without it a toy-wan folder by path was planned as Wan (21 latent
+    frames: clip_parallel within that length is exact, so retrained weights were misjudged)."""
+    import shutil
+
+    import pytest
+
+    from clipmesh import presets
+    from clipmesh.worker.adapters import load_adapter
+
+    folder = tmp_path / "weights"
+    shutil.copytree(presets.TRAINED_ROOT / "toy-wan", folder)
+    limits = presets.model_limits(str(folder))
+    assert limits["native_latent_frames"] == 5 and limits["block_pipeline_defaults"] == {"block_frames": 3, "context_frames": 1}
+    info = load_adapter(folder, "cpu").model_info(str(folder))
+    assert info.native_latent_frames == 5 and info.block_pipeline_defaults.block_frames == 3
+    declared = (folder / presets.DECLARED_LIMITS).read_text()
+    (folder / presets.DECLARED_LIMITS).unlink()
+    assert presets.model_limits(str(folder))["native_latent_frames"] == 21  # what the configs alone say
+    (folder / presets.DECLARED_LIMITS).write_text(declared.replace("5", "0"))
+    with pytest.raises(ValueError, match="clipmesh.json.*native_latent_frames"):
+        presets.model_limits(str(folder))

@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from clipmesh.presets import PRESETS, limits_from_configs
+from clipmesh.presets import PRESETS, declared_limits, limits_from_configs, model_folder
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.loras import Loras
 from clipmesh.worker.weights import local_parameter_bytes
@@ -144,8 +144,9 @@ class ModelAdapter:
         if name in PRESETS:
             limits = PRESETS[name]["limits"]
         else:
-            limits = limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name,
-                                         {**self.pipe.config, "_class_name": type(self.pipe).__name__})
+            limits = {**limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name,
+                                            {**self.pipe.config, "_class_name": type(self.pipe).__name__}),
+                      **declared_limits(model_folder(name))}
         return pb.ModelInfo(name=name, **limits)
 
     @property
