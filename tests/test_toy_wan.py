@@ -188,7 +188,7 @@ def test_a_folder_of_toy_wan_weights_is_judged_at_its_trained_length(tmp_path):
     shutil.copytree(presets.TRAINED_ROOT / "toy-wan", folder)
     limits = presets.model_limits(str(folder))
     assert limits["native_latent_frames"] == 5 and limits["block_pipeline_defaults"] == {"block_frames": 3, "context_frames": 1}
-    info = load_adapter(folder, "cpu").model_info(str(folder))
+    info = load_adapter(folder, "cpu").model_info("my-toy")  # the folder says it, whatever the name served
     assert info.native_latent_frames == 5 and info.block_pipeline_defaults.block_frames == 3
     declared = (folder / presets.DECLARED_LIMITS).read_text()
     (folder / presets.DECLARED_LIMITS).unlink()

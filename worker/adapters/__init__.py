@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from clipmesh.families import variant_of
+from clipmesh.presets import declared_limits
 from clipmesh.worker.adapters.animatediff import AnimateDiffAdapter
 from clipmesh.worker.adapters.base import ModelAdapter
 from clipmesh.worker.adapters.unet3d import UNet3DAdapter
@@ -43,4 +44,5 @@ def load_adapter(folder: Path, device: torch.device | str, dtype: torch.dtype = 
         adapter.denoiser_on = denoiser_on
         adapter.place(torch.device(device), keep=(*cls.denoiser_attrs, *HOST_HELD))
     adapter.loras = Loras(adapter.pipe, lora_dir)
+    adapter.declared_limits = declared_limits(folder)
     return adapter

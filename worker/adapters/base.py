@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from clipmesh.presets import PRESETS, declared_limits, limits_from_configs, model_folder
+from clipmesh.presets import PRESETS, limits_from_configs
 from clipmesh.v1 import clipmesh_pb2 as pb
 from clipmesh.worker.loras import Loras
 from clipmesh.worker.weights import local_parameter_bytes
@@ -126,6 +126,8 @@ class ModelAdapter:
     denoiser_attrs: tuple[str, ...] = ("unet",)  # the pipeline's attributes that hold its denoisers
     denoiser_on = "device"  # or "host": the denoisers stay in host memory, a job copies what it needs (weights.py)
 
+    declared_limits: dict = {}  # what the folder's clipmesh.json says (load_adapter: presets.declared_limits)
+
     def __init__(self, pipe, device: torch.device | str):
         self.pipe, self.device = pipe, torch.device(device)
         self.loras = Loras(pipe)  # per-job LoRA adapters (none held until load_adapter gives a folder)
@@ -146,7 +148,7 @@ class ModelAdapter:
         else:
             limits = {**limits_from_configs(dict(self.denoiser.config), dict(self.pipe.vae.config), name,
                                             {**self.pipe.config, "_class_name": type(self.pipe).__name__}),
-                      **declared_limits(model_folder(name))}
+                      **self.declared_limits}
         return pb.ModelInfo(name=name, **limits)
 
     @property
