@@ -555,6 +555,7 @@ def model_limits(name_or_path: str) -> dict:
 
 
 DECLARED_LIMITS = "clipmesh.json"  # in a model folder: what its configs cannot say
+DECLARABLE = ("native_latent_frames", "block_pipeline_defaults")
 
 
 def declared_limits(folder) -> dict:
@@ -567,7 +568,7 @@ def declared_limits(folder) -> dict:
     if not path.is_file():
         return {}
     declared = json.loads(path.read_text())
-    unknown = set(declared) - {"native_latent_frames", "block_pipeline_defaults"}
+    unknown = set(declared) - set(DECLARABLE)
     native, blocks = declared.get("native_latent_frames", 1), declared.get("block_pipeline_defaults", {})
     if (unknown or not isinstance(native, int) or native < 1 or set(blocks) - {"block_frames", "context_frames"}
             or not all(isinstance(v, int) and v >= 0 for v in blocks.values())):

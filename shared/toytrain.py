@@ -62,12 +62,14 @@ import numpy as np
 import torch
 
 from clipmesh import presets, toyworld
+from clipmesh.plan import local_window, num_latent_frames, num_output_frames
 
 SIDE, FRAMES = 64, 17
-NATIVE_LATENT = (FRAMES - 1) // 4 + 1  # the causal VAE's first frame alone, then 4 per latent frame
-NATIVE_SHARE = 0.3  # of the steps on long latents: videos of the native length (the start must stay)
 PRESET = presets.PRESETS["toy-wan"]  # the architecture; this script gives it its weights
 VAE_CONFIG, TRANSFORMER_CONFIG, TEXT_CONFIG = PRESET["vae"], PRESET["transformer"], PRESET["text_encoder"]
+STRIDE = VAE_CONFIG["scale_factor_temporal"]
+NATIVE_LATENT = num_latent_frames(FRAMES, STRIDE)  # the preset's native_latent_frames
+NATIVE_SHARE = 0.3  # of the steps on long latents: videos of the native length (the start must stay)
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 SHIFT = presets._WAN_SCHEDULER["flow_shift"]
 NOTES = "<!-- notes: written by hand, kept when the report is rewritten -->"
@@ -275,8 +277,6 @@ def window_mask(frames: int, tokens: int, device=None) -> torch.Tensor | None:
     per latent frame): each frame sees its plan.local_window of the native latent frames (never
     clipped: shifted inward at the ends, so a frame's place in its window tells a video's ends from
     its middle). None within the native length: there the window is the whole video."""
-    from clipmesh.plan import local_window
-
     if frames <= NATIVE_LATENT:
         return None
     sees = torch.zeros(frames, frames, dtype=torch.bool, device=device)
@@ -379,9 +379,8 @@ def export(out: pathlib.Path, target: pathlib.Path, seed: int) -> None:
                        transformer=WanTransformer3DModel.from_pretrained(out / "transformer").eval())
     pipe.save_pretrained(target, safe_serialization=True)
     # the trained length, which the configs cannot say: a folder judged by path is judged as toy-wan
-    limits = PRESET["limits"]
     (pathlib.Path(target) / presets.DECLARED_LIMITS).write_text(json.dumps(
-        {k: limits[k] for k in ("native_latent_frames", "block_pipeline_defaults")}, indent=2) + "\n")
+        {k: PRESET["limits"][k] for k in presets.DECLARABLE}, indent=2) + "\n")
     log(f"exported to {target}")
 
 
@@ -429,7 +428,7 @@ def _transformer_batch(transformer: dict) -> str:
     longest = transformer.get("latent_frames", NATIVE_LATENT)
     if longest <= NATIVE_LATENT:
         return f"{transformer['batch']} clips x {FRAMES} frames"
-    return (f"{transformer['batch']} x {FRAMES} frames' latents: videos of {FRAMES} to {4 * (longest - 1) + 1} frames "
+    return (f"{transformer['batch']} x {FRAMES} frames' latents: videos of {FRAMES} to {num_output_frames(longest, STRIDE)} frames "
             f"under clip_parallel's window")
 
 
@@ -477,8 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto", help="auto (CUDA where there is one, else the CPU), cpu, cuda, cuda:1")
     args = ap.parse_args(argv)
-    if args.clip_frames < FRAMES or (args.clip_frames - 1) % 4:
-        ap.error(f"--clip-frames must be 4k+1 and at least {FRAMES} (the VAE's frames), got {args.clip_frames}")
+    if args.clip_frames < FRAMES or (args.clip_frames - 1) % STRIDE:
+        ap.error(f"--clip-frames must be {STRIDE}k+1 and at least {FRAMES} (the VAE's frames), got {args.clip_frames}")
     device = pick_device(args.device)
     log(f"training on {device}")
     if args.threads:
